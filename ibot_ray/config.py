@@ -143,6 +143,7 @@ class TrainConfig:
     log_every_steps: int = 10
     knn_every_epochs: int = 1  # online k-NN on data.eval_source (0: off)
     driver_resource: Optional[str] = None  # custom resource the driver/trainer must run on (e.g. "TRAIN_DRIVER")
+    check_preemption: bool = True  # poll Ray Train's preemption info at each log step; checkpoint just in time
     seed: int = 0
 
 
@@ -183,7 +184,7 @@ class IBOTConfig:
         Path(path).write_text(self.to_yaml())
 
     @classmethod
-    def from_dict(cls, d: dict, *, validate: bool = True) -> "IBOTConfig":
+    def from_dict(cls, d: dict, *, validate: bool = True) -> IBOTConfig:
         cfg = cls()
         merge_into(cfg, d or {})
         if validate:
@@ -206,7 +207,7 @@ class IBOTConfig:
         lo, hi = self.train.num_workers
         return lo < hi
 
-    def validate(self) -> "IBOTConfig":
+    def validate(self) -> IBOTConfig:
         validate(self)
         return self
 

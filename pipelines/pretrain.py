@@ -1,0 +1,196 @@
+"""The pretraining driver: Ray Data ingest + Ray Train TorchTrainer + k-NN before/after + export.
+
+``pretrain(cfg, storage=..., name=...)`` is what ``ibot-ray pretrain`` runs. Re-running it with the same storage and
+name resumes from the run's latest committed checkpoint (Ray Train finds the run's snapshot in storage and hands the
+checkpoint to the workers), never from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ibot_ray.config import ConfigError, IBOTConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORAGE = "ibot_runs"
+
+
+@dataclass
+class PretrainResult:
+    run_path: str
+    checkpoint_path: str | None
+    metrics: dict
+    steps: int
+    knn_before: dict | None = None
+    knn_after: dict | None = None
+    export_path: str | None = None
+    wall_s: float = 0.0
+    bad_images: dict = field(default_factory=dict)
+
+
+def _use_gpu(cfg: IBOTConfig) -> bool:
+    if cfg.train.use_gpu == "true":
+        return True
+    if cfg.train.use_gpu == "false":
+        return False
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def init_ray(cfg: IBOTConfig, address: str | None = None) -> None:
+    """Connect to a cluster (``address`` or RAY_ADDRESS) or start a local Ray sized for the run.
+
+    A local Ray gets enough logical CPUs for the training workers *and* the data actors: with only the physical
+    core count, Train reserves every CPU first and the Ray Data pipeline never starts (a deadlock on small machines)."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(cfg.train.worker_start_timeout_s))
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token file in ~/.ray
+    t, d = cfg.train, cfg.data
+    needed = t.num_workers[1] * max(1.0, t.cpus_per_worker) + d.actors[1] * d.cpus_per_actor + 1
+    ray.init(num_cpus=int(max(os.cpu_count() or 1, needed) + 0.999), include_dashboard=False)
+
+
+def _storage_path(storage: str | None) -> str:
+    storage = storage or DEFAULT_STORAGE
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks: list | None = None):
+    """The TorchTrainer of a run (also used by the Tune trial driver). Returns (trainer, info dict)."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.ingest import build_train_dataset, create_monitor
+    from pipelines.train_worker import train_loop_per_worker
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    monitor_name = create_monitor(name)
+    dataset, info = build_train_dataset(cfg, monitor_name=monitor_name)
+    g = cfg.optim.batch_size
+    if info.num_items < g:
+        raise ConfigError(f"optim.batch_size: global batch {g} is larger than the dataset ({info.num_items} images)")
+    steps_per_epoch = info.num_items // g
+    t = cfg.train
+    use_gpu = _use_gpu(cfg)
+    resources = {"CPU": t.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    lo, hi = t.num_workers
+    scaling = ray.train.ScalingConfig(
+        num_workers=(lo, hi) if lo < hi else lo,
+        use_gpu=use_gpu,
+        resources_per_worker=resources,
+        elastic_resize_monitor_interval_s=t.elastic_resize_interval_s,
+    )
+    run_config = ray.train.RunConfig(
+        name=name,
+        storage_path=_storage_path(storage),
+        failure_config=ray.train.FailureConfig(max_failures=t.max_failures,
+                                               max_preemption_failures=t.max_preemption_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        callbacks=callbacks,
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "monitor_name": monitor_name},
+        scaling_config=scaling,
+        run_config=run_config,
+        datasets={"train": dataset},
+    )
+    return trainer, {"steps_per_epoch": steps_per_epoch, "num_items": info.num_items, "monitor_name": monitor_name,
+                     "total_steps": steps_per_epoch * cfg.optim.epochs}
+
+
+def _teacher_from_checkpoint(cfg: IBOTConfig, checkpoint):
+    from ibot_ray.checkpoint import load_checkpoint
+    from ibot_ray.model import build_student_teacher
+    from pipelines.train_worker import STATE_FILE
+
+    _, teacher = build_student_teacher(cfg)
+    with checkpoint.as_directory() as d:
+        state = load_checkpoint(Path(d) / STATE_FILE)
+    teacher.load_state_dict(state["teacher"])
+    return teacher, state
+
+
+def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", address: str | None = None,
+             knn: bool = True, export: bool = True) -> PretrainResult:
+    """Run (or resume) a pretraining run; prints progress, the k-NN before/after, and where the outputs are."""
+    import torch
+
+    from ibot_ray.model import build_student_teacher
+
+    t_start = time.time()
+    cfg.validate()  # before any cluster resource is requested
+    init_ray(cfg, address)
+    evaluator = None
+    knn_before = None
+    if knn and cfg.data.eval_source:
+        from pipelines.knn_eval import KNNEvaluator
+
+        evaluator = KNNEvaluator(cfg)
+        torch.manual_seed(cfg.train.seed)
+        _, teacher0 = build_student_teacher(cfg)
+        knn_before = evaluator.evaluate(teacher0.backbone)
+        print(f"[ibot-ray] k-NN of the initial teacher: top-1 {knn_before['knn_top1']:.2f}% "
+              f"top-5 {knn_before['knn_top5']:.2f}%", flush=True)
+
+    trainer, info = build_trainer(cfg, storage=storage, name=name)
+    print(f"[ibot-ray] run '{name}': {info['num_items']} images, {info['steps_per_epoch']} steps/epoch, "
+          f"{info['total_steps']} steps, storage {_storage_path(storage)}", flush=True)
+    result = trainer.fit()
+    from pipelines.ingest import get_bad_input_stats
+
+    bad = get_bad_input_stats(info["monitor_name"])
+    if bad["count"]:
+        print(f"[ibot-ray] skipped {bad['count']} unreadable images, e.g. {bad['examples'][:3]}", flush=True)
+    ckpt_path = result.checkpoint.path if result.checkpoint else None
+    out = PretrainResult(run_path=str(result.path), checkpoint_path=ckpt_path,
+                         metrics=dict(result.metrics or {}), steps=int((result.metrics or {}).get("step", 0)),
+                         knn_before=knn_before, bad_images=bad)
+    if result.checkpoint is not None and (evaluator is not None or export):
+        teacher, state = _teacher_from_checkpoint(cfg, result.checkpoint)
+        if evaluator is not None:
+            out.knn_after = evaluator.evaluate(teacher.backbone)
+            print(f"[ibot-ray] k-NN of the trained teacher: top-1 {out.knn_after['knn_top1']:.2f}% "
+                  f"top-5 {out.knn_after['knn_top5']:.2f}% (before: {knn_before['knn_top1']:.2f}%)", flush=True)
+        if export:
+            out.export_path = _export(teacher, cfg, result.path)
+            print(f"[ibot-ray] exported the teacher backbone to {out.export_path}", flush=True)
+    out.wall_s = time.time() - t_start
+    print(f"[ibot-ray] done: {out.steps} steps in {out.wall_s:.0f} s; checkpoints in {out.run_path}", flush=True)
+    return out
+
+
+def _export(teacher, cfg: IBOTConfig, run_path: str) -> str:
+    import pyarrow.fs as pafs
+
+    from ibot_ray.export import export_backbone
+
+    meta = {"arch": cfg.model.arch, "patch_size": str(cfg.patch_size), "img_size": str(cfg.crops.global_crops_size)}
+    fname = "teacher_backbone.safetensors"
+    if "://" not in run_path:
+        target = Path(run_path) / "export" / fname
+        target.parent.mkdir(parents=True, exist_ok=True)
+        export_backbone(teacher.backbone, target, metadata=meta)
+        return str(target)
+    with tempfile.TemporaryDirectory() as d:
+        local = export_backbone(teacher.backbone, Path(d) / fname, metadata=meta)
+        fs, path = pafs.FileSystem.from_uri(run_path)
+        pafs.copy_files(str(local), f"{path}/export/{fname}", destination_filesystem=fs)
+    return f"{run_path}/export/{fname}"

@@ -1,0 +1,223 @@
+"""The Ray Train worker loop: iBOT steps on the streamed crops, checkpoints, preemption and metrics.
+
+Every (re)start of the worker group, whether first start, failure, resize or driver re-run, enters
+:func:`train_loop_per_worker` with Ray Train's latest committed checkpoint, and continues from it:
+
+* The global batch is fixed by the config. With W workers each rank reads ``ceil(G / W)`` rows per step and trains on
+  its share ``G // W`` (+1 on the first ``G % W`` ranks); its loss is weighted by ``share * W / G``, so DDP's
+  gradient average is exactly the mean over G images whatever W is. Schedules are indexed by the global step, so
+  the optimisation does not depend on how many workers survived a resize.
+* Steps, not data epochs, drive the run: ``epoch = step // steps_per_epoch``. Each training epoch iterates the data
+  shard once (a fresh Ray Data execution with the data epoch's seeds); a resumed mid-epoch run restarts the
+  interrupted data epoch from its beginning (Ray Data cannot seek) and stops it at the epoch boundary.
+* Checkpoints (rank 0 writes, every rank reports) every ``train.checkpoint_every_steps`` steps, at each epoch end,
+  at the last step, and just in time when Ray Train reports that a node is being drained for preemption.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from ibot_ray.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
+from ibot_ray.config import IBOTConfig
+from ibot_ray.model import build_student_teacher
+from ibot_ray.step import IBOTStep, unwrap
+from pipelines.collate import iter_train_batches
+from pipelines.ingest import get_bad_input_stats, set_epoch
+from pipelines.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+
+
+def rank_batch(global_batch: int, world: int, rank: int) -> tuple[int, int, float]:
+    """(rows read per step, rows trained on by this rank, loss weight) for an exact global batch on ``world`` ranks."""
+    read = math.ceil(global_batch / world)
+    share = global_batch // world + (1 if rank < global_batch % world else 0)
+    return read, share, share * world / global_batch
+
+
+def _checkpoint_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _report(metrics: dict, *, step_runner: IBOTStep, cfg: IBOTConfig, data_epoch: int, rank: int,
+            with_checkpoint: bool, local_log_dir: Path) -> None:
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            state = training_state(
+                student=unwrap(step_runner.student), teacher=step_runner.teacher, optimizer=step_runner.optimizer,
+                loss=step_runner.loss, scaler=step_runner.scaler, epoch=int(metrics["epoch"]), step=step_runner.step,
+                config=cfg.to_dict(),
+                extra={"data_epoch": data_epoch, "skipped_steps": step_runner.counters.skipped_steps},
+            )
+            save_checkpoint(Path(d) / STATE_FILE, state)
+            cfg.save(Path(d) / "config.yaml")
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=_checkpoint_dir_name(step_runner.step))
+    if rank == 0:
+        _sync_logs(local_log_dir)
+
+
+def _sync_logs(local_log_dir: Path) -> None:
+    """Copy rank 0's metrics folder to remote storage (local storage already holds it)."""
+    storage = ray.train.get_context().get_storage()
+    target = f"{storage.experiment_fs_path}/logs"
+    if str(local_log_dir).startswith(str(storage.experiment_fs_path)):
+        return
+    try:
+        import pyarrow.fs as pafs
+
+        pafs.copy_files(str(local_log_dir), target, destination_filesystem=storage.storage_filesystem)
+    except Exception as e:  # metrics upload must never kill training
+        log.warning("could not upload metrics to %s: %s", target, e)
+
+
+def _local_log_dir() -> Path:
+    storage = ray.train.get_context().get_storage()
+    path = Path(storage.experiment_fs_path)
+    try:
+        import pyarrow.fs as pafs
+
+        if isinstance(storage.storage_filesystem, pafs.LocalFileSystem):
+            return path / "logs"
+    except Exception:
+        pass
+    return Path(os.path.expanduser("~/ibot_runs")) / storage.experiment_dir_name / "logs"
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    cfg = IBOTConfig.from_dict(config["cfg"])
+    steps_per_epoch: int = config["steps_per_epoch"]
+    monitor_name: str | None = config.get("monitor_name")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+
+    student, teacher = build_student_teacher(cfg)
+    student.to(device)
+    teacher.to(device)
+    step_runner_student = student
+    if world > 1:
+        step_runner_student = ray.train.torch.prepare_model(student, move_to_device=False)
+    runner = IBOTStep(cfg, step_runner_student, teacher, steps_per_epoch=steps_per_epoch, device=device)
+
+    data_epoch = 0
+    resumed_from = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(Path(d) / STATE_FILE, map_location=device)
+        info = restore_training_state(state, student=student, teacher=teacher, optimizer=runner.optimizer,
+                                      loss=runner.loss, scaler=runner.scaler, restore_rng=False)
+        runner.counters.step = int(info["step"])
+        runner.counters.skipped_steps = int(info["extra"].get("skipped_steps", 0))
+        data_epoch = int(info["extra"].get("data_epoch", info["epoch"]))
+        resumed_from = runner.step
+
+    total = runner.total_steps
+    read, share, weight = rank_batch(cfg.optim.batch_size, world, rank)
+    writer = MetricsWriter(_local_log_dir()) if rank == 0 else None
+    if rank == 0:
+        print(f"[ibot-ray] world={world} global_batch={cfg.optim.batch_size} per-rank read={read} share={share} "
+              f"steps={runner.step}/{total} ({steps_per_epoch}/epoch) resumed_from={resumed_from}", flush=True)
+        if writer is not None:
+            writer.write({"event": "start", "world_size": world, "step": runner.step,
+                          "resumed_from": resumed_from if resumed_from is not None else -1}, runner.step)
+
+    evaluator = None
+    if rank == 0 and cfg.train.knn_every_epochs and cfg.data.eval_source:
+        from pipelines.knn_eval import KNNEvaluator
+
+        evaluator = KNNEvaluator(cfg)
+
+    shard = ray.train.get_dataset_shard("train")
+    images_seen, wait_s, busy_s = 0, 0.0, 0.0
+    t_window = time.perf_counter()
+    last: dict = {}
+    while runner.step < total:
+        epoch_at_start = runner.step // steps_per_epoch
+        if rank == 0 and monitor_name:
+            set_epoch(monitor_name, data_epoch)
+        if world > 1:
+            dist.barrier()
+        stepped = False
+        t0 = time.perf_counter()
+        for batch in iter_train_batches(shard, cfg, read, device):
+            t1 = time.perf_counter()
+            wait_s += t1 - t0
+            if share < read:
+                batch = {k: v[:share] for k, v in batch.items()}
+            metrics = runner(batch, loss_weight=weight)
+            stepped = True
+            images_seen += share
+            t0 = time.perf_counter()
+            busy_s += t0 - t1
+            step = runner.step
+            epoch_end = step % steps_per_epoch == 0
+            done = step >= total
+            do_ckpt = done or epoch_end or step % cfg.train.checkpoint_every_steps == 0
+            do_log = do_ckpt or step % cfg.train.log_every_steps == 0
+            preempted = False
+            if do_log and cfg.train.check_preemption:
+                preempted = ray.train.get_preemption_info() is not None  # a barrier: every rank calls it
+                do_ckpt = do_ckpt or preempted
+            if do_log:
+                elapsed = max(1e-9, time.perf_counter() - t_window)
+                metrics.update({
+                    "images_per_s": images_seen * world / elapsed,
+                    "data_wait_fraction": wait_s / max(1e-9, wait_s + busy_s),
+                    "data_epoch": data_epoch,
+                    "preempted": preempted,
+                })
+                if monitor_name:
+                    bad = get_bad_input_stats(monitor_name)
+                    metrics["bad_images"] = int(bad["count"])
+                    if bad["count"] and rank == 0 and writer is not None:
+                        metrics["bad_image_examples"] = [list(map(str, e)) for e in bad["examples"][:5]]
+                if evaluator is not None and epoch_end and (step // steps_per_epoch) % cfg.train.knn_every_epochs == 0:
+                    metrics.update(evaluator.evaluate(unwrap(teacher).backbone, device=device))
+                images_seen, wait_s, busy_s = 0, 0.0, 0.0
+                t_window = time.perf_counter()
+                if rank == 0:
+                    if writer is not None:
+                        writer.write(metrics, step)
+                    print(f"[ibot-ray] step {step}/{total} epoch {metrics['epoch']} loss {metrics['loss']:.4f} "
+                          f"(cls {metrics['cls']:.4f} mim {metrics['mim']:.4f}) lr {metrics['lr']:.2e} "
+                          f"{metrics['images_per_s']:.1f} img/s wait {metrics['data_wait_fraction']:.0%}"
+                          + (f" knn {metrics['knn_top1']:.1f}%" if "knn_top1" in metrics else ""), flush=True)
+                next_data_epoch = data_epoch + 1 if (epoch_end or done) else data_epoch
+                report = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+                _report(report, step_runner=runner, cfg=cfg, data_epoch=next_data_epoch, rank=rank,
+                        with_checkpoint=do_ckpt, local_log_dir=writer.folder if writer else Path("."))
+                last = report
+            if done or (epoch_end and runner.step // steps_per_epoch > epoch_at_start):
+                break
+        data_epoch += 1
+        if not stepped:
+            raise RuntimeError(
+                f"the data shard of rank {rank} produced no full batch of {read} images in data epoch "
+                f"{data_epoch - 1}: "
+                "the dataset is smaller than the global batch, or every image failed to decode")
+    if writer is not None:
+        writer.close()
+    return {"step": runner.step, "last": last, "world_size": world}
