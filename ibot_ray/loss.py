@@ -1,0 +1,176 @@
+"""The iBOT objective: cross-view [CLS] self-distillation plus same-view masked patch distillation.
+
+Inputs are crop-major (rows ``[v*B:(v+1)*B]`` are crop ``v`` of every image). Teacher outputs are centred with an
+EMA of their batch mean and sharpened with a (scheduled) temperature; there is no Sinkhorn step.
+
+* ``L_cls``: for every teacher global view q and every student view v != q (other globals and all locals),
+  the batch-mean cross-entropy ``-sum_k T_q log S_v``; averaged over the ``G * (G + L - 1)`` pairs.
+* ``L_mim``: for every global view, the per-token cross-entropy between the teacher's (unmasked) and the
+  student's (masked) patch distributions, summed over the masked patches of each image and divided by that image's
+  mask count (at least 1), then averaged over all B images (unmasked images count as 0); averaged over views.
+
+The patch term only evaluates masked tokens (selected once), which saves most of the memory and compute of the
+(G*B, N, K) softmaxes at typical mask ratios; the selection costs one device-to-host sync.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+def _no_autocast(device_type: str):
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+class IBOTLoss(nn.Module):
+    """iBOT loss with centring buffers ``center`` (1, K) and ``center_patch`` (1, 1, Kp), saved in ``state_dict``."""
+
+    center: Tensor
+    center_patch: Tensor
+
+    def __init__(
+        self,
+        out_dim: int,
+        patch_out_dim: int,
+        n_global: int = 2,
+        n_local: int = 10,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        center_momentum_patch: float = 0.9,
+        lambda_cls: float = 1.0,
+        lambda_mim: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if n_global < 1:
+            raise ValueError(f"n_global must be >= 1, got {n_global}")
+        if n_local < 0:
+            raise ValueError(f"n_local must be >= 0, got {n_local}")
+        if n_global + n_local < 2:
+            raise ValueError(f"the [CLS] loss needs at least 2 crops, got {n_global} global + {n_local} local")
+        if student_temp <= 0:
+            raise ValueError(f"student_temp must be positive, got {student_temp}")
+        for name, m in (("center_momentum", center_momentum), ("center_momentum_patch", center_momentum_patch)):
+            if not 0.0 <= m <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {m}")
+        self.out_dim = out_dim
+        self.patch_out_dim = patch_out_dim
+        self.n_global = n_global
+        self.n_local = n_local
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.center_momentum_patch = center_momentum_patch
+        self.lambda_cls = lambda_cls
+        self.lambda_mim = lambda_mim
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("center_patch", torch.zeros(1, 1, patch_out_dim))
+
+    # ---- loss -----------------------------------------------------------------------------------
+    def _check_shapes(self, s_gc: Tensor, s_gp: Tensor, s_lc: Optional[Tensor], t_gc: Tensor, t_gp: Tensor,
+                      masks: Tensor) -> int:
+        g = self.n_global
+        if s_gc.ndim != 2 or s_gc.shape[0] % g or s_gc.shape[1] != self.out_dim:
+            raise ValueError(f"student_global_cls: expected ({g}*B, {self.out_dim}), got {tuple(s_gc.shape)}")
+        b = s_gc.shape[0] // g
+        if t_gc.shape != s_gc.shape:
+            raise ValueError(f"teacher_global_cls shape {tuple(t_gc.shape)} != student's {tuple(s_gc.shape)}")
+        if s_gp.ndim != 3 or s_gp.shape[0] != g * b or s_gp.shape[2] != self.patch_out_dim:
+            raise ValueError(f"student_global_patch: expected ({g * b}, N, {self.patch_out_dim}), "
+                             f"got {tuple(s_gp.shape)}")
+        if t_gp.shape != s_gp.shape:
+            raise ValueError(f"teacher_global_patch shape {tuple(t_gp.shape)} != student's {tuple(s_gp.shape)}")
+        if masks.dtype != torch.bool or masks.shape[0] != g * b or masks[0].numel() != s_gp.shape[1]:
+            raise ValueError(f"masks: expected bool ({g * b}, {s_gp.shape[1]}), got {masks.dtype} "
+                             f"{tuple(masks.shape)}")
+        n_loc = 0 if s_lc is None else s_lc.shape[0]
+        if n_loc != self.n_local * b:
+            raise ValueError(f"student_local_cls: expected {self.n_local}*{b} rows, got {n_loc}")
+        if s_lc is not None and n_loc and (s_lc.ndim != 2 or s_lc.shape[1] != self.out_dim):
+            raise ValueError(f"student_local_cls: expected ({n_loc}, {self.out_dim}), got {tuple(s_lc.shape)}")
+        return b
+
+    def forward(
+        self,
+        student_global_cls: Tensor,
+        student_global_patch: Tensor,
+        student_local_cls: Optional[Tensor],
+        teacher_global_cls: Tensor,
+        teacher_global_patch: Tensor,
+        masks: Tensor,
+        teacher_temp: float,
+        teacher_patch_temp: float,
+    ) -> dict[str, Tensor]:
+        """Return ``{"loss": lambda_cls * cls + lambda_mim * mim, "cls": ..., "mim": ...}`` (float32 scalars).
+
+        ``loss`` carries the graph; ``cls`` and ``mim`` are detached copies for logging (so accumulating them
+        across steps never keeps a graph alive).
+        """
+        if teacher_temp <= 0 or teacher_patch_temp <= 0:
+            raise ValueError(f"teacher temperatures must be positive, got {teacher_temp}, {teacher_patch_temp}")
+        b = self._check_shapes(student_global_cls, student_global_patch, student_local_cls, teacher_global_cls,
+                               teacher_global_patch, masks)
+        g, n_loc = self.n_global, self.n_local
+        with _no_autocast(student_global_cls.device.type):
+            # ---- [CLS]: sum over pairs (q, v != q) of -T_q . log S_v, in closed form per student view ----------
+            t_cls = F.softmax((teacher_global_cls.detach().float() - self.center) / teacher_temp, dim=-1)
+            t_cls = t_cls.view(g, b, -1)
+            t_sum = t_cls.sum(0)  # (B, K): every teacher view pairs with every local crop
+            logp_g = F.log_softmax(student_global_cls.float() / self.student_temp, dim=-1).view(g, b, -1)
+            # a global student view v pairs with every teacher view except itself
+            cls_total = -torch.einsum("gbk,gbk->", t_sum.unsqueeze(0) - t_cls, logp_g)
+            if n_loc:
+                logp_l = F.log_softmax(student_local_cls.float() / self.student_temp, dim=-1).view(n_loc, b, -1)
+                cls_total = cls_total - torch.einsum("bk,lbk->", t_sum, logp_l)
+            n_pairs = g * (g + n_loc - 1)
+            loss_cls = cls_total / (b * n_pairs)
+
+            # ---- MIM: same-view pairs, masked tokens only, per-image normalised --------------------------------
+            m = masks.reshape(g * b, -1)
+            weight = m.float() / m.sum(dim=1, keepdim=True).clamp(min=1).float()  # (G*B, N): 1/count where masked
+            s_sel = student_global_patch[m].float()  # (M, Kp)
+            t_sel = teacher_global_patch.detach()[m].float()
+            t_patch = F.softmax((t_sel - self.center_patch.view(1, -1)) / teacher_patch_temp, dim=-1)
+            ce = -torch.einsum("mk,mk->m", t_patch, F.log_softmax(s_sel / self.student_temp, dim=-1))  # (M,)
+            loss_mim = (ce * weight[m]).sum() / (g * b)
+
+            loss = self.lambda_cls * loss_cls + self.lambda_mim * loss_mim
+        return {"loss": loss, "cls": loss_cls.detach(), "mim": loss_mim.detach()}
+
+    # ---- centring -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def center_stats(self, teacher_global_cls: Tensor, teacher_global_patch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Local sums for the centre update: ([CLS] logits summed over rows (K,), per-row mean over all patch tokens
+        summed over rows (Kp,), row count as a float tensor)."""
+        cls_sum = teacher_global_cls.sum(dim=0, dtype=torch.float32)
+        patch_sum = teacher_global_patch.mean(dim=1, dtype=torch.float32).sum(dim=0)
+        count = torch.tensor(float(teacher_global_cls.shape[0]), device=cls_sum.device)
+        return cls_sum, patch_sum, count
+
+    @torch.no_grad()
+    def apply_center_update(self, cls_sum: Tensor, patch_sum: Tensor, count: Tensor) -> None:
+        """All-reduce (sum) the statistics over ranks when a process group exists, then EMA both centres."""
+        k, kp = cls_sum.numel(), patch_sum.numel()
+        if k != self.out_dim or kp != self.patch_out_dim:
+            raise ValueError(f"center stats of size {k}, {kp} do not match out dims {self.out_dim}, "
+                             f"{self.patch_out_dim}")
+        device = self.center.device
+        if dist.is_available() and dist.is_initialized():
+            flat = torch.cat([cls_sum.reshape(-1).float(), patch_sum.reshape(-1).float(),
+                              count.reshape(1).float()]).to(device)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            cls_sum, patch_sum, count = flat[:k], flat[k:k + kp], flat[k + kp]
+        n = count.to(device=device, dtype=torch.float32).clamp(min=1.0)
+        m, mp = self.center_momentum, self.center_momentum_patch
+        self.center.mul_(m).add_(cls_sum.to(device).float().view(1, -1) / n, alpha=1 - m)
+        self.center_patch.mul_(mp).add_(patch_sum.to(device).float().view(1, 1, -1) / n, alpha=1 - mp)
+
+    def update_center(self, teacher_global_cls: Tensor, teacher_global_patch: Tensor) -> None:
+        """``center_stats`` + ``apply_center_update`` on the current teacher outputs."""
+        self.apply_center_update(*self.center_stats(teacher_global_cls, teacher_global_patch))
+
+
+__all__ = ["IBOTLoss"]
