@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     arch: str = "vit_small_patch16_224"  # any timm Vision Transformer
     patch_size: Optional[int] = None  # None: the timm architecture's own patch size
+    depth: Optional[int] = None  # None: the architecture's own number of blocks (smaller for CPU demos)
     drop_path_rate: float = 0.1  # student only; the teacher has none
 
 
@@ -375,6 +376,7 @@ def validate(cfg: IBOTConfig) -> None:
     _check(bool(timm.list_models(m.arch)), "model.arch", f"{m.arch!r} is not a timm model")
     _check(m.arch.startswith(("vit_", "deit", "eva", "vit")), "model.arch", f"{m.arch!r} is not a Vision Transformer")
     _check(m.patch_size is None or m.patch_size > 0, "model.patch_size", "must be positive")
+    _check(m.depth is None or m.depth > 0, "model.depth", "must be positive")
     _check(0 <= m.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
 
     for n in ("out_dim", "patch_out_dim", "hidden_dim", "bottleneck_dim"):

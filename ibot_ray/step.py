@@ -196,7 +196,7 @@ class IBOTStep:
                 self.scaler.scale(weighted).backward()
             parts_v = torch.stack([parts["loss"].detach(), parts["cls"].detach(), parts["mim"].detach()])
             totals += parts_v.double() * share
-            stats = self.loss.center_stats(t_cls.float(), t_patch.float())
+            stats = self.loss.center_stats(t_cls, t_patch)
             center_sums = list(stats) if center_sums is None else [a + c for a, c in zip(center_sums, stats)]
 
         if self.scaler.is_enabled():
