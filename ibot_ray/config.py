@@ -135,6 +135,7 @@ class TrainConfig:
     use_gpu: str = "auto"  # "auto", "true" or "false"
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    worker_resource: Optional[str] = None  # custom resource every training worker needs one unit of (node pinning)
     checkpoint_every_steps: int = 500  # plus one at every epoch end
     keep_checkpoints: int = 3
     max_failures: int = -1  # worker/node failures (not preemptions) before the run fails; -1: unlimited

@@ -52,6 +52,7 @@ def init_ray(cfg: IBOTConfig, address: str | None = None) -> None:
     import ray
 
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(cfg.train.worker_start_timeout_s))
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not twice
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -90,6 +91,8 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
     resources = {"CPU": t.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = t.gpus_per_worker
+    if t.worker_resource:
+        resources[t.worker_resource] = 1
     lo, hi = t.num_workers
     scaling = ray.train.ScalingConfig(
         num_workers=(lo, hi) if lo < hi else lo,
@@ -104,6 +107,7 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
                                                max_preemption_failures=t.max_preemption_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
         callbacks=callbacks,
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own progress lines, not every report
     )
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -141,7 +141,9 @@ def train_loop_per_worker(config: dict) -> dict:
         print(f"[ibot-ray] world={world} global_batch={cfg.optim.batch_size} per-rank read={read} share={share} "
               f"steps={runner.step}/{total} ({steps_per_epoch}/epoch) resumed_from={resumed_from}", flush=True)
         if writer is not None:
-            writer.write({"event": "start", "world_size": world, "step": runner.step,
+            writer.write({"event": "start", "world_size": world, "step": runner.step, "pid": os.getpid(),
+                          "per_rank_read": read, "per_rank_share": [rank_batch(cfg.optim.batch_size, world, r)[1]
+                                                                    for r in range(world)],
                           "resumed_from": resumed_from if resumed_from is not None else -1}, runner.step)
 
     evaluator = None
