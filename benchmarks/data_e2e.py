@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""End-to-end throughput of the Ray Data ingest: images/s delivered to a consumer, per augmenting-actor count.
+
+For each K in ``--actors`` the script builds the training Dataset (``data.actors=[K, K]``), runs ``--epochs``
+executions through ``iter_train_batches`` on the CPU (the consumer only touches each batch), and prints one JSON
+line per (K, epoch) with:
+
+* ``images_per_s``: good images delivered / wall time from the first request to the last batch (actor start
+  included for epoch 0, so later epochs show the steady state; Ray re-creates the actors each execution),
+* ``first_batch_s``: latency to the first batch (actor start, imports, the first actor batch), and
+  ``steady_images_per_s``: the rate after the first batch,
+* ``object_store_bytes_per_sample``: bytes of one output row in the object store (uint8 crops, uint8 masks,
+  label, key), measured from the delivered batches, and ``float32_bytes_per_sample`` for comparison,
+* ``input_bytes_per_sample``: mean encoded image size read by the source.
+
+Not a test: numbers depend on the machine. Example (2-core box):
+
+    .venv/bin/python benchmarks/data_e2e.py --images 256 --actors 1 2 --epochs 2
+    .venv/bin/python benchmarks/data_e2e.py --source demo --config demo --actors 1 2
+    .venv/bin/python benchmarks/data_e2e.py --config vit_small_16 --size 480 360 --images 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+
+
+def write_jpegs(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> float:
+    """``n`` smooth random-colour JPEGs of ``size`` (W, H) under ``root``; returns the mean file size in bytes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    total = 0
+    for i in range(n):
+        base = rng.integers(0, 256, size=3)
+        img = base + 70 * np.sin(xx[..., None] / rng.uniform(5, 40) + rng.uniform(0, 6, size=3)) \
+            + 50 * np.cos(yy[..., None] / rng.uniform(5, 40)) + rng.normal(0, 8, size=(h, w, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+        (root / f"{i:06d}.jpg").write_bytes(buf.getvalue())
+        total += len(buf.getvalue())
+    return total / max(1, n)
+
+
+def row_bytes(batch: dict) -> tuple[int, int]:
+    """(uint8 bytes per sample as stored, the same crops as float32) from one delivered batch of CPU tensors."""
+    n = batch["global_crops"].shape[0]
+    crops = sum(batch[k].numel() for k in ("global_crops", "local_crops")) // n
+    masks = batch["masks"].numel() // n  # stored as uint8 in the Dataset
+    return crops + masks + 8, 4 * crops + masks + 8
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="demo", help="preset name or YAML file (default: demo)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE", help="config overrides")
+    ap.add_argument("--source", default=None, help="image folder / Parquet / 'demo' (default: synthetic JPEGs)")
+    ap.add_argument("--images", type=int, default=256, help="synthetic JPEGs to write (without --source)")
+    ap.add_argument("--size", type=int, nargs=2, default=(320, 240), metavar=("W", "H"), help="synthetic size")
+    ap.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="actor pool sizes K to measure")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32, help="consumer batch size")
+    ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs for ray.init (default: max(cores, K+1))")
+    a = ap.parse_args(argv)
+
+    import ray
+
+    from ibot_ray.config import load_config
+    from pipelines.collate import iter_train_batches
+    from pipelines.ingest import build_train_dataset, get_bad_input_stats, kill_monitor
+    from pipelines.sources import describe_source
+
+    tmp = None
+    input_bytes = None
+    source = a.source
+    if source is None:
+        tmp = tempfile.TemporaryDirectory(prefix="ibot_bench_")
+        input_bytes = write_jpegs(Path(tmp.name) / "imgs", a.images, tuple(a.size))
+        source = str(Path(tmp.name) / "imgs")
+    ray.init(num_cpus=a.num_cpus or max(os.cpu_count() or 1, max(a.actors) + 1), include_dashboard=False,
+             object_store_memory=1 << 30)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        for k in a.actors:
+            cfg = load_config(a.config, [*a.set, f"data.actors=[{k},{k}]", f"data.source={source}"])
+            if input_bytes is None:
+                info = describe_source(cfg)
+                input_bytes = _mean_input_bytes(cfg, info)
+            name = f"bench_ingest_{k}"
+            ds, info = build_train_dataset(cfg, monitor_name=name)
+            for epoch in range(a.epochs):
+                t0 = time.perf_counter()
+                first = None
+                n = 0
+                n_first = 0
+                sizes = None
+                for batch in iter_train_batches(ds, cfg, a.batch_size, "cpu", epoch=epoch, epoch_clock_name=name):
+                    if first is None:
+                        first = time.perf_counter() - t0
+                        sizes = row_bytes(batch)
+                        n_first = batch["global_crops"].shape[0]
+                    n += batch["global_crops"].shape[0]
+                    _ = batch["global_crops"][:, 0, 0, 0, 0].sum()  # touch the data
+                dt = time.perf_counter() - t0
+                print(json.dumps({
+                    "actors": k, "epoch": epoch, "images": n, "listed": info.num_items, "wall_s": round(dt, 2),
+                    "images_per_s": round(n / dt, 1), "first_batch_s": round(first or dt, 2),
+                    "steady_images_per_s": round((n - n_first) / (dt - first), 1) if first and dt > first else None,
+                    "object_store_bytes_per_sample": sizes[0] if sizes else None,
+                    "float32_bytes_per_sample": sizes[1] if sizes else None,
+                    "input_bytes_per_sample": round(input_bytes or 0),
+                    "bad_images": get_bad_input_stats(name, epoch)["count"],
+                    "crops": f"{cfg.crops.global_crops_number}x{cfg.crops.global_crops_size}+"
+                             f"{cfg.crops.local_crops_number}x{cfg.crops.local_crops_size}",
+                }), flush=True)
+            kill_monitor(name)
+    finally:
+        ray.shutdown()
+        if tmp is not None:
+            tmp.cleanup()
+    return 0
+
+
+def _mean_input_bytes(cfg, info) -> float:
+    """Mean encoded size: file sizes for a folder, the image column's uncompressed Parquet size (the encoded images)."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from pipelines.sources import resolve_uri
+
+    if info.format == "folder":
+        fs, root = resolve_uri(info.uri)
+        sizes = [f.size for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.is_file]
+        return sum(sizes) / max(1, len(sizes))
+    fs, _ = resolve_uri(info.uri)
+    total = 0
+    for path in info.files:
+        with fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+        for rg in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                col = meta.row_group(rg).column(c)
+                if col.path_in_schema == cfg.data.image_column:
+                    total += col.total_uncompressed_size
+    return total / max(1, info.num_items)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,379 @@
+"""Image sources for the Ray Data ingest: an image folder, Parquet files, or the shipped demo data.
+
+Every source becomes a lazy ``ray.data.Dataset`` of raw, *undecoded* rows
+
+    {"bytes": binary, "key": str, "label": int64}
+
+``key`` names the image stably across runs (the file path for a folder, ``"<parquet path>#<row>"`` for Parquet), so
+that per-image augmentation seeds and bad-input reports can refer to it; ``label`` is -1 when the source has none.
+
+The driver only *lists*: a folder is listed with ``pyarrow.fs.FileSelector(recursive=True)`` and a Parquet source
+only has its footers read, which gives :class:`SourceInfo` (item count, labels, class names) without touching any
+image. The bytes are read by Ray tasks (``read_binary_files`` for folders, row-group reads for Parquet) and decoded
+later, in the augmenting actors (``pipelines/ingest.py``). Any URI that ``pyarrow.fs.FileSystem.from_uri``
+understands works: a local path, ``file://``, ``s3://``, ``gs://``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # pragma: no cover
+    import ray.data
+
+    from ibot_ray.config import IBOTConfig
+
+#: Folder of the Parquet demo data shipped with the package (``train.parquet``, ``test.parquet``).
+DEMO_DIR = Path(__file__).resolve().parent.parent / "ibot_ray" / "demo_data"
+#: Fashion-MNIST class names of the demo data, in label order.
+DEMO_CLASS_NAMES = ("tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                    "ankle_boot")
+#: File name extensions (lower case, no dot) that a folder source reads; other files are ignored when listing.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "jpe", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm",
+                    "pnm")
+#: Parquet schema metadata key that may hold a JSON list of class names (label order).
+CLASS_NAMES_METADATA_KEY = b"class_names"
+#: At most this many rows per Parquet read task (a big row group is read in slices of this size).
+PARQUET_ROWS_PER_TASK = 256
+#: Names Ray's file listing skips at the top of a folder; we skip the same so counts agree exactly.
+_SKIPPED_PREFIXES = (".", "_")
+
+
+class SourceError(ValueError):
+    """A data source is missing, empty or malformed; the message names it."""
+
+
+@dataclass
+class SourceInfo:
+    """What the driver knows about a source from listing / Parquet metadata alone (no image is read)."""
+
+    uri: str  # the source as given (after resolving "demo")
+    format: str  # "folder" or "parquet"
+    num_items: int  # number of files (folder) or rows (Parquet); bad images are still counted here
+    has_labels: bool
+    class_names: Optional[list[str]] = None  # label -> name, when known
+    files: list[str] = field(default_factory=list, repr=False)  # Parquet files, or the folder root
+
+
+# ---- URIs and filesystems ---------------------------------------------------------------------
+
+
+def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path)`` for a local path or any URI pyarrow knows (``file://``, ``s3://``, ``gs://``, ...)."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        raise SourceError(f"data.source: cannot open {uri!r}: {e}") from None
+    return fs, path.rstrip("/") or "/"
+
+
+def resolve_source(source: str, split: str = "train") -> str:
+    """Replace ``"demo"`` by the shipped demo Parquet file of ``split``; other sources are returned unchanged."""
+    if source != "demo":
+        return source
+    path = DEMO_DIR / f"{split}.parquet"
+    if not path.exists():
+        raise SourceError(
+            f"data.source: 'demo' needs the demo data at {path}, which is missing; reinstall the package or point "
+            "data.source at an image folder or Parquet files"
+        )
+    return str(path)
+
+
+def _has_image_extension(path: str) -> bool:
+    return path.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS if "." in os.path.basename(path) else False
+
+
+def _list_files(fs: pafs.FileSystem, root: str) -> list[tuple[str, int]]:
+    """All files under ``root`` (recursive), as sorted ``(path, size)``, skipping top-level ``.``/``_`` names."""
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    base = root.rstrip("/")
+    out = []
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(base):].lstrip("/") if info.path.startswith(base) else info.path
+        if rel.startswith(_SKIPPED_PREFIXES):
+            continue
+        out.append((info.path, info.size))
+    return sorted(out)
+
+
+def detect_format(uri: str, fmt: str = "auto") -> str:
+    """``"folder"`` or ``"parquet"`` for a source URI (``fmt`` other than ``"auto"`` is returned as is)."""
+    if fmt != "auto":
+        if fmt not in ("folder", "parquet"):
+            raise SourceError(f"data.format: must be auto, folder or parquet, got {fmt!r}")
+        return fmt
+    fs, path = resolve_uri(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise SourceError(f"data.source: {uri!r} does not exist")
+    if info.type == pafs.FileType.File:
+        if path.lower().endswith(".parquet"):
+            return "parquet"
+        raise SourceError(f"data.source: {uri!r} is a single file that is not .parquet; give a folder of images")
+    files = _list_files(fs, path)
+    n_parquet = sum(p.lower().endswith(".parquet") for p, _ in files)
+    n_images = sum(_has_image_extension(p) for p, _ in files)
+    if n_parquet and not n_images:
+        return "parquet"
+    if n_images:
+        return "folder"
+    raise SourceError(f"data.source: {uri!r} holds neither images ({', '.join(IMAGE_EXTENSIONS)}) nor .parquet files")
+
+
+# ---- folder source -----------------------------------------------------------------------------
+
+
+def list_image_folder(uri: str) -> tuple[SourceInfo, str, pafs.FileSystem]:
+    """List an image folder: flat (no labels) or ImageFolder (``root/<class>/.../img``, sorted class names -> 0..C-1).
+
+    The folder counts as ImageFolder when every image sits below a first-level subfolder; images directly in the
+    root make it flat (labels -1). Only names with an image extension are listed; nothing is opened.
+    """
+    fs, root = resolve_uri(uri)
+    info = fs.get_file_info(root)
+    if info.type != pafs.FileType.Directory:
+        raise SourceError(f"data.source: {uri!r} is not a folder")
+    images = [p for p, _ in _list_files(fs, root) if _has_image_extension(p)]
+    if not images:
+        raise SourceError(f"data.source: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {uri!r}")
+    rels = [p[len(root):].lstrip("/") for p in images]
+    nested = all("/" in r for r in rels)
+    class_names = sorted({r.split("/", 1)[0] for r in rels}) if nested else None
+    return (
+        SourceInfo(uri=uri, format="folder", num_items=len(images), has_labels=nested, class_names=class_names,
+                   files=[root]),
+        root,
+        fs,
+    )
+
+
+def _folder_rows(batch: pa.Table, root: str, class_to_idx: Optional[dict[str, int]]) -> pa.Table:
+    """read_binary_files rows ``{bytes, path}`` -> ``{bytes, key, label}`` (label from the class subfolder)."""
+    paths = batch.column("path").to_pylist()
+    if class_to_idx is None:
+        labels = np.full(len(paths), -1, dtype=np.int64)
+    else:
+        base = root.rstrip("/")
+        labels = np.array(
+            [class_to_idx.get(p[len(base):].lstrip("/").split("/", 1)[0], -1) for p in paths], dtype=np.int64
+        )
+    return pa.table({"bytes": batch.column("bytes"), "key": pa.array(paths, pa.string()), "label": labels})
+
+
+def _folder_dataset(info: SourceInfo, root: str, fs: pafs.FileSystem, seed: Optional[int]) -> ray.data.Dataset:
+    import ray.data
+
+    shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if seed is not None else None
+    ds = ray.data.read_binary_files(
+        root, filesystem=fs, include_paths=True, file_extensions=list(IMAGE_EXTENSIONS), shuffle=shuffle
+    )
+    class_to_idx = {c: i for i, c in enumerate(info.class_names)} if info.class_names else None
+    return ds.map_batches(
+        _folder_rows, batch_format="pyarrow", batch_size=None, fn_kwargs={"root": root, "class_to_idx": class_to_idx}
+    )
+
+
+# ---- Parquet source ----------------------------------------------------------------------------
+
+
+def _parquet_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
+    fs, path = resolve_uri(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise SourceError(f"data.source: {uri!r} does not exist")
+    if info.type == pafs.FileType.File:
+        return fs, [path]
+    files = [p for p, _ in _list_files(fs, path) if p.lower().endswith(".parquet")]
+    if not files:
+        raise SourceError(f"data.source: no .parquet files under {uri!r}")
+    return fs, files
+
+
+def _read_footer(fs: pafs.FileSystem, path: str) -> tuple[pq.FileMetaData, pa.Schema]:
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        return pf.metadata, pf.schema_arrow
+
+
+def _string_label_names(fs: pafs.FileSystem, files: list[str], label_column: str) -> list[str]:
+    """Sorted distinct values of a string label column (reads only that column, never the images)."""
+
+    def distinct(path: str) -> set:
+        with fs.open_input_file(path) as f:
+            col = pq.ParquetFile(f).read(columns=[label_column]).column(label_column)
+        return set(col.unique().to_pylist()) - {None}
+
+    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+        return sorted(set().union(*pool.map(distinct, files)))
+
+
+def list_parquet(
+    uri: str, image_column: str, label_column: Optional[str]
+) -> tuple[SourceInfo, list[dict], Any, Optional[dict[str, int]]]:
+    """Read only the Parquet footers: row counts, the columns present and the read units (row-group slices).
+
+    Every file must have ``image_column`` (binary); labels are used only when *every* file has ``label_column``.
+    Integer labels are used as they are (class names from the ``class_names`` schema metadata, if any); string
+    labels become sorted class names -> 0..C-1 (the last return value maps them; only this column is read).
+    """
+    fs, files = _parquet_files(uri)
+    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+        footers = list(pool.map(lambda p: _read_footer(fs, p), files))
+    units: list[dict] = []
+    has_labels = bool(label_column)
+    string_labels = False
+    class_names = None
+    total = 0
+    for path, (meta, schema) in zip(files, footers):
+        if image_column not in schema.names:
+            raise SourceError(
+                f"data.image_column: {path} has no column {image_column!r} (columns: {', '.join(schema.names)})"
+            )
+        t = schema.field(image_column).type
+        if not (pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+            raise SourceError(f"data.image_column: column {image_column!r} of {path} is {t}, not binary image bytes")
+        if not label_column or label_column not in schema.names:
+            has_labels = False
+        else:
+            lt = schema.field(label_column).type
+            if pa.types.is_string(lt) or pa.types.is_large_string(lt):
+                string_labels = True
+            elif not (pa.types.is_integer(lt) or pa.types.is_null(lt)):
+                raise SourceError(f"data.label_column: column {label_column!r} of {path} is {lt}, not integer or "
+                                  "string labels")
+        if class_names is None and schema.metadata and CLASS_NAMES_METADATA_KEY in schema.metadata:
+            class_names = list(json.loads(schema.metadata[CLASS_NAMES_METADATA_KEY]))
+        offset = 0
+        for rg in range(meta.num_row_groups):
+            n = meta.row_group(rg).num_rows
+            for start in range(0, n, PARQUET_ROWS_PER_TASK):
+                units.append({"path": path, "row_group": rg, "start": start,
+                              "length": min(PARQUET_ROWS_PER_TASK, n - start), "first_row": offset + start})
+            offset += n
+        total += meta.num_rows
+    if total == 0:
+        raise SourceError(f"data.source: the Parquet files under {uri!r} hold no rows")
+    class_to_idx = None
+    if not has_labels:
+        class_names = None
+    elif string_labels:
+        class_names = _string_label_names(fs, files, label_column)
+        class_to_idx = {c: i for i, c in enumerate(class_names)}
+    info = SourceInfo(uri=uri, format="parquet", num_items=total, has_labels=has_labels, class_names=class_names,
+                      files=files)
+    return info, units, fs, class_to_idx
+
+
+def _read_parquet_units(
+    units: dict[str, np.ndarray],
+    fs: pafs.FileSystem,
+    image_column: str,
+    label_column: Optional[str],
+    class_to_idx: Optional[dict[str, int]] = None,
+) -> Iterator[pa.Table]:
+    """Read row-group slices -> ``{bytes, key, label}`` tables; runs in Ray tasks, never on the driver."""
+    columns = [image_column] + ([label_column] if label_column else [])
+    for path, rg, start, length, first in zip(units["path"], units["row_group"], units["start"], units["length"],
+                                              units["first_row"]):
+        with fs.open_input_file(str(path)) as f:
+            table = pq.ParquetFile(f).read_row_group(int(rg), columns=columns).slice(int(start), int(length))
+        n = table.num_rows
+        if label_column and class_to_idx is not None:
+            lab = pa.array([class_to_idx.get(v, -1) for v in table.column(label_column).to_pylist()], pa.int64())
+        elif label_column:
+            lab = table.column(label_column).cast(pa.int64()).fill_null(-1)
+        else:
+            lab = pa.array(np.full(n, -1, dtype=np.int64))
+        keys = pa.array([f"{path}#{int(first) + i}" for i in range(n)], pa.string())
+        image = table.column(image_column)
+        if pa.types.is_large_binary(image.type):
+            image = image.cast(pa.binary())
+        yield pa.table({"bytes": image, "key": keys, "label": lab})
+
+
+def _parquet_dataset(info: SourceInfo, units: list[dict], fs: pafs.FileSystem, image_column: str,
+                     label_column: Optional[str], class_to_idx: Optional[dict[str, int]],
+                     seed: Optional[int]) -> ray.data.Dataset:
+    import ray.data
+
+    ds = ray.data.from_items(units, override_num_blocks=min(len(units), 4096))
+    if seed is not None:
+        ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return ds.map_batches(
+        _read_parquet_units, batch_size=1, batch_format="numpy",
+        fn_kwargs={"fs": fs, "image_column": image_column, "label_column": label_column if info.has_labels else None,
+                   "class_to_idx": class_to_idx},
+    )
+
+
+# ---- entry point -------------------------------------------------------------------------------
+
+
+def describe_source(cfg: IBOTConfig, source: Optional[str] = None, *, split: str = "train") -> SourceInfo:
+    """:class:`SourceInfo` of a source (default ``cfg.data.source``) from listing / footers only."""
+    return _plan(cfg, source, split)[0]
+
+
+def _plan(cfg: IBOTConfig, source: Optional[str], split: str) -> tuple[SourceInfo, Any]:
+    d = cfg.data
+    raw = source if source is not None else d.source
+    if not raw:
+        raise SourceError("data.source: must not be empty")
+    uri = resolve_source(raw, split)
+    fmt = "parquet" if raw == "demo" else detect_format(uri, d.format)
+    if fmt == "folder":
+        info, root, fs = list_image_folder(uri)
+        return info, ("folder", root, fs)
+    info, units, fs, class_to_idx = list_parquet(uri, d.image_column, d.label_column or None)
+    if raw == "demo" and info.class_names is None and info.has_labels:
+        info.class_names = list(DEMO_CLASS_NAMES)
+    return info, ("parquet", units, fs, class_to_idx)
+
+
+def build_source_dataset(
+    cfg: IBOTConfig, source: Optional[str] = None, *, split: str = "train", shuffle_seed: Optional[int] = None
+) -> tuple[ray.data.Dataset, SourceInfo]:
+    """A lazy Dataset of raw ``{"bytes", "key", "label"}`` rows and the :class:`SourceInfo` of the source.
+
+    ``source`` overrides ``cfg.data.source`` (e.g. for the eval split; ``"demo"`` picks ``split``). With
+    ``shuffle_seed`` the file (folder) or row-group (Parquet) order is reshuffled on every execution, reproducibly.
+    """
+    info, plan = _plan(cfg, source, split)
+    if plan[0] == "folder":
+        _, root, fs = plan
+        return _folder_dataset(info, root, fs, shuffle_seed), info
+    _, units, fs, class_to_idx = plan
+    ds = _parquet_dataset(info, units, fs, cfg.data.image_column, cfg.data.label_column, class_to_idx, shuffle_seed)
+    return ds, info
+
+
+__all__ = [
+    "DEMO_CLASS_NAMES",
+    "DEMO_DIR",
+    "IMAGE_EXTENSIONS",
+    "SourceError",
+    "SourceInfo",
+    "build_source_dataset",
+    "describe_source",
+    "detect_format",
+    "list_image_folder",
+    "list_parquet",
+    "resolve_source",
+    "resolve_uri",
+]

@@ -1,0 +1,208 @@
+"""Shared test fixtures: one local Ray cluster per test session, and writers of real image files.
+
+The Ray environment variables are set here, at import, before any test module imports ``ray``:
+token auth off (no ``~/.ray/auth_token``), a stalled Data pipeline fails after 120 s instead of 30 min, a Train
+worker group that cannot start fails after 30 s, and no preemption watcher actor.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Optional
+
+# The repository root (and this folder, for test-module functions shipped to Train workers) must be importable here
+# and in Ray's worker processes, which inherit this environment; also when the package is not installed.
+REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+TESTS_DIR = str(Path(__file__).resolve().parent)
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+_pp = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+os.environ["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, TESTS_DIR] + [p for p in _pp if p not in (REPO_ROOT, TESTS_DIR)])
+
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S"] = "120"
+os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "30"
+os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# ---- image files ---------------------------------------------------------------------------------
+
+#: Decodable kinds written by :func:`image_bytes` (each exercises a decode path).
+GOOD_KINDS = ("jpeg", "png", "webp", "gray", "rgba", "cmyk", "png16", "exif", "tiny", "palette")
+#: Undecodable kinds: garbage after a JPEG header, a JPEG cut in half, an empty file, text named like an image.
+BAD_KINDS = ("corrupt", "truncated", "empty", "text")
+_EXT = {"jpeg": "jpg", "png": "png", "webp": "webp", "gray": "png", "rgba": "png", "cmyk": "jpg", "png16": "png",
+        "exif": "jpg", "tiny": "png", "palette": "gif", "corrupt": "jpg", "truncated": "jpg", "empty": "png",
+        "text": "jpg"}
+
+
+def _rgb(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A smooth random colour image (compresses like a photo, unlike white noise)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = rng.integers(0, 256, size=3)
+    img = base + 60 * np.sin(xx[..., None] / rng.uniform(3, 9) + rng.uniform(0, 6, size=3)) \
+        + 60 * np.cos(yy[..., None] / rng.uniform(3, 9))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def image_bytes(kind: str, rng: Optional[np.random.Generator] = None, size: tuple[int, int] = (40, 56)) -> bytes:
+    """Encoded bytes of one test image of ``kind`` (see :data:`GOOD_KINDS`, :data:`BAD_KINDS`); size is (H, W)."""
+    from PIL import Image
+
+    rng = rng if rng is not None else np.random.default_rng(0)
+    h, w = size
+    arr = _rgb(rng, h, w)
+    buf = io.BytesIO()
+    if kind in ("jpeg", "corrupt", "truncated"):
+        Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+        data = buf.getvalue()
+        if kind == "corrupt":
+            return data[:20] + rng.integers(0, 256, size=len(data) - 20, dtype=np.uint8).tobytes()
+        if kind == "truncated":
+            return data[: len(data) // 2]
+        return data
+    if kind == "png":
+        Image.fromarray(arr).save(buf, format="PNG")
+    elif kind == "webp":
+        Image.fromarray(arr).save(buf, format="WEBP", quality=90)
+    elif kind == "gray":
+        Image.fromarray(arr[..., 0]).save(buf, format="PNG")
+    elif kind == "rgba":
+        alpha = np.full((h, w, 1), 128, np.uint8)
+        Image.fromarray(np.concatenate([arr, alpha], axis=-1), mode="RGBA").save(buf, format="PNG")
+    elif kind == "cmyk":
+        Image.fromarray(arr).convert("CMYK").save(buf, format="JPEG", quality=90)
+    elif kind == "png16":
+        Image.fromarray(arr[..., 1].astype(np.uint16) * 257).save(buf, format="PNG")
+    elif kind == "exif":
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise on display
+        Image.fromarray(arr).save(buf, format="JPEG", quality=90, exif=exif.tobytes())
+    elif kind == "tiny":
+        Image.fromarray(arr[:3, :5]).save(buf, format="PNG")
+    elif kind == "palette":
+        Image.fromarray(arr).convert("P").save(buf, format="GIF")
+    elif kind == "empty":
+        return b""
+    elif kind == "text":
+        return b"this is a text file that only pretends to be a JPEG\n" * 4
+    else:
+        raise ValueError(f"unknown image kind {kind!r}; known: {GOOD_KINDS + BAD_KINDS}")
+    return buf.getvalue()
+
+
+def write_images(
+    root: os.PathLike | str,
+    n: int,
+    *,
+    kinds: Sequence[str] = GOOD_KINDS,
+    bad: Iterable[str] = (),
+    classes: Optional[Sequence[str]] = None,
+    seed: int = 0,
+    size: tuple[int, int] = (40, 56),
+) -> dict[str, list]:
+    """Write ``n`` good images (cycling through ``kinds``) plus one file per entry of ``bad`` under ``root``.
+
+    With ``classes`` the files go round-robin into ``root/<class>/`` (ImageFolder layout), else flat into ``root``.
+    Returns ``{"good": [path, ...], "bad": [path, ...], "labels": {path: class index}}`` with absolute paths.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    good: list[str] = []
+    bad_paths: list[str] = []
+    labels: dict[str, int] = {}
+    sorted_classes = sorted(classes) if classes else None
+    jobs = [(k, True) for k in (kinds[i % len(kinds)] for i in range(n))] + [(k, False) for k in bad]
+    for i, (kind, ok) in enumerate(jobs):
+        folder = root
+        label = -1
+        if sorted_classes:
+            cls = sorted_classes[i % len(sorted_classes)]
+            folder = root / cls
+            folder.mkdir(exist_ok=True)
+            label = sorted_classes.index(cls)
+        path = folder / f"{'img' if ok else 'bad'}_{i:04d}_{kind}.{_EXT[kind]}"
+        path.write_bytes(image_bytes(kind, rng, size))
+        key = os.path.abspath(path)  # what a folder source lists (symlinks in the root are not resolved)
+        (good if ok else bad_paths).append(key)
+        labels[key] = label
+    return {"good": good, "bad": bad_paths, "labels": labels}
+
+
+def write_parquet(
+    path: os.PathLike | str,
+    n: int,
+    *,
+    kinds: Sequence[str] = GOOD_KINDS,
+    bad: Iterable[str] = (),
+    with_label: bool = True,
+    image_column: str = "image",
+    label_column: str = "label",
+    row_group_size: Optional[int] = None,
+    seed: int = 0,
+    size: tuple[int, int] = (40, 56),
+) -> dict[str, list]:
+    """Write a Parquet file of ``n`` good images then the ``bad`` ones (binary ``image_column``, int64 label).
+
+    Returns ``{"good": [row, ...], "bad": [row, ...], "labels": [label per row]}`` (label = row % 3).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    blobs = [image_bytes(kinds[i % len(kinds)], rng, size) for i in range(n)] + [image_bytes(k, rng, size) for k in bad]
+    labels = [i % 3 for i in range(len(blobs))]
+    cols = {image_column: pa.array(blobs, pa.binary())}
+    if with_label:
+        cols[label_column] = pa.array(labels, pa.int64())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), str(path), row_group_size=row_group_size)
+    return {"good": list(range(n)), "bad": list(range(n, len(blobs))), "labels": labels}
+
+
+@pytest.fixture
+def image_writer():
+    """:func:`write_images` as a fixture (``image_writer(tmp_path / "imgs", 8, bad=["corrupt"])``)."""
+    return write_images
+
+
+@pytest.fixture
+def parquet_writer():
+    """:func:`write_parquet` as a fixture."""
+    return write_parquet
+
+
+# ---- Ray -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session: 4 logical CPUs (Train workers and Data actors both fit on
+    a 2-core box), a 512 MiB object store, no dashboard, no Data progress bars. Shut down at session end."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        kwargs = dict(num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=False)
+        try:
+            ray.init(**kwargs)
+        except Exception:  # noqa: BLE001 - "node timed out during startup" on an overloaded box: try once more
+            ray.shutdown()
+            ray.init(**kwargs)
+        started = True
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    yield ray
+    if started:
+        ray.shutdown()

@@ -1,0 +1,156 @@
+"""Sources: image folders (flat and ImageFolder), Parquet (with and without labels), file:// URIs and the demo data.
+
+Every expectation is computed here from the files the test wrote: the exact key set, the raw bytes of every row,
+the label from the class folder / label column, the counts known before any image is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import BAD_KINDS, GOOD_KINDS, write_images, write_parquet
+
+from ibot_ray.config import load_config
+from pipelines import sources
+from pipelines.sources import SourceError, build_source_dataset, describe_source, detect_format
+
+
+@pytest.fixture
+def cfg():
+    return load_config("demo")
+
+
+def _rows(ds):
+    return {r["key"]: r for r in ds.take_all()}
+
+
+# ---- listing only (no Ray) -----------------------------------------------------------------------
+
+
+def test_folder_listing_counts_labels_and_skips(tmp_path, cfg):
+    write_images(tmp_path / "d", 7, classes=["zebra", "ant", "moth"], bad=["text", "empty"])
+    (tmp_path / "d" / "README.txt").write_text("not an image")  # no image extension: not listed
+    (tmp_path / "d" / "_tmp").mkdir()
+    (tmp_path / "d" / "_tmp" / "x.png").write_bytes(b"")  # top-level "_" names are skipped (as Ray skips them)
+    (tmp_path / "d" / ".cache.jpg").write_bytes(b"")
+    info = describe_source(cfg, str(tmp_path / "d"))
+    assert info.format == "folder"
+    assert info.num_items == 7 + 2
+    assert info.has_labels and info.class_names == ["ant", "moth", "zebra"]
+
+
+def test_flat_folder_has_no_labels(tmp_path, cfg):
+    write_images(tmp_path / "f", 3)
+    info = describe_source(cfg, str(tmp_path / "f"))
+    assert (info.num_items, info.has_labels, info.class_names) == (3, False, None)
+
+
+def test_parquet_listing_reads_only_metadata(tmp_path, cfg):
+    write_parquet(tmp_path / "p" / "a.parquet", 5, row_group_size=2)
+    write_parquet(tmp_path / "p" / "b.parquet", 4, bad=["corrupt"])
+    (tmp_path / "p" / "notes.txt").write_text("ignored")
+    assert detect_format(str(tmp_path / "p")) == "parquet"
+    info = describe_source(cfg, str(tmp_path / "p"))
+    assert (info.format, info.num_items, info.has_labels) == ("parquet", 10, True)
+    info = describe_source(load_config("demo", ["data.label_column="]), str(tmp_path / "p"))
+    assert not info.has_labels
+
+
+def test_demo_source_and_missing_demo(monkeypatch, cfg, tmp_path):
+    info = describe_source(cfg, "demo")
+    assert info.format == "parquet" and info.has_labels and info.num_items == 4000
+    assert info.class_names is not None and len(info.class_names) == 10
+    assert describe_source(cfg, "demo", split="test").num_items == 1000
+    monkeypatch.setattr(sources, "DEMO_DIR", tmp_path / "nowhere")
+    with pytest.raises(SourceError, match="demo"):
+        describe_source(cfg, "demo")
+
+
+def test_bad_sources_raise_clear_errors(tmp_path, cfg):
+    with pytest.raises(SourceError, match="does not exist"):
+        describe_source(cfg, str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="neither images"):
+        describe_source(cfg, str(tmp_path / "empty"))
+    write_parquet(tmp_path / "q.parquet", 2, image_column="img")
+    with pytest.raises(SourceError, match="'image'"):
+        describe_source(cfg, str(tmp_path / "q.parquet"))
+    with pytest.raises(SourceError, match="format"):
+        detect_format(str(tmp_path), "csv")
+
+
+# ---- reading bytes in Ray ------------------------------------------------------------------------
+
+
+def test_image_folder_rows_bytes_and_labels(ray_cluster, tmp_path, cfg):
+    kinds = list(GOOD_KINDS)
+    w = write_images(tmp_path / "imgs", len(kinds), classes=["b", "a"], bad=list(BAD_KINDS))
+    ds, info = build_source_dataset(cfg, str(tmp_path / "imgs"), shuffle_seed=3)
+    rows = _rows(ds)
+    files = w["good"] + w["bad"]
+    assert set(rows) == set(files) and info.num_items == len(files) == len(rows)
+    for path in files:
+        assert rows[path]["bytes"] == Path(path).read_bytes()
+        expected = ["a", "b"].index(Path(path).parent.name)
+        assert rows[path]["label"] == expected == w["labels"][path]
+
+
+def test_flat_folder_via_file_uri(ray_cluster, tmp_path, cfg):
+    w = write_images(tmp_path / "flat", 4, bad=["empty"])
+    ds, info = build_source_dataset(cfg, (tmp_path / "flat").as_uri())
+    rows = _rows(ds)
+    assert set(rows) == set(w["good"] + w["bad"])
+    assert all(r["label"] == -1 for r in rows.values()) and not info.has_labels
+    assert rows[w["bad"][0]]["bytes"] == b""
+
+
+def test_parquet_rows_keys_bytes_labels(ray_cluster, tmp_path, cfg):
+    import pyarrow.parquet as pq
+
+    pa_path = tmp_path / "pq" / "part-0.parquet"
+    pb_path = tmp_path / "pq" / "part-1.parquet"
+    a = write_parquet(pa_path, 5, row_group_size=2, bad=["truncated"])
+    b = write_parquet(pb_path, 3, seed=1)
+    ds, info = build_source_dataset(cfg, (tmp_path / "pq").as_uri(), shuffle_seed=0)
+    rows = _rows(ds)
+    assert info.num_items == 9 and info.has_labels
+    for path, written in ((pa_path, a), (pb_path, b)):
+        table = pq.read_table(path)
+        for i in range(table.num_rows):
+            r = rows[f"{path}#{i}"]
+            assert r["bytes"] == table.column("image")[i].as_py()
+            assert r["label"] == written["labels"][i] == i % 3
+    assert len(rows) == 9
+
+
+def test_parquet_without_label_column(ray_cluster, tmp_path, cfg):
+    write_parquet(tmp_path / "nl.parquet", 3, with_label=False)
+    ds, info = build_source_dataset(cfg, str(tmp_path / "nl.parquet"))
+    rows = _rows(ds)
+    assert not info.has_labels and info.class_names is None
+    assert sorted(rows) == [f"{tmp_path / 'nl.parquet'}#{i}" for i in range(3)]
+    assert {r["label"] for r in rows.values()} == {-1}
+
+
+def test_file_order_is_reshuffled_per_execution(ray_cluster, tmp_path, cfg):
+    write_images(tmp_path / "many", 24, kinds=["png"])
+    ds, _ = build_source_dataset(cfg, str(tmp_path / "many"), shuffle_seed=5)
+    first = [r["key"] for r in ds.select_columns(["key"]).take_all()]
+    second = [r["key"] for r in ds.select_columns(["key"]).take_all()]
+    assert sorted(first) == sorted(second) and len(first) == 24
+    assert first != second  # 24 files: the same order twice has probability 1/24!
+
+
+def test_parquet_string_labels_become_sorted_class_indices(ray_cluster, tmp_path, cfg):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import image_bytes
+
+    names = ["tulip", "rose", None, "daisy", "rose"]
+    pq.write_table(pa.table({"image": [image_bytes("png")] * 5, "label": names}), str(tmp_path / "s.parquet"))
+    ds, info = build_source_dataset(cfg, str(tmp_path / "s.parquet"))
+    assert info.has_labels and info.class_names == ["daisy", "rose", "tulip"]
+    rows = _rows(ds)
+    expected = [-1 if n is None else sorted({"tulip", "rose", "daisy"}).index(n) for n in names]
+    assert [rows[f"{tmp_path / 's.parquet'}#{i}"]["label"] for i in range(5)] == expected
