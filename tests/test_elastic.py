@@ -1,0 +1,128 @@
+"""Elastic training on a simulated 2-node cluster (``ray.cluster_utils.Cluster``).
+
+Removing a training node shrinks the run to 1 worker and training continues; adding one grows it back to 2; the global
+batch is unchanged throughout and the final step count is exact. The scenario runs in a subprocess because it needs
+its own multi-node Ray instance (the test session shares a single-node one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def scenario(out_dir: str) -> dict:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    sys.path.insert(0, str(HERE))
+    from conftest import write_images
+    from test_pretrain import TINY
+
+    from ibot_ray.config import load_config
+    from pipelines.metrics import read_metrics
+    from pipelines.pretrain import pretrain
+
+    data = Path(out_dir) / "images"
+    write_images(data, 96, kinds=("jpeg", "png"), size=(40, 40))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
+    nodes = [cluster.add_node(num_cpus=1, resources={"trainer": 1}) for _ in range(2)]
+    ray.init(address=cluster.address)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = load_config("demo", TINY + [
+        f"data.source={data}", "optim.epochs=6", "train.num_workers=[1,2]", "train.worker_resource=trainer",
+        "train.elastic_resize_interval_s=5", "train.worker_start_timeout_s=20", "train.checkpoint_every_steps=2",
+    ])  # 96 images / 16 = 6 steps per epoch, 36 steps
+    storage = Path(out_dir) / "runs"
+    metrics = storage / "elastic" / "logs" / "metrics.jsonl"
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = pretrain(cfg, storage=str(storage), name="elastic", knn=False, export=False)
+        except BaseException as e:  # noqa: BLE001
+            box["error"] = repr(e)
+
+    def wait(cond, timeout=300):
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            rows = read_metrics(metrics)
+            if cond(rows):
+                return rows
+            if not thread.is_alive():
+                raise RuntimeError(f"run ended early: {box}")
+            time.sleep(0.5)
+        raise TimeoutError(f"waiting for metrics: {read_metrics(metrics)[-2:]}")
+
+    def starts(rows):
+        return [r for r in rows if r.get("event") == "start"]
+
+    events = []
+    t_start = time.time()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait(lambda rows: any(r.get("world_size") == 2 and r.get("step", 0) >= 4 and "loss" in r for r in rows))
+    t_remove = time.time()
+    cluster.remove_node(nodes[1])  # a training node disappears without notice
+    events.append(("removed", t_remove - t_start))
+    rows = wait(lambda rows: any(s["world_size"] == 1 for s in starts(rows)))
+    t_shrunk = time.time()
+    shrunk_at = [s for s in starts(rows) if s["world_size"] == 1][0]["step"]
+    rows = wait(lambda rows: any(r.get("world_size") == 1 and "loss" in r and r["step"] >= shrunk_at + 3
+                                 for r in rows))
+    cluster.add_node(num_cpus=1, resources={"trainer": 1})  # a replacement node joins
+    events.append(("added", time.time() - t_start))
+    wait(lambda rows: sum(1 for s in starts(rows) if s["world_size"] == 2) >= 2)
+    thread.join(timeout=400)
+    rows = read_metrics(metrics)
+    out = {
+        "result_steps": box["result"].steps if "result" in box else None,
+        "error": box.get("error"),
+        "starts": starts(rows),
+        "steps": [r["step"] for r in rows if "loss" in r],
+        "world_sizes": [r["world_size"] for r in rows if "loss" in r],
+        "total_steps": 36,
+        "node_loss_to_resumed_s": t_shrunk - t_remove,
+        "events": events,
+    }
+    ray.shutdown()
+    cluster.shutdown()
+    return out
+
+
+def test_node_loss_shrinks_and_node_add_grows_the_run(tmp_path):
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=1100,
+                       env=env, cwd=str(HERE.parent))
+    result_file = tmp_path / "elastic_result.json"
+    assert result_file.exists(), p.stdout[-3000:] + p.stderr[-5000:]
+    r = json.loads(result_file.read_text())
+    assert r["error"] is None, r["error"]
+    assert r["result_steps"] == r["total_steps"] == 36
+    sizes = [s["world_size"] for s in r["starts"]]
+    assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes
+    for s in r["starts"]:  # the global batch stays 16 whatever the world size
+        assert sum(s["per_rank_share"]) == 16
+        assert s["per_rank_read"] == 16 // s["world_size"]
+    assert 1 in r["world_sizes"] and r["world_sizes"][-1] == 2
+    # every restart resumes from a checkpoint, never from scratch, and the run ends exactly at the planned step
+    assert all(s["resumed_from"] > 0 for s in r["starts"][1:])
+    assert r["steps"][-1] == 36
+    print(f"node loss -> training resumed with 1 worker: {r['node_loss_to_resumed_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    out_dir = sys.argv[1]
+    res = scenario(out_dir)
+    (Path(out_dir) / "elastic_result.json").write_text(json.dumps(res, default=str))
