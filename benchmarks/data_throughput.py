@@ -16,7 +16,8 @@ The two sides alternate every ``--batch`` images so that load from other process
 side is the median over rounds of images per CPU second of this process (``time.process_time``; wall-clock rates
 are reported too), and the speed-up is the median of the per-round ratios.
 
-``--mode e2e`` is the end-to-end Ray Data mode, provided by :func:`run_e2e` (a hook filled in elsewhere).
+``--mode e2e`` is the end-to-end Ray Data mode: :func:`run_e2e` hands over to ``benchmarks/data_e2e.py`` (the
+pipeline side's script) with ``--source IMAGE_DIR``; extra arguments are passed through.
 
 Usage: ``python benchmarks/data_throughput.py IMAGE_DIR --mode percore [--n 200] [--rounds 5] [--batch 16]``
 (get real photos with ``python /work/shared/data/photos.py /tmp/photos --n 300``).
@@ -225,9 +226,18 @@ def run_percore(args: argparse.Namespace) -> dict[str, float]:
     return summary
 
 
-def run_e2e(args: argparse.Namespace) -> dict[str, float]:
-    """End-to-end Ray Data throughput (hook: implemented by the pipeline side)."""
-    raise SystemExit("--mode e2e is not implemented in this build of the benchmark")
+def run_e2e(args: argparse.Namespace, extra: list[str]) -> dict[str, float]:
+    """End-to-end Ray Data throughput: the pipeline side's ``benchmarks/data_e2e.py`` on ``IMAGE_DIR`` with this
+    script's ``--config``/``--set`` and any further arguments (e.g. ``--actors 1 2 --epochs 2``)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    try:
+        import data_e2e
+    except ImportError as e:
+        raise SystemExit(f"--mode e2e needs benchmarks/data_e2e.py ({e})") from None
+    argv = ["--source", args.image_dir, "--config", args.config, *(["--set", *args.set] if args.set else []), *extra]
+    return {"returncode": float(data_e2e.main(argv) or 0)}
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, float]:
@@ -242,10 +252,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     ap.add_argument("--epoch", type=int, default=0)
     ap.add_argument("--baseline-masks", choices=("all", "global"), default="all",
                     help="baseline masks every crop as iBOT's loader does (all) or only the global crops (global)")
-    args = ap.parse_args(argv)
-    if args.mode == "percore":
-        return run_percore(args)
-    return run_e2e(args)
+    ap.add_argument("--json", default=None, metavar="PATH", help="also write the summary figures as JSON")
+    args, extra = ap.parse_known_args(argv)
+    if args.mode == "percore" and extra:
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    summary = run_percore(args) if args.mode == "percore" else run_e2e(args, extra)
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({"mode": args.mode, **summary}, indent=2))
+    return summary
 
 
 if __name__ == "__main__":

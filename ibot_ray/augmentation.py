@@ -14,15 +14,19 @@ The recipe (``DataAugmentationiBOT``), per crop, in this order:
 
 Normalisation is *not* done here: crops stay uint8 (4x less to move) and the training side normalises.
 
-How it is fast (same distribution as the PIL/torchvision pipeline, not bit-identical):
+How it is fast (same distribution as the PIL/torchvision pipeline, not bit-identical; ~4x less CPU per image):
 * every random number of an image is drawn up front (:meth:`MultiCropAugmentation.sample_params`), so the crop boxes
   are known before decoding (the caller can pick a reduced JPEG decode scale);
-* crop + resize in one antialiased bicubic resample of the box region (torch's uint8 kernel, which reproduces PIL's
-  filter to within +-3 levels and runs ~4x faster than PIL on one core); the flip is a reversal of the result;
-* the colour operations, greyscale, blur and solarisation run on a float32 batch of all crops of one size, with
-  per-crop factors broadcast; each operation touches only the crops that drew it. The blur applies, as one
-  separable kernel, exactly the filter PIL's ``GaussianBlur(radius=sigma)`` uses (three extended box filters of
-  variance sigma^2 / 3, see :func:`blur_kernel`), with edges replicated, grouped by kernel length.
+* crop + resize in one antialiased bicubic resample of a dense copy of the box (torch's uint8 kernel, which
+  reproduces PIL's filter to within +-3 levels and runs ~4x faster than PIL on one core); flipped afterwards;
+* the colour operations, greyscale, blur and solarisation run in float32 on chunks of ~6 MB of crops of one size
+  with per-crop factors broadcast (each numpy/torch call then does enough work to hide its overhead). Crops are
+  sorted by their jitter order so that most jitter operations run in place on contiguous runs of crops; the other
+  steps gather the crops that drew them. Operations are written as few memory passes as possible: torch's fused
+  kernels (lerp, addcmul, clamp) where they are fastest, numpy for comparisons, clamps skipped when no factor can
+  leave [0, 255], hue in ~40 passes without ``where``/``remainder``;
+* the blur applies, as one separable kernel, exactly the filter PIL's ``GaussianBlur(radius=sigma)`` uses (three
+  extended box filters of variance sigma^2 / 3, see :func:`blur_kernels`), edges replicated, grouped by length.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, PIL's convert("L") and torchvision
 RRC_TRIES = 10
 BLUR_TAIL = 1e-3  # kernel tails lighter than this are cut (at most 0.26 grey levels on a 0/255 step edge)
 _MAX_RUNS = 13  # a jitter slot split into at most this many runs is processed run by run, without gathers
+_HUE_BLOCK_BYTES = 5 << 19  # adjust_hue works through blocks of at most this many bytes of crops
 DEFAULT_CHUNK_BYTES = 6 << 20  # float32 working set per processing chunk (see _render_group)
 
 
@@ -133,10 +138,11 @@ class MultiCropAugmentation:
 
     def __init__(self, crops: CropsConfig, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  torch_threads: Optional[int] = 1) -> None:
-        """``torch_threads``: intra-op threads for the torch kernels while rendering (restored afterwards). The
-        default 1 is right for one augmenting process per core (the Ray actor pool): these per-crop operations are
-        far too small to gain from threads, and on a busy machine idle-spinning worker threads make them several
-        times slower. ``None`` leaves torch's setting alone."""
+        """``torch_threads``: intra-op threads for the torch kernels while rendering (the process-wide setting is
+        restored afterwards, so concurrent renders in threads of one process should pass ``None``). The default 1 is
+        right for one augmenting process per core (the Ray actor pool): these per-crop operations are far too small
+        to gain from threads, and on a busy machine idle-spinning worker threads make them several times slower.
+        ``chunk_bytes``: float32 working set per processing chunk (see ``_render_group``)."""
         c = crops
         self.cfg = c
         self.chunk_bytes = int(chunk_bytes)
@@ -215,6 +221,11 @@ class MultiCropAugmentation:
             solarize=u[:, 5] < self.solarize_p,
         )
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_local", None)  # per-thread scratch buffers: not picklable, rebuilt on demand
+        return state
+
     # ---- rendering -------------------------------------------------------------------------------------
 
     def _workspace(self, chunk: int, size: int) -> np.ndarray:
@@ -266,8 +277,9 @@ class MultiCropAugmentation:
                       out: np.ndarray) -> None:
         """Crops ``sl`` of every image, all of side ``size``, into ``out`` ((B * n, 3, size, size) uint8).
 
-        Crops go through in chunks of about :attr:`chunk_bytes` of float32 so that every pass over a chunk runs
-        in the core's cache (the operations are memory-bound: a chunk much larger than L2 halves their speed).
+        Crops with nothing but crop + flip go straight to ``out``; the others go through float32 chunks of about
+        :attr:`chunk_bytes` (measured on one core: ~1 MB chunks, which stay in L2, lose more to per-call overhead
+        than they gain in cache hits; much beyond 6 MB the memory traffic costs more).
         """
 
         def cat(name: str) -> np.ndarray:
@@ -293,7 +305,7 @@ class MultiCropAugmentation:
             # and takes a path 1.2-2.5x slower on a strided view of the whole image. The flip is done on the
             # (smaller) result.
             box = src[:, :, y0:y1, x0:x1].contiguous(memory_format=torch.channels_last)
-            crop = F.interpolate(box, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
+            crop = _resize_aa(box, size)[0]
             return crop.flip(-1) if flip[k] else crop
 
         out_t = torch.from_numpy(out)
@@ -307,6 +319,7 @@ class MultiCropAugmentation:
         perm_code = order[work] @ np.array([64, 16, 4, 1])
         work = work[np.argsort(np.where(jitter[work], perm_code, -1), kind="stable")]
         chunk = max(1, min(len(work), int(self.chunk_bytes // (3 * size * size * 4))))
+        chunk = -(-len(work) // -(-len(work) // chunk))  # equal chunks (32 crops by 10: 11, 11, 10, not 10, 10, 10, 2)
         buf = self._workspace(chunk, size)
         threshold = float(self.cfg.solarize_threshold)
         for start in range(0, len(work), chunk):
@@ -322,9 +335,9 @@ class MultiCropAugmentation:
             code = np.where(jitter[ks, None], order[ks], -1)
             for slot in range(4):
                 col = code[:, slot]
-                starts = np.r_[0, np.flatnonzero(col[1:] != col[:-1]) + 1]
+                starts = [0] + (np.flatnonzero(col[1:] != col[:-1]) + 1).tolist()
                 if len(starts) <= _MAX_RUNS:
-                    for lo, hi in zip(starts.tolist(), np.r_[starts[1:], len(col)].tolist()):
+                    for lo, hi in zip(starts, starts[1:] + [len(col)]):
                         op = int(col[lo])
                         if op >= 0 and self._op_enabled[op]:
                             _JITTER_OPS[op](x[lo:hi], factors[ks[lo:hi], op])
@@ -355,6 +368,17 @@ class MultiCropAugmentation:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
+
+
+def _resize_aa(box: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bicubic resize of a (1, 3, h, w) uint8 tensor to (1, 3, size, size): F.interpolate's kernel,
+    called directly when this torch exposes it (the Python wrapper's checks cost ~5 us a call, 12 calls an image)."""
+    if _AA_BICUBIC is not None:
+        return _AA_BICUBIC(box, [size, size], False)
+    return F.interpolate(box, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+
+
+_AA_BICUBIC = getattr(torch._C._nn, "_upsample_bicubic2d_aa", None)
 
 
 @contextmanager
@@ -478,6 +502,12 @@ def adjust_hue(x: np.ndarray, shift: np.ndarray) -> np.ndarray:
     ``k_b = clamp(2 - |h - 4|)``, so only ``h`` changes. About 40 passes over the crop planes, with no
     ``where``/``remainder`` (several times slower than arithmetic on one core).
     """
+    n = x.shape[0]
+    per = max(1, _HUE_BLOCK_BYTES // max(1, x[0].nbytes))
+    if n > per:  # ~40 passes: keep each block's planes and temporaries in cache
+        for i in range(0, n, per):
+            adjust_hue(x[i: i + per], np.asarray(shift)[i: i + per])
+        return x
     r, g, b = x[:, 0], x[:, 1], x[:, 2]
     mx = np.maximum(r, g)
     np.maximum(mx, b, out=mx)
@@ -501,9 +531,13 @@ def adjust_hue(x: np.ndarray, shift: np.ndarray) -> np.ndarray:
     np.multiply(t, is_r, out=t)
     ht.add_(tt)
     ht.div_(ct.clamp(min=1e-6))  # C == 0 (grey): the numerator is 0, and the output is m whatever h is
-    ht.add_(_bcast(6.0 * np.asarray(shift, dtype=np.float64)).view(-1, 1, 1))
-    torch.mul(ht, 1.0 / 6.0, out=tt).floor_()  # wrap into [0, 6)
-    ht.sub_(tt, alpha=6.0)
+    d = 6.0 * np.asarray(shift, dtype=np.float64)  # in sextants
+    ht.add_(float(d[0]) if len(d) == 1 else _bcast(d).view(-1, 1, 1))  # (same float32 sum either way)
+    if np.all(np.abs(d) <= 1.0):  # h was in [-1, 5): now in [-2, 6), only negatives need wrapping
+        ht.add_(torch.from_numpy(np.less(h, 0.0)), alpha=6.0)
+    else:  # wrap into [0, 6)
+        torch.mul(ht, 1.0 / 6.0, out=tt).floor_()
+        ht.sub_(tt, alpha=6.0)
     mnt = torch.from_numpy(mn)
     xt = torch.from_numpy(x)
     torch.sub(ht, 3.0, out=tt).abs_().sub_(1.0).clamp_(0.0, 1.0)  # k_r

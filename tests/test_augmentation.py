@@ -242,6 +242,7 @@ def test_crops_cover_the_sampled_boxes():
     (adjust_contrast, TF.adjust_contrast, [0.6, 1.1, 1.4]),
     (adjust_saturation, TF.adjust_saturation, [0.8, 1.0, 1.2]),
     (adjust_hue, TF.adjust_hue, [-0.1, 0.03, 0.1]),
+    (adjust_hue, TF.adjust_hue, [-0.45, 0.25, 0.5]),  # beyond a sextant: the general wrap
 ])
 def test_colour_ops_match_torchvision(op, ref, values):
     x = noise_image(24, 20, 8).transpose(2, 0, 1)[None].repeat(3, axis=0).astype(np.float32)
@@ -321,3 +322,17 @@ def assert_same_crops(a: np.ndarray, b: np.ndarray, what) -> None:
     batch)."""
     d = np.abs(a.astype(int) - b.astype(int))
     assert d.max() <= 1 and (d > 0).mean() < 1e-3, (what, d.max(), (d > 0).mean())
+
+
+def test_resize_kernel_is_torchs_antialiased_bicubic_and_close_to_pil():
+    from ibot_ray.augmentation import _resize_aa
+
+    img = colour_image(77, 91) // 2 + noise_image(77, 91, 13) // 2
+    box = torch.from_numpy(img).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+    for size in (32, 96, 160):  # down- and up-sampling
+        ours = _resize_aa(box, size)
+        ref = torch.nn.functional.interpolate(box, size=(size, size), mode="bicubic", antialias=True)
+        assert torch.equal(ours, ref)
+        pil = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
+        d = np.abs(ours[0].numpy().astype(int) - pil)
+        assert d.max() <= 3 and d.mean() < 0.1
