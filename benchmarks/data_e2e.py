@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="ibot_bench_")
         input_bytes = write_jpegs(Path(tmp.name) / "imgs", a.images, tuple(a.size))
         source = str(Path(tmp.name) / "imgs")
+    baseline = in_process_rate(load_config(a.config, [*a.set, f"data.source={source}"]), source)
+    print(json.dumps({"baseline": "MultiCropTransform in the driver process, 1 thread, no Ray",
+                      "images_per_s": round(baseline, 1)}), flush=True)
     ray.init(num_cpus=a.num_cpus or max(os.cpu_count() or 1, max(a.actors) + 1), include_dashboard=False,
              object_store_memory=1 << 30)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                     "actors": k, "epoch": epoch, "images": n, "listed": info.num_items, "wall_s": round(dt, 2),
                     "images_per_s": round(n / dt, 1), "first_batch_s": round(first or dt, 2),
                     "steady_images_per_s": round((n - n_first) / (dt - first), 1) if first and dt > first else None,
+                    "steady_vs_k_x_baseline": round((n - n_first) / (dt - first) / (k * baseline), 2)
+                    if first and dt > first else None,
                     "object_store_bytes_per_sample": sizes[0] if sizes else None,
                     "float32_bytes_per_sample": sizes[1] if sizes else None,
                     "input_bytes_per_sample": round(input_bytes or 0),
@@ -136,6 +141,45 @@ def main(argv: list[str] | None = None) -> int:
         if tmp is not None:
             tmp.cleanup()
     return 0
+
+
+def in_process_rate(cfg, source: str, limit: int = 96) -> float:
+    """The baseline: images/s of the same decode + multi-crop + masks in this process on one thread, no Ray."""
+    import torch
+
+    from ibot_ray.multicrop import MultiCropTransform
+    from pipelines.sources import describe_source, resolve_uri
+
+    info = describe_source(cfg)
+    if info.format == "folder":
+        import pyarrow.fs as pafs
+
+        from pipelines.sources import IMAGE_EXTENSIONS
+
+        fs, root = resolve_uri(info.uri)
+        paths = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                       if f.is_file and f.path.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
+        blobs = []
+        for path in paths[:limit]:
+            with fs.open_input_file(path) as f:
+                blobs.append(f.read())
+    else:
+        import pyarrow.parquet as pq
+
+        fs, _ = resolve_uri(info.uri)
+        with fs.open_input_file(info.files[0]) as f:
+            blobs = pq.read_table(f, columns=[cfg.data.image_column]).column(0).to_pylist()[:limit]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    transform = MultiCropTransform(cfg)
+    transform(blobs[:16], list(range(16)), 0)  # warm-up
+    t0 = time.process_time()
+    for i in range(0, len(blobs), 16):
+        chunk = blobs[i:i + 16]
+        transform(chunk, list(range(i, i + len(chunk))), 0)
+    rate = len(blobs) / max(1e-9, time.process_time() - t0)
+    torch.set_num_threads(threads)
+    return rate
 
 
 def _mean_input_bytes(cfg, info) -> float:
