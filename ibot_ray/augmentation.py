@@ -51,7 +51,7 @@ _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, PIL's convert("L") and torchvision
 RRC_TRIES = 10
 BLUR_TAIL = 1e-3  # kernel tails lighter than this are cut (at most 0.26 grey levels on a 0/255 step edge)
 _MAX_RUNS = 13  # a jitter slot split into at most this many runs is processed run by run, without gathers
-_HUE_BLOCK_BYTES = 5 << 19  # adjust_hue works through blocks of at most this many bytes of crops
+_HUE_BLOCK_BYTES = 1 << 20  # adjust_hue works through blocks of at most this many bytes (crops or row bands)
 DEFAULT_CHUNK_BYTES = 6 << 20  # float32 working set per processing chunk (see _render_group)
 
 
@@ -503,10 +503,17 @@ def adjust_hue(x: np.ndarray, shift: np.ndarray) -> np.ndarray:
     ``where``/``remainder`` (several times slower than arithmetic on one core).
     """
     n = x.shape[0]
-    per = max(1, _HUE_BLOCK_BYTES // max(1, x[0].nbytes))
+    block = _HUE_BLOCK_BYTES
+    per = max(1, block // max(1, x[0].nbytes))
     if n > per:  # ~40 passes: keep each block's planes and temporaries in cache
         for i in range(0, n, per):
             adjust_hue(x[i: i + per], np.asarray(shift)[i: i + per])
+        return x
+    rows = x.shape[2]
+    band = max(1, rows * block // max(1, x.nbytes))
+    if band < rows:  # one crop larger than a block: bands of rows (the operation is per pixel)
+        for i in range(0, rows, band):
+            adjust_hue(x[:, :, i: i + band], shift)
         return x
     r, g, b = x[:, 0], x[:, 1], x[:, 2]
     mx = np.maximum(r, g)
