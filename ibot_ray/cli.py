@@ -4,6 +4,9 @@
                       [--storage PATH_OR_URI] [--name RUN] [--address ADDR]
     ibot-ray config   [--config FILE|PRESET] [--set key=value ...]     print the resolved, validated config
     ibot-ray export   CHECKPOINT OUT [--which teacher|student]           timm-loadable safetensors backbone
+    ibot-ray tune     --space FILE|NAME [--config ...] [--set ...] [--trials N] [--max-concurrent M]
+                      [--scheduler asha|fifo|pbt] [--objective knn_top1|loss] [--storage PATH] [--name SWEEP]
+                      [--address ADDR]                                     sweep with Ray Tune (README: sweeps)
 
 Ray is imported only by the commands that need it, so the method package stays usable without a cluster.
 """
@@ -34,6 +37,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run storage (local folder, shared file system or s3://...); default ./ibot_runs")
     p.add_argument("--name", default=None, help="run name; the same name resumes (default: preset name)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+    p = sub.add_parser("tune", help="sweep temperatures / momentum schedules with Ray Tune (README: sweeps)")
+    p.add_argument("--space", required=True,
+                   help="search space YAML, or a shipped space name (tau_momentum, tau_grid, demo_quick)")
+    _add_config_args(p, "demo")
+    p.add_argument("--data", help="training source (same as --set data.source=...)")
+    p.add_argument("--trials", type=int, default=None,
+                   help="Tune samples; each grid combination runs this often (default: 1 for a grid, else 8)")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials at once (default: what the cluster's GPUs / CPUs fit)")
+    p.add_argument("--scheduler", choices=["asha", "fifo", "pbt"], default="asha",
+                   help="asha: early stopping (default); fifo: none; pbt: not supported (explains why)")
+    p.add_argument("--objective", choices=["knn_top1", "loss"], default="knn_top1",
+                   help="online k-NN top-1 on data.eval_source (max, default) or the training loss (min)")
+    p.add_argument("--grace-epochs", type=float, default=1.0, help="ASHA grace period in epochs (default 1)")
+    p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA reduction factor (default 2)")
+    p.add_argument("--max-failures", type=int, default=1, help="Tune retries of a failed trial (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random-search seed (default 0)")
+    p.add_argument("--storage", default=None, help="sweep storage (local folder or s3://...); default ./ibot_sweeps")
+    p.add_argument("--name", default=None, help="sweep name; the same storage + name resumes the sweep")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--out", default=None, help="folder for results.csv, best_config.yaml and the plot "
+                                               "(default: the sweep folder when local)")
 
     p = sub.add_parser("config", help="print the resolved and validated config as YAML")
     _add_config_args(p, "vit_small_16")
@@ -73,6 +99,22 @@ def main(argv: list[str] | None = None) -> int:
             name = args.name or (args.config if args.config and "/" not in args.config else "run")
             pretrain(cfg, storage=args.storage, name=name, address=args.address)
             return 0
+        if args.command == "tune":
+            from tune.space import SpaceError
+            from tune.sweep import SweepError, run_sweep
+
+            overrides = list(args.overrides) + ([f"data.source={args.data}"] if args.data else [])
+            try:
+                result = run_sweep(args.space, config=args.config, overrides=overrides, trials=args.trials,
+                                   max_concurrent=args.max_concurrent, scheduler=args.scheduler,
+                                   objective=args.objective, storage=args.storage, name=args.name,
+                                   address=args.address, grace_epochs=args.grace_epochs,
+                                   reduction_factor=args.reduction_factor, max_failures=args.max_failures,
+                                   seed=args.seed, out_dir=args.out)
+            except (SpaceError, SweepError) as e:
+                print(f"ibot-ray tune: {e}", file=sys.stderr)
+                return 2
+            return 0 if result.complete else 3  # 3: interrupted, run the same command again to resume
     except ConfigError as e:
         print(f"ibot-ray: config error: {e}", file=sys.stderr)
         return 2

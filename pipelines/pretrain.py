@@ -62,7 +62,8 @@ def init_ray(cfg: IBOTConfig, address: str | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token file in ~/.ray
     t, d = cfg.train, cfg.data
     needed = t.num_workers[1] * max(1.0, t.cpus_per_worker) + d.actors[1] * d.cpus_per_actor + 1
-    ray.init(num_cpus=int(max(os.cpu_count() or 1, needed) + 0.999), include_dashboard=False)
+    # address="local": always a new private instance, even when another Ray runs on this machine
+    ray.init(address="local", num_cpus=int(max(os.cpu_count() or 1, needed) + 0.999), include_dashboard=False)
 
 
 def _storage_path(storage: str | None) -> str:

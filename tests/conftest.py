@@ -191,7 +191,7 @@ def ray_cluster():
 
     started = False
     if not ray.is_initialized():
-        kwargs = dict(num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=False)
+        kwargs = dict(address="local", num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=False)
         try:
             ray.init(**kwargs)
         except Exception:  # noqa: BLE001 - "node timed out during startup" on an overloaded box: try once more
