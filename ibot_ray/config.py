@@ -103,6 +103,7 @@ class OptimConfig:
     weight_decay_end: float = 0.4
     momentum_teacher: float = 0.996
     momentum_teacher_end: float = 1.0
+    momentum_schedule: str = "cosine"  # shape of the teacher momentum schedule: cosine (paper), linear or constant
     clip_grad: float = 3.0  # per-parameter norm clip (0: off)
     freeze_last_layer: int = 1  # epochs during which the prototype layer gets no update
     betas: tuple[float, float] = (0.9, 0.999)
@@ -440,6 +441,8 @@ def validate(cfg: IBOTConfig) -> None:
     _check(o.weight_decay >= 0 and o.weight_decay_end >= 0, "optim.weight_decay", "must be >= 0")
     _check(0 <= o.momentum_teacher <= o.momentum_teacher_end <= 1, "optim.momentum_teacher",
            "must satisfy 0 <= start <= end <= 1")
+    _check(o.momentum_schedule in ("cosine", "linear", "constant"), "optim.momentum_schedule",
+           f"must be cosine, linear or constant, got {o.momentum_schedule!r}")
     _check(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
     _check(o.freeze_last_layer >= 0, "optim.freeze_last_layer", "must be >= 0")
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas", "must be in [0, 1)")

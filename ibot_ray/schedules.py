@@ -45,7 +45,8 @@ class Schedules:
 
     * lr: peak ``cfg.optim.lr * cfg.optim.batch_size / 256`` (linear scaling rule), linear warm-up from 0 over
       ``warmup_epochs`` then cosine to ``min_lr``;
-    * wd: cosine ``weight_decay -> weight_decay_end``; momentum: cosine ``momentum_teacher -> momentum_teacher_end``;
+    * wd: cosine ``weight_decay -> weight_decay_end``; momentum: ``momentum_teacher -> momentum_teacher_end`` along
+      ``optim.momentum_schedule`` (cosine as in the paper, linear, or constant at ``momentum_teacher``);
     * teacher temperatures, per epoch: ``linspace(warmup, final, warmup_teacher_temp_epochs)`` then constant (the
       patch one is first held at its warm-up value for ``masking.start_epoch`` epochs, as iBOT does);
     * ``freeze_last_layer``: True while ``epoch < optim.freeze_last_layer``.
@@ -61,7 +62,12 @@ class Schedules:
         self.peak_lr = o.lr * o.batch_size / 256.0
         self.lr = cosine_schedule(self.peak_lr, o.min_lr, self.total_steps, o.warmup_epochs * self.steps_per_epoch)
         self.wd = cosine_schedule(o.weight_decay, o.weight_decay_end, self.total_steps)
-        self.momentum = cosine_schedule(o.momentum_teacher, o.momentum_teacher_end, self.total_steps)
+        if o.momentum_schedule == "linear":
+            self.momentum = np.linspace(o.momentum_teacher, o.momentum_teacher_end, self.total_steps)
+        elif o.momentum_schedule == "constant":
+            self.momentum = np.full(self.total_steps, float(o.momentum_teacher))
+        else:
+            self.momentum = cosine_schedule(o.momentum_teacher, o.momentum_teacher_end, self.total_steps)
         self.teacher_temp = _epoch_temperature(lo.warmup_teacher_temp, lo.teacher_temp, lo.warmup_teacher_temp_epochs,
                                                self.epochs)
         self.teacher_patch_temp = _epoch_temperature(lo.warmup_teacher_patch_temp, lo.teacher_patch_temp,

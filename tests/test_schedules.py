@@ -94,3 +94,19 @@ def test_warmup_longer_than_run_is_truncated(cfg):
     assert s.at(19)["teacher_temp"] == pytest.approx(0.04 + 0.03 * 9 / 19)
     with pytest.raises(ValueError, match="steps_per_epoch"):
         Schedules(cfg, 0)
+
+
+def test_momentum_schedule_shapes():
+    from ibot_ray.config import load_config
+    from ibot_ray.schedules import Schedules
+
+    spe, epochs = 5, 4
+    n = spe * epochs
+    base = ["optim.epochs=4", "optim.momentum_teacher=0.99", "optim.momentum_teacher_end=1.0"]
+    lin = Schedules(load_config("demo", base + ["optim.momentum_schedule=linear"]), spe).momentum
+    for i in (0, 7, n - 1):
+        assert lin[i] == pytest.approx(0.99 + 0.01 * i / (n - 1))
+    const = Schedules(load_config("demo", base + ["optim.momentum_schedule=constant"]), spe).momentum
+    assert (const == 0.99).all()
+    cos = Schedules(load_config("demo", base), spe).momentum
+    assert cos[0] == pytest.approx(0.99) and cos[n // 2] == pytest.approx(1.0 - 0.005 * (1 + math.cos(math.pi * 0.5)))

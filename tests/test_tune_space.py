@@ -134,3 +134,12 @@ def test_malformed_files(tmp_path, demo):
     assert set(SWEEPABLE) >= {"loss.teacher_temp", "loss.teacher_patch_temp", "loss.warmup_teacher_temp",
                               "loss.warmup_teacher_temp_epochs", "loss.student_temp", "optim.momentum_teacher",
                               "optim.momentum_teacher_end", "loss.center_momentum", "loss.center_momentum_patch"}
+
+
+def test_momentum_schedule_shape_is_sweepable_and_checked():
+    from tune.space import SpaceError, parse_space
+
+    space = parse_space({"optim.momentum_schedule": {"type": "grid", "values": ["cosine", "linear", "constant"]}})
+    assert space is not None
+    with pytest.raises(SpaceError, match="optim.momentum_schedule"):
+        parse_space({"optim.momentum_schedule": {"type": "choice", "values": ["cosine", "exponential"]}})

@@ -45,6 +45,7 @@ SWEEPABLE: dict[str, str] = {
     "loss.center_momentum_patch": "EMA momentum of the patch center",
     "optim.momentum_teacher": "teacher EMA momentum at step 0 (cosine schedule start)",
     "optim.momentum_teacher_end": "teacher EMA momentum at the last step (cosine schedule end)",
+    "optim.momentum_schedule": "shape of the teacher momentum schedule: cosine, linear or constant",
     "optim.lr": "peak learning rate per 256 images",
 }
 
