@@ -20,11 +20,10 @@ import torch
 from ibot_ray.config import IBOTConfig
 from ibot_ray.decode import ImageDecodeError, decode_image
 from ibot_ray.knn import eval_transform, extract_features, knn_classify
+from pipelines.sources import DEMO_DIR, IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "ibot_ray" / "demo_data"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 @dataclass
@@ -57,7 +56,8 @@ def _read_labelled(source: str, cfg: IBOTConfig, max_images: int) -> list[tuple[
             if len(out) >= max_images:
                 break
         return out[:max_images]
-    images = sorted(f.path for f in files if f.type == pafs.FileType.File and f.path.lower().endswith(IMAGE_EXTENSIONS))
+    images = sorted(f.path for f in files
+                    if f.type == pafs.FileType.File and f.path.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
     root = path.rstrip("/")
     classes = sorted({p[len(root) + 1:].split("/")[0] for p in images if "/" in p[len(root) + 1:]})
     if not classes:
