@@ -25,13 +25,12 @@ from torch import Tensor, nn
 
 from .config import IBOTConfig
 from .ema import TeacherEMA
+from .knn import IMAGENET_MEAN, IMAGENET_STD
 from .loss import IBOTLoss
 from .schedules import Schedules
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class NonFiniteLossError(RuntimeError):

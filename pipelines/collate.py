@@ -13,14 +13,13 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
+from ibot_ray.knn import IMAGENET_MEAN, IMAGENET_STD
+
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow
 
     from ibot_ray.config import IBOTConfig
 
-#: ImageNet channel statistics (RGB, on the 0..1 scale), as used by iBOT/DINO.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Tensor columns handed to the training loop (``key`` strings are dropped: a tensor-only batch is what Ray moves
 #: to the device).
 TENSOR_COLUMNS = ("global_crops", "local_crops", "masks", "label")

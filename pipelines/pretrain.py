@@ -44,10 +44,11 @@ def _use_gpu(cfg: IBOTConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def init_ray(cfg: IBOTConfig, address: str | None = None) -> None:
+def init_ray(cfg: IBOTConfig, address: str | None = None, *, num_cpus: float | None = None) -> None:
     """Connect to a cluster (``address`` or RAY_ADDRESS) or start a local Ray sized for the run.
 
-    A local Ray gets enough logical CPUs for the training workers *and* the data actors: with only the physical
+    A local Ray gets enough logical CPUs (``num_cpus``, default: one run's) for the training workers *and* the data
+    actors: with only the physical
     core count, Train reserves every CPU first and the Ray Data pipeline never starts (a deadlock on small machines)."""
     import ray
 
@@ -61,7 +62,7 @@ def init_ray(cfg: IBOTConfig, address: str | None = None) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token file in ~/.ray
     t, d = cfg.train, cfg.data
-    needed = t.num_workers[1] * max(1.0, t.cpus_per_worker) + d.actors[1] * d.cpus_per_actor + 1
+    needed = num_cpus or (t.num_workers[1] * max(1.0, t.cpus_per_worker) + d.actors[1] * d.cpus_per_actor + 1)
     # address="local": always a new private instance, even when another Ray runs on this machine
     ray.init(address="local", num_cpus=int(max(os.cpu_count() or 1, needed) + 0.999), include_dashboard=False)
 

@@ -446,20 +446,9 @@ def default_max_concurrent(cfg: IBOTConfig) -> int:
 
 
 def _init_ray(cfg: IBOTConfig, address: Optional[str], concurrent: int) -> None:
-    import ray
+    from pipelines.pretrain import init_ray
 
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(cfg.train.worker_start_timeout_s))
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster
-    need = _per_trial_resources(cfg, False)["CPU"] * max(1, concurrent)
-    # address="local": a new private instance even when a `ray start` cluster runs on this machine (a plain
-    # ray.init() would connect to it and then reject num_cpus).
-    ray.init(address="local", num_cpus=int(max(os.cpu_count() or 1, need) + 0.999), include_dashboard=False)
+    init_ray(cfg, address, num_cpus=_per_trial_resources(cfg, False)["CPU"] * max(1, concurrent))
 
 
 def _prepare_base(config: Union[str, IBOTConfig, None], overrides: Optional[list[str]], objective: str
