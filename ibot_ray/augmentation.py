@@ -14,19 +14,15 @@ The recipe (``DataAugmentationiBOT``), per crop, in this order:
 
 Normalisation is *not* done here: crops stay uint8 (4x less to move) and the training side normalises.
 
-How it is fast (same distribution as the PIL/torchvision pipeline, not bit-identical; ~4x less CPU per image):
+How it is fast (same distribution as the PIL/torchvision pipeline, not bit-identical; ~6x less CPU per image):
 * every random number of an image is drawn up front (:meth:`MultiCropAugmentation.sample_params`), so the crop boxes
   are known before decoding (the caller can pick a reduced JPEG decode scale);
 * crop + resize in one antialiased bicubic resample of a dense copy of the box (torch's uint8 kernel, which
-  reproduces PIL's filter to within +-3 levels and runs ~4x faster than PIL on one core); flipped afterwards;
-* the colour operations, greyscale, blur and solarisation run in float32 on chunks of ~6 MB of crops of one size
-  with per-crop factors broadcast (each numpy/torch call then does enough work to hide its overhead). Crops are
-  sorted by their jitter order so that most jitter operations run in place on contiguous runs of crops; the other
-  steps gather the crops that drew them. Operations are written as few memory passes as possible: torch's fused
-  kernels (lerp, addcmul, clamp) where they are fastest, numpy for comparisons, clamps skipped when no factor can
-  leave [0, 255], hue in ~40 passes without ``where``/``remainder``;
+  reproduces PIL's filter to within +-3 levels and runs ~4x faster than PIL on one core);
+* flip, colour jitter, greyscale, blur, rounding and solarisation in one compiled call per crop
+  (:mod:`ibot_ray.crop_kernels`): float32 row loops that stay in cache, 2-5 passes over the crop in all;
 * the blur applies, as one separable kernel, exactly the filter PIL's ``GaussianBlur(radius=sigma)`` uses (three
-  extended box filters of variance sigma^2 / 3, see :func:`blur_kernels`), edges replicated, grouped by length.
+  extended box filters of variance sigma^2 / 3, see :func:`blur_kernels`), edges replicated.
 """
 
 from __future__ import annotations
@@ -43,16 +39,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ibot_ray import crop_kernels
 from ibot_ray.config import CropsConfig
+from ibot_ray.crop_kernels import BRIGHTNESS, CONTRAST, HUE, SATURATION  # the columns of CropParams.factors
 
-#: Colour-jitter operation ids, the columns of :attr:`CropParams.factors`.
-BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
-_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, PIL's convert("L") and torchvision's rgb_to_grayscale
 RRC_TRIES = 10
 BLUR_TAIL = 1e-3  # kernel tails lighter than this are cut (at most 0.26 grey levels on a 0/255 step edge)
-_MAX_RUNS = 13  # a jitter slot split into at most this many runs is processed run by run, without gathers
-_HUE_BLOCK_BYTES = 1 << 20  # adjust_hue works through blocks of at most this many bytes (crops or row bands)
-DEFAULT_CHUNK_BYTES = 6 << 20  # float32 working set per processing chunk (see _render_group)
 
 
 @dataclass
@@ -136,16 +128,13 @@ def rrc_boxes(
 class MultiCropAugmentation:
     """``G`` global and ``L`` local crops per image, as uint8, following a :class:`CropsConfig`."""
 
-    def __init__(self, crops: CropsConfig, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 torch_threads: Optional[int] = 1) -> None:
-        """``torch_threads``: intra-op threads for the torch kernels while rendering (the process-wide setting is
+    def __init__(self, crops: CropsConfig, *, torch_threads: Optional[int] = 1) -> None:
+        """``torch_threads``: intra-op threads for torch's resize while rendering (the process-wide setting is
         restored afterwards, so concurrent renders in threads of one process should pass ``None``). The default 1 is
-        right for one augmenting process per core (the Ray actor pool): these per-crop operations are far too small
-        to gain from threads, and on a busy machine idle-spinning worker threads make them several times slower.
-        ``chunk_bytes``: float32 working set per processing chunk (see ``_render_group``)."""
+        right for one augmenting process per core (the Ray actor pool): one crop's resize is far too small to gain
+        from threads, and on a busy machine idle-spinning worker threads make it several times slower."""
         c = crops
         self.cfg = c
-        self.chunk_bytes = int(chunk_bytes)
         self.torch_threads = torch_threads
         self.n_global = int(c.global_crops_number)
         self.n_local = int(c.local_crops_number)
@@ -228,17 +217,15 @@ class MultiCropAugmentation:
 
     # ---- rendering -------------------------------------------------------------------------------------
 
-    def _workspace(self, chunk: int, size: int) -> np.ndarray:
-        """The float32 chunk buffer for crops of ``size``, kept between calls (a fresh multi-MB array would be
-        paged in again on every call); one per thread, so concurrent calls never share it."""
+    def _scratch(self, size: int, kernel_len: int) -> np.ndarray:
+        """float32 scratch for :func:`~ibot_ray.crop_kernels.render_crop`, kept between calls (a fresh array
+        would be paged in again every time); one per thread, so concurrent renders never share it."""
         local = self.__dict__.setdefault("_local", threading.local())
-        ws = getattr(local, "buffers", None)
-        if ws is None:
-            ws = local.buffers = {}
-        buf = ws.get(size)
-        if buf is None or buf.shape[0] < chunk:
-            buf = ws[size] = np.empty((chunk, 3, size, size), dtype=np.float32)
-        return buf[:chunk]
+        need = crop_kernels.scratch_size(size, kernel_len)
+        buf = getattr(local, "scratch", None)
+        if buf is None or buf.shape[0] < need:
+            buf = local.scratch = np.empty(need, dtype=np.float32)
+        return buf
 
     def __call__(self, images: list[np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Crops of each (H, W, 3) uint8 image, parameters drawn from ``rng`` image by image.
@@ -275,11 +262,8 @@ class MultiCropAugmentation:
 
     def _render_group(self, images: Sequence[np.ndarray], params: Sequence[CropParams], sl: slice, size: int,
                       out: np.ndarray) -> None:
-        """Crops ``sl`` of every image, all of side ``size``, into ``out`` ((B * n, 3, size, size) uint8).
-
-        Crops with nothing but crop + flip go straight to ``out``; the others go through float32 chunks of about
-        :attr:`chunk_bytes` (measured on one core: ~1 MB chunks, which stay in L2, lose more to per-call overhead
-        than they gain in cache hits; much beyond 6 MB the memory traffic costs more).
+        """Crops ``sl`` of every image, all of side ``size``, into ``out`` ((B * n, 3, size, size) uint8): per
+        crop, torch's resize of the box, then everything else in one compiled call (:mod:`ibot_ray.crop_kernels`).
         """
 
         def cat(name: str) -> np.ndarray:
@@ -287,84 +271,30 @@ class MultiCropAugmentation:
 
         flip, jitter, gray, blur, solar = cat("flip"), cat("jitter"), cat("gray"), cat("blur"), cat("solarize")
         order, factors = cat("order"), cat("factors")
-        n = len(flip)
-        kernels = np.zeros((n, 1))
-        radius = np.zeros(n, dtype=np.int64)
+        # The operations each crop runs, in its drawn order; -1 = skipped (no jitter, or a disabled operation).
+        order = np.where(jitter[:, None] & self._op_enabled[order], order, -1).astype(np.int64)
+        factors = np.ascontiguousarray(factors, dtype=np.float64)
+        kernels = [_NO_BLUR] * len(flip)
         if blur.any():
-            kernels, radius = blur_kernels(cat("sigma"))
-        sources = []  # (source tensor, box) per crop
+            idx = np.flatnonzero(blur)
+            rows, radii = blur_kernels(cat("sigma")[idx])
+            half = (rows.shape[1] - 1) // 2
+            for j, k, r in zip(idx.tolist(), rows.astype(np.float32), radii.tolist()):
+                kernels[j] = np.ascontiguousarray(k[half - r: half + r + 1])
+        scratch = self._scratch(size, max(len(k) for k in kernels))
+        threshold = float(self.cfg.solarize_threshold)
+        k = 0
         for img, p in zip(images, params):
             src = _as_tensor(img).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) view, channels-last strides
-            for box in _scale_boxes(p.boxes[sl], p.size, (img.shape[1], img.shape[0])).tolist():
-                sources.append((src, box))
-
-        def resized(k: int) -> torch.Tensor:
-            """Crop k resized (and flipped): (3, size, size) uint8."""
-            src, (x0, y0, x1, y1) = sources[k]
-            # A dense copy of the box first: torch's fast uint8 kernel wants a contiguous channels-last input,
-            # and takes a path 1.2-2.5x slower on a strided view of the whole image. The flip is done on the
-            # (smaller) result.
-            box = src[:, :, y0:y1, x0:x1].contiguous(memory_format=torch.channels_last)
-            crop = _resize_aa(box, size)[0]
-            return crop.flip(-1) if flip[k] else crop
-
-        out_t = torch.from_numpy(out)
-        needs_float = jitter | gray | blur | solar
-        for k in np.flatnonzero(~needs_float).tolist():  # nothing but crop + flip: straight into the output
-            out_t[k].copy_(resized(k))
-        work = np.flatnonzero(needs_float)
-        if not work.size:
-            return
-        # Crops sorted by their jitter order (no jitter first): see the jitter loop below.
-        perm_code = order[work] @ np.array([64, 16, 4, 1])
-        work = work[np.argsort(np.where(jitter[work], perm_code, -1), kind="stable")]
-        chunk = max(1, min(len(work), int(self.chunk_bytes // (3 * size * size * 4))))
-        chunk = -(-len(work) // -(-len(work) // chunk))  # equal chunks (32 crops by 10: 11, 11, 10, not 10, 10, 10, 2)
-        buf = self._workspace(chunk, size)
-        threshold = float(self.cfg.solarize_threshold)
-        for start in range(0, len(work), chunk):
-            ks = work[start: start + chunk]  # the crops of this chunk, in the order they sit in the buffer
-            x = buf[: len(ks)]
-            xt = torch.from_numpy(x)
-            for j, k in enumerate(ks.tolist()):
-                xt[j].copy_(resized(k))
-            # Colour jitter, slot by slot. The work list is sorted by each crop's order of operations, so in slots
-            # 0 and 1 (and in every slot of a small chunk) the crops doing the same operation form a few contiguous
-            # runs, processed in place as views; where a slot splits into many runs, each operation runs once on
-            # its crops gathered and scattered back instead.
-            code = np.where(jitter[ks, None], order[ks], -1)
-            for slot in range(4):
-                col = code[:, slot]
-                starts = [0] + (np.flatnonzero(col[1:] != col[:-1]) + 1).tolist()
-                if len(starts) <= _MAX_RUNS:
-                    for lo, hi in zip(starts, starts[1:] + [len(col)]):
-                        op = int(col[lo])
-                        if op >= 0 and self._op_enabled[op]:
-                            _JITTER_OPS[op](x[lo:hi], factors[ks[lo:hi], op])
-                    continue
-                for op in np.unique(col).tolist():
-                    if op >= 0 and self._op_enabled[op]:
-                        idx = np.flatnonzero(col == op)
-                        _apply_subset(x, idx, _JITTER_OPS[op], factors[ks[idx], op])
-            idx = np.flatnonzero(gray[ks])
-            if idx.size:
-                _apply_subset(x, idx, grayscale, None)
-            idx = np.flatnonzero(blur[ks])
-            if idx.size:
-                rad = radius[ks[idx]]
-                for r in np.unique(rad).tolist():  # one pass per kernel length: short kernels skip the long taps
-                    sub = idx[rad == r]
-                    k = kernels[ks[sub]]
-                    half = (k.shape[1] - 1) // 2
-                    blur_subset_(x, sub, k[:, half - r: half + r + 1])
-            np.rint(x, out=x)
-            idx = np.flatnonzero(solar[ks])
-            if idx.size:
-                _apply_subset(x, idx, solarize, threshold)
-            if len(ks) == 1 or np.all(np.diff(ks) == 1):  # a run of consecutive crops, in order
-                np.copyto(out[ks[0]: ks[-1] + 1], x, casting="unsafe")
-            else:
-                out[ks] = x
+            for x0, y0, x1, y1 in _scale_boxes(p.boxes[sl], p.size, (img.shape[1], img.shape[0])).tolist():
+                # A dense copy of the box first: torch's fast uint8 kernel wants a contiguous channels-last input,
+                # and takes a path 1.2-2.5x slower on a strided view of the whole image. Its output is
+                # channels-last too, i.e. an (S, S, 3) array.
+                box = src[:, :, y0:y1, x0:x1].contiguous(memory_format=torch.channels_last)
+                resized = _resize_aa(box, size)[0].permute(1, 2, 0).numpy()
+                crop_kernels.render_crop(resized, bool(flip[k]), out[k], order[k], factors[k], bool(gray[k]),
+                                         kernels[k], bool(solar[k]), threshold, scratch)
+                k += 1
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
@@ -429,144 +359,47 @@ def _scale_boxes(boxes: np.ndarray, size: tuple[int, int], actual: tuple[int, in
     return b
 
 
-def _apply_subset(x: np.ndarray, idx: np.ndarray, fn, arg) -> None:
-    """``x[idx] = fn(x[idx], arg)`` for the crops ``idx`` of a chunk (the gather is skipped when idx is all)."""
-    if idx.size == x.shape[0]:
-        res = fn(x, arg)
-        if res is not x:
-            x[...] = res
-        return
-    x[idx] = fn(x[idx], arg)
+# Batch versions of the colour operations, for (n, 3, H, W) float32 arrays holding 0..255 with one factor per
+# crop, in place (they run the same compiled row kernels as the render path, one crop at a time).
 
 
-def _bcast(v: np.ndarray) -> torch.Tensor:
-    """Per-crop values as a (n, 1, 1, 1) float32 tensor that broadcasts over (n, C, H, W)."""
-    return torch.from_numpy(np.asarray(v, dtype=np.float32).reshape(-1, 1, 1, 1))
+def _jitter_each(x: np.ndarray, op: int, factor: np.ndarray) -> np.ndarray:
+    x = _check_float_crops(x)
+    f = np.broadcast_to(np.asarray(factor, dtype=np.float64).reshape(-1), (x.shape[0],))
+    order = np.array([op, -1, -1, -1], dtype=np.int64)
+    factors = np.zeros(4)
+    for i in range(x.shape[0]):
+        factors[op] = f[i]
+        crop_kernels.jitter_(x[i], order, factors, False)
+    return x
 
 
-def _luma_t(xt: torch.Tensor) -> torch.Tensor:
-    g = torch.mul(xt[:, 0:1], _LUMA[0])
-    g.add_(xt[:, 1:2], alpha=_LUMA[1])
-    return g.add_(xt[:, 2:3], alpha=_LUMA[2])
-
-
-def luma(x: np.ndarray) -> np.ndarray:
-    """(n, 3, H, W) float32 -> (n, 1, H, W) ITU-R 601-2 luma (PIL's ``convert("L")`` weights)."""
-    return _luma_t(torch.from_numpy(x)).numpy()
-
-
-# The colour operations below work in place on (n, 3, H, W) float32 numpy arrays holding 0..255, with one factor
-# per crop, and return the array. Each is a few passes of torch's fused kernels (lerp, addcmul, clamp) through a
-# shared-memory view; numpy is used where it is faster (comparisons, bool masks).
+def _check_float_crops(x: np.ndarray) -> np.ndarray:
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 4 or x.shape[1] != 3 \
+            or not x.flags.c_contiguous:
+        desc = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise ValueError(f"expected a C-contiguous (n, 3, H, W) float32 array, got {desc}")
+    return x
 
 
 def adjust_brightness(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
-    """``x * factor`` (factor >= 0), clamped to 255 (only needed when some factor exceeds 1)."""
-    f = np.asarray(factor, dtype=np.float64)
-    torch.from_numpy(x).mul_(_bcast(f))
-    if np.any(f > 1):
-        torch.from_numpy(x).clamp_(max=255.0)
-    return x
+    """In place: ``x * factor`` (factor >= 0), clamped to [0, 255]."""
+    return _jitter_each(x, BRIGHTNESS, factor)
 
 
 def adjust_contrast(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
-    """Blend each crop with its mean luma, ``mean + factor * (x - mean)``, clamped to [0, 255] (a factor <= 1
-    blends towards a value inside the range, so the clamp is skipped when no factor exceeds 1)."""
-    xt = torch.from_numpy(x)
-    mean = xt.mean(dim=(2, 3)).double().numpy() @ np.array(_LUMA)  # (n,)
-    f = np.asarray(factor, dtype=np.float64)
-    # (torch's lerp_/addcmul_ with two broadcast operands take a slow path: two single-broadcast passes instead)
-    xt.mul_(_bcast(f)).add_(_bcast((1.0 - f) * mean))
-    if np.any(f > 1):
-        xt.clamp_(0.0, 255.0)
-    return x
+    """In place: blend each crop with its mean luma, ``mean + factor * (x - mean)``, clamped to [0, 255]."""
+    return _jitter_each(x, CONTRAST, factor)
 
 
 def adjust_saturation(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
-    """Blend each crop with its greyscale image, ``gray + factor * (x - gray)``, clamped to [0, 255] (only needed
-    when some factor exceeds 1)."""
-    xt = torch.from_numpy(x)
-    g = _luma_t(xt)
-    f = np.asarray(factor, dtype=np.float64)
-    xt.lerp_(g.expand_as(xt), _bcast(1.0 - f))
-    if np.any(f > 1):
-        xt.clamp_(0.0, 255.0)
-    return x
+    """In place: blend each pixel with its luma, ``gray + factor * (x - gray)``, clamped to [0, 255]."""
+    return _jitter_each(x, SATURATION, factor)
 
 
 def adjust_hue(x: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """Rotate the HSV hue of every pixel by ``shift`` turns (per crop, in [-0.5, 0.5]); S and V are kept.
-
-    With ``M``/``m`` the max/min channel and ``C = M - m``, a pixel of hue ``h`` (in sextants, [0, 6)) is
-    ``m + C * k_c(h)`` per channel with the hexcone ramps ``k_r = clamp(|h - 3| - 1)``, ``k_g = clamp(2 - |h - 2|)``,
-    ``k_b = clamp(2 - |h - 4|)``, so only ``h`` changes. About 40 passes over the crop planes, with no
-    ``where``/``remainder`` (several times slower than arithmetic on one core).
-    """
-    n = x.shape[0]
-    block = _HUE_BLOCK_BYTES
-    per = max(1, block // max(1, x[0].nbytes))
-    if n > per:  # ~40 passes: keep each block's planes and temporaries in cache
-        for i in range(0, n, per):
-            adjust_hue(x[i: i + per], np.asarray(shift)[i: i + per])
-        return x
-    rows = x.shape[2]
-    band = max(1, rows * block // max(1, x.nbytes))
-    if band < rows:  # one crop larger than a block: bands of rows (the operation is per pixel)
-        for i in range(0, rows, band):
-            adjust_hue(x[:, :, i: i + band], shift)
-        return x
-    r, g, b = x[:, 0], x[:, 1], x[:, 2]
-    mx = np.maximum(r, g)
-    np.maximum(mx, b, out=mx)
-    mn = np.minimum(r, g)
-    np.minimum(mn, b, out=mn)
-    c = mx - mn
-    is_r = np.equal(mx, r)
-    is_g = np.equal(mx, g)
-    np.greater(is_g, is_r, out=is_g)  # green is the max and red is not
-    # h * C: (r - g) + 4C where blue is the max, (b - r) + 2C where green is, (g - b) where red is.
-    h = r - g
-    ht, ct = torch.from_numpy(h), torch.from_numpy(c)
-    ht.add_(ct, alpha=4.0)
-    t = b - r
-    tt = torch.from_numpy(t)
-    tt.add_(ct, alpha=2.0).sub_(ht)
-    np.multiply(t, is_g, out=t)
-    ht.add_(tt)
-    np.subtract(g, b, out=t)
-    tt.sub_(ht)
-    np.multiply(t, is_r, out=t)
-    ht.add_(tt)
-    ht.div_(ct.clamp(min=1e-6))  # C == 0 (grey): the numerator is 0, and the output is m whatever h is
-    d = 6.0 * np.asarray(shift, dtype=np.float64)  # in sextants
-    ht.add_(float(d[0]) if len(d) == 1 else _bcast(d).view(-1, 1, 1))  # (same float32 sum either way)
-    if np.all(np.abs(d) <= 1.0):  # h was in [-1, 5): now in [-2, 6), only negatives need wrapping
-        ht.add_(torch.from_numpy(np.less(h, 0.0)), alpha=6.0)
-    else:  # wrap into [0, 6)
-        torch.mul(ht, 1.0 / 6.0, out=tt).floor_()
-        ht.sub_(tt, alpha=6.0)
-    mnt = torch.from_numpy(mn)
-    xt = torch.from_numpy(x)
-    torch.sub(ht, 3.0, out=tt).abs_().sub_(1.0).clamp_(0.0, 1.0)  # k_r
-    torch.addcmul(mnt, tt, ct, out=xt[:, 0])
-    torch.sub(ht, 2.0, out=tt).abs_().sub_(2.0).clamp_(-1.0, 0.0)  # -k_g
-    torch.addcmul(mnt, tt, ct, value=-1.0, out=xt[:, 1])
-    torch.sub(ht, 4.0, out=tt).abs_().sub_(2.0).clamp_(-1.0, 0.0)  # -k_b
-    torch.addcmul(mnt, tt, ct, value=-1.0, out=xt[:, 2])
-    return x
-
-
-def grayscale(x: np.ndarray, _arg=None) -> np.ndarray:
-    """In place: every channel set to the luma (3-channel greyscale)."""
-    xt = torch.from_numpy(x)
-    xt.copy_(_luma_t(xt).expand_as(xt))
-    return x
-
-
-def solarize(x: np.ndarray, threshold: float) -> np.ndarray:
-    """In place: ``255 - x`` where ``x >= threshold`` (PIL's ``ImageOps.solarize``; applied to rounded values)."""
-    np.subtract(np.float32(255), x, out=x, where=x >= threshold)
-    return x
+    """In place: rotate the HSV hue of every pixel by ``shift`` turns (per crop, in [-0.5, 0.5]); S and V kept."""
+    return _jitter_each(x, HUE, shift)
 
 
 def box_blur_radius(sigma: float, passes: int = 3) -> float:
@@ -619,77 +452,36 @@ def blur_kernel(sigma: float, passes: int = 3, tol: float = BLUR_TAIL) -> np.nda
     return k[0, half - r[0]: half + r[0] + 1]
 
 
-def blur_subset_(x: np.ndarray, idx: np.ndarray, kernels: np.ndarray) -> None:
-    """In place: blur crops ``idx`` of (n, C, H, W) float32 ``x``, each with its own odd, symmetric 1-D kernel
-    (rows of (len(idx), 2R + 1)), horizontally then vertically, edges replicated (as PIL's box blur).
-
-    The crops are copied straight into a horizontally padded buffer, the horizontal pass writes into the middle of
-    a vertically padded one, and the vertical pass writes back into ``x`` (directly when ``idx`` is a run): no
-    separate gather, pad and scatter copies. Each tap is one fused multiply-add pass (torch ``addcmul_`` with
-    per-crop weights; the same arithmetic whatever the number of crops, so results do not depend on grouping).
-    """
-    m = len(idx)
-    _, c, hgt, wid = x.shape
-    k = np.asarray(kernels, dtype=np.float64).reshape(m, -1)
-    r = (k.shape[1] - 1) // 2
-    run = m > 0 and int(idx[-1]) - int(idx[0]) == m - 1 and bool(np.all(np.diff(idx) == 1))
-    if r == 0:
-        x[idx] = x[idx] * k[:, :1].astype(np.float32).reshape(m, 1, 1, 1)
-        return
-    hp = np.empty((m, c, hgt, wid + 2 * r), dtype=np.float32)
-    if run:
-        hp[..., r: r + wid] = x[idx[0]: idx[-1] + 1]
-    else:
-        for j, i in enumerate(idx.tolist()):
-            hp[j, ..., r: r + wid] = x[i]
-    hp[..., :r] = hp[..., r: r + 1]
-    hp[..., r + wid:] = hp[..., r + wid - 1: r + wid]
-    vp = torch.empty((m, c, hgt + 2 * r, wid), dtype=torch.float32)
-    kt = torch.from_numpy(k.astype(np.float32)).view(m, -1, 1, 1, 1)
-
-    def taps(src: torch.Tensor, axis: int, length: int, out: torch.Tensor) -> None:
-        torch.mul(src.narrow(axis, 0, length), kt[:, 0], out=out)
-        for j in range(1, 2 * r + 1):
-            out.addcmul_(src.narrow(axis, j, length), kt[:, j])
-
-    taps(torch.from_numpy(hp), 3, wid, vp[:, :, r: r + hgt])
-    vp[:, :, :r] = vp[:, :, r: r + 1]
-    vp[:, :, r + hgt:] = vp[:, :, r + hgt - 1: r + hgt]
-    if run:
-        taps(vp, 2, hgt, torch.from_numpy(x)[int(idx[0]): int(idx[-1]) + 1])
-    else:
-        out = torch.empty((m, c, hgt, wid), dtype=torch.float32)
-        taps(vp, 2, hgt, out)
-        x[idx] = out.numpy()
-
-
 def gaussian_blur(x: np.ndarray, kernels: np.ndarray) -> np.ndarray:
-    """A blurred copy of (n, C, H, W) float32 ``x``, crop ``i`` with kernel row ``i`` (see :func:`blur_subset_`)."""
-    y = np.array(x, dtype=np.float32, copy=True)
-    blur_subset_(y, np.arange(len(y)), kernels)
+    """A blurred copy of (n, 3, H, W) float32 ``x``, crop ``i`` with the odd symmetric 1-D kernel row ``i``,
+    horizontally then vertically, edges replicated (as PIL's box blur); unrounded."""
+    x = _check_float_crops(np.ascontiguousarray(x, dtype=np.float32))
+    k = np.asarray(kernels, dtype=np.float32).reshape(x.shape[0], -1)
+    if k.shape[1] % 2 != 1:
+        raise ValueError(f"blur kernels must have an odd length, got {k.shape[1]}")
+    y = np.empty_like(x)
+    tmp = np.empty(x.shape[1:], dtype=np.float32)
+    pad = np.empty(x.shape[3] + k.shape[1], dtype=np.float32)
+    for i in range(x.shape[0]):
+        crop_kernels.blur_rows_(x[i], k[i], tmp, pad)
+        crop_kernels.blur_cols_(tmp, k[i], y[i])
     return y
 
 
-_JITTER_OPS = {BRIGHTNESS: adjust_brightness, CONTRAST: adjust_contrast, SATURATION: adjust_saturation,
-               HUE: adjust_hue}
+_NO_BLUR = np.ones(1, dtype=np.float32)
 
 __all__ = [
     "CropParams",
     "MultiCropAugmentation",
     "rrc_boxes",
-    "luma",
     "adjust_brightness",
     "adjust_contrast",
     "adjust_saturation",
     "adjust_hue",
-    "grayscale",
-    "solarize",
     "box_blur_radius",
     "blur_kernel",
     "blur_kernels",
-    "DEFAULT_CHUNK_BYTES",
     "gaussian_blur",
-    "blur_subset_",
     "BRIGHTNESS",
     "CONTRAST",
     "SATURATION",

@@ -199,8 +199,10 @@ class MultiCropBatcher:
     """
 
     def __init__(self, cfg: IBOTConfig, *, monitor_name: Optional[str] = None, epoch: Optional[int] = None) -> None:
+        from ibot_ray import crop_kernels
         from ibot_ray.multicrop import MultiCropTransform
 
+        crop_kernels.warm_up()  # compile at actor start (seconds, once per machine with numba's disk cache)
         self.cfg = cfg
         self.seed = int(cfg.data.seed)
         self.transform = MultiCropTransform(cfg)
