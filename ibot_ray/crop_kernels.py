@@ -8,9 +8,10 @@ rounding and solarisation. The arithmetic is float32 on 0..255 values, as the PI
 Why compiled loops instead of array operations: a crop is small (a 224 px crop is 600 kB as float32), and written
 as numpy/torch calls the colour jitter alone is ~40 passes over it (hue is a dozen ops per pixel) plus the
 overhead of every call. Here each operation is one loop over a row of pixels that stays in L1 cache, with the
-row's three channels processed together, and the operations run row by row: the whole jitter is one pass over
-the crop (two when contrast, which needs the mean of the image before it, is not first). The blur is two passes
-(horizontal into a scratch buffer, vertical straight into the uint8 output, rounding and solarising on the way).
+row's three channels processed together, and all the steps run row by row: without blur a crop is one pass (load,
+jitter, grey, round, solarise, store); with blur that pass ends in the horizontal blur and a second pass does the
+vertical blur and the store; when contrast is drawn, one more pass in front computes the mean luma of the image
+as it is at contrast's turn.
 
 Everything is plain float32 arithmetic without ``fastmath``, so results do not depend on the vector width.
 Numba compiles these functions on first use (a few seconds, cached on disk when the package folder or numba's
@@ -276,7 +277,7 @@ def render_crop(src, flip, out, order, factors, gray, kernel, solarize, threshol
 
     Passes over the crop: one (load, jitter, grey, round, solarise, store) without blur; with blur the same pass
     ends in the horizontal blur and a second pass does the vertical blur and the store; one more in front when
-    contrast is drawn after another operation (it needs the mean of the image at that point).
+    contrast is drawn (it needs the mean of the image as it is at its turn).
     """
     hgt, wid, _ = src.shape
     plain = order[0] < 0 and order[1] < 0 and order[2] < 0 and order[3] < 0 and not gray
