@@ -45,6 +45,7 @@ from ibot_ray.crop_kernels import BRIGHTNESS, CONTRAST, HUE, SATURATION  # the c
 
 RRC_TRIES = 10
 BLUR_TAIL = 1e-3  # kernel tails lighter than this are cut (at most 0.26 grey levels on a 0/255 step edge)
+_NO_BLUR = np.ones(1, dtype=np.float32)  # the kernel of a crop that draws no blur
 
 
 @dataclass
@@ -466,9 +467,6 @@ def gaussian_blur(x: np.ndarray, kernels: np.ndarray) -> np.ndarray:
         crop_kernels.blur_rows_(x[i], k[i], tmp, pad)
         crop_kernels.blur_cols_(tmp, k[i], y[i])
     return y
-
-
-_NO_BLUR = np.ones(1, dtype=np.float32)
 
 __all__ = [
     "CropParams",

@@ -200,30 +200,31 @@ def _contrast_at(order):
     return -1
 
 
-_NO_SRC = np.zeros((0, 0, 3), dtype=np.uint8)
-_NO_OUT = np.zeros((3, 0, 0), dtype=np.uint8)
-_NO_TMP = np.zeros((3, 0, 0), dtype=np.float32)
-_NO_ROW = np.zeros(0, dtype=np.float32)
-
-
 @njit(**_JIT)
-def _jitter(x, order, factors, gray, no_src, no_out, no_tmp, no_row):
+def _colour_passes(x, src, load, flip, order, factors, gray, mode, out, solarize, threshold, kernel, tmp, pad):
+    """The colour operations ``order`` and greyscale on ``x``, in one :func:`_row_pass` that ends per ``mode``,
+    or two when contrast is drawn: contrast blends with the mean luma of the image as it is when its turn comes,
+    so the operations before it run as a first pass that also sums the luma (loading the rows when ``load``)."""
     at = _contrast_at(order)
     first = 0
     mean = 0.0
-    if at >= 0:  # contrast blends with the mean of the image as it is when its turn comes
-        mean = _row_pass(x, no_src, False, False, order, 0, at, factors, 0.0, False, True, _KEEP, no_out, False, 0.0,
-                         no_row, no_tmp, no_row)
+    if at >= 0:
+        mean = _row_pass(x, src, load, flip, order, 0, at, factors, 0.0, False, True, _KEEP, out, solarize,
+                         threshold, kernel, tmp, pad)
+        load = False  # the second pass works on x
         first = at
-    _row_pass(x, no_src, False, False, order, first, 4, factors, mean, gray, False, _KEEP, no_out, False, 0.0, no_row,
-              no_tmp, no_row)
+    _row_pass(x, src, load, flip, order, first, 4, factors, mean, gray, False, mode, out, solarize, threshold,
+              kernel, tmp, pad)
 
 
-def jitter_(x: np.ndarray, order: np.ndarray, factors: np.ndarray, gray: bool) -> None:
+@njit(**_JIT)
+def jitter_(x, order, factors, gray):
     """In place on one C-contiguous (3, H, W) float32 crop: the colour operations ``order`` ((4,) int64 op ids,
-    -1 = skip) with ``factors[op]`` ((4,) float64), then greyscale when ``gray``. The operations before contrast
-    run as one row pass (which also sums the luma for contrast's mean), contrast and the rest as a second."""
-    _jitter(x, order, factors, bool(gray), _NO_SRC, _NO_OUT, _NO_TMP, _NO_ROW)
+    -1 = skip) with ``factors[op]`` ((4,) float64), then greyscale when ``gray``."""
+    no_row = np.empty(0, dtype=np.float32)
+    _colour_passes(x, np.empty((0, 0, 3), dtype=np.uint8), False, False, order, factors, gray, _KEEP,
+                   np.empty((3, 0, 0), dtype=np.uint8), False, 0.0, no_row, np.empty((3, 0, 0), dtype=np.float32),
+                   no_row)
 
 
 @njit(**_JIT)
@@ -280,16 +281,6 @@ def render_crop(src, flip, out, order, factors, gray, kernel, solarize, threshol
     contrast is drawn (it needs the mean of the image as it is at its turn).
     """
     hgt, wid, _ = src.shape
-    plain = order[0] < 0 and order[1] < 0 and order[2] < 0 and order[3] < 0 and not gray
-    if plain and kernel.shape[0] == 1 and not solarize:
-        for y in range(hgt):  # crop + flip only: a layout change
-            row = src[y]
-            for i in range(wid):
-                j = wid - 1 - i if flip else i
-                out[0, y, i] = row[j, 0]
-                out[1, y, i] = row[j, 1]
-                out[2, y, i] = row[j, 2]
-        return
     n = 3 * hgt * wid
     x = scratch[:n].reshape((3, hgt, wid))
     tmp = scratch[n: 2 * n].reshape((3, hgt, wid))
@@ -297,17 +288,8 @@ def render_crop(src, flip, out, order, factors, gray, kernel, solarize, threshol
     pad = scratch[2 * n: 2 * n + m]
     acc = scratch[2 * n + m: 2 * n + 2 * m]
     blur = kernel.shape[0] > 1 or kernel[0] != 1.0
-    at = _contrast_at(order)
-    load = True
-    first = 0
-    mean = 0.0
-    if at >= 0:
-        mean = _row_pass(x, src, True, flip, order, 0, at, factors, 0.0, False, True, _KEEP, out, solarize, threshold,
-                         kernel, tmp, pad)
-        load = False  # the next pass works on x
-        first = at
-    _row_pass(x, src, load, flip, order, first, 4, factors, mean, gray, False, _HBLUR if blur else _STORE, out,
-              solarize, threshold, kernel, tmp, pad)
+    _colour_passes(x, src, True, flip, order, factors, gray, _HBLUR if blur else _STORE, out, solarize, threshold,
+                   kernel, tmp, pad)
     if blur:
         for c in range(3):
             for y in range(hgt):
