@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipelines.sources import SourceInfo, build_source_dataset
 
@@ -144,9 +145,12 @@ def get_or_create_monitor(name: str = DEFAULT_MONITOR_NAME) -> ray.actor.ActorHa
     """The named :class:`IngestMonitor` actor, created (``num_cpus=0``) if it does not exist yet.
 
     It is owned by the calling process and lives as long as it (this module keeps the handle), so create it on the
-    driver (``build_train_dataset`` / :func:`create_monitor` do). :func:`kill_monitor` ends it early.
+    driver (``build_train_dataset`` / :func:`create_monitor` do). :func:`kill_monitor` ends it early. It is placed
+    on the calling process's node: anywhere else, losing that node (a preempted spot worker) would take the run's
+    epoch clock and bad-input counts with it, and every restarted worker group would fail on the dead actor.
     """
-    handle = _MonitorActor.options(name=name, get_if_exists=True).remote()
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    handle = _MonitorActor.options(name=name, get_if_exists=True, scheduling_strategy=here).remote()
     _OWNED_MONITORS.setdefault(name, handle)
     return handle
 

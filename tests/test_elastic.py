@@ -23,6 +23,7 @@ def scenario(out_dir: str) -> dict:
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     import ray
+    from ray._private.state import actors as actor_table
     from ray.cluster_utils import Cluster
 
     sys.path.insert(0, str(HERE))
@@ -72,6 +73,8 @@ def scenario(out_dir: str) -> dict:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     wait(lambda rows: any(r.get("world_size") == 2 and r.get("step", 0) >= 4 and "loss" in r for r in rows))
+    # where the run's ingest monitor lives (GCS actor table: ray.util.state needs a dashboard this cluster lacks)
+    monitor_node = actor_table(ray.get_actor("ibot_ingest:elastic")._actor_id.hex())["Address"]["NodeID"]
     t_remove = time.time()
     cluster.remove_node(nodes[1])  # a training node disappears without notice
     events.append(("removed", t_remove - t_start))
@@ -94,6 +97,8 @@ def scenario(out_dir: str) -> dict:
         "total_steps": 36,
         "node_loss_to_resumed_s": t_shrunk - t_remove,
         "events": events,
+        "monitor_node": monitor_node,
+        "driver_node": ray.get_runtime_context().get_node_id(),
     }
     ray.shutdown()
     cluster.shutdown()
@@ -109,6 +114,8 @@ def test_node_loss_shrinks_and_node_add_grows_the_run(tmp_path):
     assert result_file.exists(), p.stdout[-3000:] + p.stderr[-5000:]
     r = json.loads(result_file.read_text())
     assert r["error"] is None, r["error"]
+    # the run's ingest monitor (epoch clock, bad-input counts) lives on the driver's node, never on a worker node
+    assert r["monitor_node"] == r["driver_node"], r
     assert r["result_steps"] == r["total_steps"] == 36
     sizes = [s["world_size"] for s in r["starts"]]
     assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes
