@@ -146,6 +146,7 @@ class TrainConfig:
     log_every_steps: int = 10
     knn_every_epochs: int = 1  # online k-NN on data.eval_source (0: off)
     driver_resource: Optional[str] = None  # custom resource the driver/trainer must run on (e.g. "TRAIN_DRIVER")
+    stop_on_collapse: bool = False  # end the run (after a checkpoint) when a collapse is detected (ibot_ray/health.py)
     check_preemption: bool = True  # poll Ray Train's preemption info at each log step; checkpoint just in time
     seed: int = 0
 

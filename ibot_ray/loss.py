@@ -15,6 +15,7 @@ The patch term only evaluates masked tokens (selected once), which saves most of
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -104,10 +105,10 @@ class IBOTLoss(nn.Module):
         teacher_temp: float,
         teacher_patch_temp: float,
     ) -> dict[str, Tensor]:
-        """Return ``{"loss": lambda_cls * cls + lambda_mim * mim, "cls": ..., "mim": ...}`` (float32 scalars).
+        """Return ``{"loss": lambda_cls * cls + lambda_mim * mim, "cls": ..., "mim": ..., "health": ...}``.
 
-        ``loss`` carries the graph; ``cls`` and ``mim`` are detached copies for logging (so accumulating them
-        across steps never keeps a graph alive).
+        ``loss`` carries the graph; ``cls`` and ``mim`` are detached float32 copies for logging (so accumulating them
+        across steps never keeps a graph alive); ``health`` holds the sums of :meth:`_target_stats`.
         """
         if teacher_temp <= 0 or teacher_patch_temp <= 0:
             raise ValueError(f"teacher temperatures must be positive, got {teacher_temp}, {teacher_patch_temp}")
@@ -138,7 +139,24 @@ class IBOTLoss(nn.Module):
             loss_mim = (ce * weight[m]).sum() / (g * b)
 
             loss = self.lambda_cls * loss_cls + self.lambda_mim * loss_mim
-        return {"loss": loss, "cls": loss_cls.detach(), "mim": loss_mim.detach()}
+            health = self._target_stats(t_cls.view(g * b, -1), t_patch)
+        return {"loss": loss, "cls": loss_cls.detach(), "mim": loss_mim.detach(), "health": health}
+
+    @staticmethod
+    @torch.no_grad()
+    def _target_stats(t_cls: Tensor, t_patch: Tensor) -> Tensor:
+        """Sums for the run-health metrics, from the teacher targets the loss already computed (no extra forward).
+
+        Returns float64 ``[sum of [CLS] target entropies, rows, sum of masked-patch target entropies, masked
+        patches, *sum of the [CLS] target distributions (K)]``: sums, so that micro-batches and ranks add up
+        exactly; :func:`health_metrics` turns the global sums into means."""
+
+        def entropy_sum(p: Tensor) -> Tensor:
+            return -(p * p.clamp_min(1e-30).log()).sum()
+
+        head = torch.stack([entropy_sum(t_cls), torch.tensor(float(t_cls.shape[0]), device=t_cls.device),
+                            entropy_sum(t_patch), torch.tensor(float(t_patch.shape[0]), device=t_cls.device)])
+        return torch.cat([head.double(), t_cls.sum(0).double()])
 
     # ---- centring -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -173,4 +191,35 @@ class IBOTLoss(nn.Module):
         self.apply_center_update(*self.center_stats(teacher_global_cls, teacher_global_patch))
 
 
-__all__ = ["IBOTLoss"]
+def health_metrics(sums: Tensor, cls_loss: float, out_dim: int, patch_out_dim: int) -> dict[str, float]:
+    """Run-health metrics from the (global) sums of :meth:`IBOTLoss._target_stats` and the [CLS] loss.
+
+    * ``teacher_entropy``: mean entropy (nats) of the teacher's centred, sharpened [CLS] targets; ``_frac`` divides
+      by ln K. Near 1: the targets are uniform (uniform collapse).
+    * ``teacher_patch_entropy``: the same for the masked-patch targets of L_mim (NaN when no patch was masked).
+    * ``teacher_batch_entropy``: entropy of the batch-mean [CLS] target, i.e. of how the batch spreads over the
+      prototypes; ``prototypes_used`` = exp of it (out of at most min(K, ``target_rows``)). A few prototypes
+      taking all the mass is dominant collapse.
+    * ``cls_kl``: KL(teacher || student) of the [CLS] pairs. Every teacher view is paired with the same number of
+      student views, so the mean cross-entropy (``cls``) is the mean teacher entropy plus the mean KL; near 0 the
+      student has nothing left to learn (both collapses end there).
+    """
+    s = sums.double().cpu()
+    h_cls = float(s[0] / s[1].clamp_min(1))
+    h_patch = float(s[2] / s[3]) if float(s[3]) > 0 else float("nan")
+    mean_p = s[4:] / s[4:].sum().clamp_min(1e-30)
+    h_batch = float(-(mean_p * mean_p.clamp_min(1e-30).log()).sum())
+    return {
+        "teacher_entropy": h_cls,
+        "teacher_entropy_frac": h_cls / math.log(out_dim),
+        "teacher_patch_entropy": h_patch,
+        "teacher_patch_entropy_frac": h_patch / math.log(patch_out_dim),
+        "teacher_batch_entropy": h_batch,
+        "teacher_batch_entropy_frac": h_batch / math.log(out_dim),
+        "prototypes_used": math.exp(h_batch),
+        "target_rows": int(s[1]),
+        "cls_kl": max(0.0, cls_loss - h_cls),
+    }
+
+
+__all__ = ["IBOTLoss", "health_metrics"]

@@ -20,14 +20,14 @@ class IBOTModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, patches: bool = True
-                ) -> tuple[Tensor, Optional[Tensor]]:
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, patches: bool = True,
+                with_features: bool = False) -> tuple:
         """Return ([CLS] logits (B, K), patch logits (B, N, Kp)); with ``patches=False`` only the [CLS] token goes
-        through the head and the second item is ``None`` (local crops)."""
+        through the head and the second item is ``None`` (local crops). ``with_features`` appends the backbone's
+        [CLS] token (B, D), the feature that k-NN evaluates, as a third item."""
         tokens = self.backbone(x, mask)
-        if patches:
-            return self.head(tokens)
-        return self.head.forward_cls(tokens[:, 0]), None
+        out = self.head(tokens) if patches else (self.head.forward_cls(tokens[:, 0]), None)
+        return (*out, tokens[:, 0]) if with_features else out
 
 
 def patch_logit_dim(cfg: IBOTConfig) -> int:

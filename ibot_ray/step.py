@@ -22,11 +22,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .config import IBOTConfig
 from .ema import TeacherEMA
 from .knn import IMAGENET_MEAN, IMAGENET_STD
-from .loss import IBOTLoss
+from .loss import IBOTLoss, health_metrics
 from .schedules import Schedules
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,26 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 def normalize(crops: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """uint8 (..., 3, H, W) -> float32, scaled to [0, 1] and normalised per channel, on the crops' device."""
     return crops.float().div_(255.0).sub_(mean).div_(std)
+
+
+@torch.no_grad()
+def feature_spread_sums(features: Tensor) -> Tensor:
+    """float64 ``[sum of the L2-normalised rows (D), sum of their squares (D), rows]``, summable over ranks."""
+    f = F.normalize(features.float(), dim=-1).double()
+    return torch.cat([f.sum(0), (f * f).sum(0), torch.tensor([float(f.shape[0])], device=f.device, dtype=f.dtype)])
+
+
+def feature_spread(sums: Tensor, dim: int) -> float:
+    """Per-dimension standard deviation of the L2-normalised features across the batch, averaged over dimensions and
+    scaled by sqrt(D): about 1 for directions spread like random ones, 0 when every image gets the same feature
+    (representation collapse)."""
+    s = sums.double().cpu()
+    n = float(s[2 * dim])
+    if n < 2:
+        return float("nan")
+    mean = s[:dim] / n
+    var = (s[dim:2 * dim] / n - mean * mean).clamp_min(0.0) * n / (n - 1)
+    return float(var.sqrt().mean() * math.sqrt(dim))
 
 
 @dataclass
@@ -120,6 +141,7 @@ class IBOTStep:
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         self._params = [(n, p) for n, p in core.named_parameters() if p.requires_grad]
         self._last_layer = [p for n, p in self._params if "last_layer" in n]
+        self._feature_dim = int(core.backbone.embed_dim)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -171,6 +193,7 @@ class IBOTStep:
         self.student.train()
         totals = torch.zeros(3, device=self.device, dtype=torch.float64)
         center_sums: list[Tensor] | None = None
+        health_sums: Tensor | None = None
         chunks = self._micro_batches(b)
         for ci, sl in enumerate(chunks):
             share = (sl.stop - sl.start) / b
@@ -180,7 +203,7 @@ class IBOTStep:
             ctx = contextlib.nullcontext() if sync else self.student.no_sync()
             with ctx:
                 with torch.no_grad(), self._autocast():
-                    t_cls, t_patch = self.teacher(g, patches=True)
+                    t_cls, t_patch, t_feat = self.teacher(g, patches=True, with_features=True)
                 with self._autocast():
                     s_cls, s_patch = self.student(g, mask=m)
                     s_local = None
@@ -197,6 +220,8 @@ class IBOTStep:
             totals += parts_v.double() * share
             stats = self.loss.center_stats(t_cls, t_patch)
             center_sums = list(stats) if center_sums is None else [a + c for a, c in zip(center_sums, stats)]
+            chunk_health = torch.cat([parts["health"], feature_spread_sums(t_feat)])
+            health_sums = chunk_health if health_sums is None else health_sums + chunk_health
 
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
@@ -205,15 +230,19 @@ class IBOTStep:
             for p in self._last_layer:
                 p.grad = None
 
-        # One small all-reduce makes the metrics global and the skip decision identical on every rank.
+        # One all-reduce makes the metrics global and the skip decision identical on every rank; the health sums
+        # (target entropies, the batch's prototype histogram, the feature spread) ride along with them.
         finite = torch.isfinite(totals).all() & torch.isfinite(grad_norm)
-        flags = torch.cat([totals, (~finite).double().view(1)])
+        flags = torch.cat([totals, (~finite).double().view(1), health_sums])
         world = 1
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size()
             dist.all_reduce(flags)
             flags[:3] /= world
-        loss_v, cls_v, mim_v, bad = flags.tolist()
+        loss_v, cls_v, mim_v, bad = flags[:4].tolist()
+        n_target = health_sums.numel() - self._feature_dim * 2 - 1
+        health = health_metrics(flags[4:4 + n_target], cls_v, self.loss.out_dim, self.loss.patch_out_dim)
+        health["feature_std"] = feature_spread(flags[4 + n_target:], self._feature_dim)
 
         skipped = bad > 0
         if skipped:
@@ -251,6 +280,7 @@ class IBOTStep:
             "skipped_steps": self.counters.skipped_steps,
             "step_skipped": bool(skipped),
             "world_size": world,
+            **health,
         }
 
     @torch.no_grad()

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from ibot_ray.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from ibot_ray.config import IBOTConfig
+from ibot_ray.health import CollapseDetector, grace_steps
 from ibot_ray.model import build_student_teacher
 from ibot_ray.step import IBOTStep, unwrap
 from pipelines.collate import iter_train_batches
@@ -152,11 +153,14 @@ def train_loop_per_worker(config: dict) -> dict:
 
         evaluator = KNNEvaluator(cfg)
 
+    # Every rank sees the same all-reduced health metrics, so every rank takes the same decisions.
+    health = CollapseDetector(cfg, grace_steps=grace_steps(cfg, steps_per_epoch))
+    stop_on_collapse = False
     shard = ray.train.get_dataset_shard("train")
     images_seen, wait_s, busy_s = 0, 0.0, 0.0
     t_window = time.perf_counter()
     last: dict = {}
-    while runner.step < total:
+    while runner.step < total and not stop_on_collapse:
         epoch_at_start = runner.step // steps_per_epoch
         if rank == 0 and monitor_name:
             set_epoch(monitor_name, data_epoch)
@@ -191,6 +195,18 @@ def train_loop_per_worker(config: dict) -> dict:
                     "data_epoch": data_epoch,
                     "preempted": preempted,
                 })
+                for alarm in health.update(metrics):
+                    if rank == 0:
+                        print(f"[ibot-ray] WARNING step {alarm.step}: {alarm.message}", flush=True)
+                        if writer is not None:
+                            writer.write({"event": "collapse", "condition": alarm.condition, "message": alarm.message},
+                                         step)
+                    if cfg.train.stop_on_collapse:
+                        stop_on_collapse = True
+                metrics["health"] = health.status
+                if stop_on_collapse:
+                    metrics["stopped_on_collapse"] = True
+                    do_ckpt = True
                 if monitor_name:
                     bad = get_bad_input_stats(monitor_name)
                     metrics["bad_images"] = int(bad["count"])
@@ -212,7 +228,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 _report(report, step_runner=runner, cfg=cfg, data_epoch=next_data_epoch, rank=rank,
                         with_checkpoint=do_ckpt, local_log_dir=writer.folder if writer else Path("."))
                 last = report
-            if done or (epoch_end and runner.step // steps_per_epoch > epoch_at_start):
+            if done or stop_on_collapse or (epoch_end and runner.step // steps_per_epoch > epoch_at_start):
                 break
         data_epoch += 1
         if not stepped:
@@ -222,4 +238,4 @@ def train_loop_per_worker(config: dict) -> dict:
                 "the dataset is smaller than the global batch, or every image failed to decode")
     if writer is not None:
         writer.close()
-    return {"step": runner.step, "last": last, "world_size": world}
+    return {"step": runner.step, "last": last, "world_size": world, "health": health.verdict}
