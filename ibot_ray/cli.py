@@ -4,6 +4,9 @@
                       [--storage PATH_OR_URI] [--name RUN] [--address ADDR]
     ibot-ray config   [--config FILE|PRESET] [--set key=value ...]     print the resolved, validated config
     ibot-ray export   CHECKPOINT OUT [--which teacher|student]           timm-loadable safetensors backbone
+    ibot-ray eval     MODEL --train SRC --val SRC [--config FILE|PRESET] [--set key=value ...]
+                      [--device cpu|cuda|auto] [--max-images N] [--no-linear] [--no-baselines] [--json OUT]
+                      k-NN, linear probe, raw-pixel and random-init baselines (README: evaluating a run)
     ibot-ray tune     --space FILE|NAME [--config ...] [--set ...] [--trials N] [--max-concurrent M]
                       [--scheduler asha|fifo|pbt] [--objective knn_top1|loss] [--storage PATH] [--name SWEEP]
                       [--address ADDR]                                     sweep with Ray Tune (README: sweeps)
@@ -68,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a state.pt checkpoint file or a Ray checkpoint folder holding one")
     p.add_argument("out", help="output .safetensors path")
     p.add_argument("--which", choices=["teacher", "student"], default="teacher")
+
+    p = sub.add_parser("eval", help="k-NN, linear probe and baselines of a checkpoint, export or timm model")
+    p.add_argument("model", help="state.pt, a checkpoint folder, a run folder (latest step_*), an exported "
+                                 ".safetensors file, or a timm model name (random init, never downloaded)")
+    p.add_argument("--train", required=True, help="labelled train split (memory bank): class folders or Parquet")
+    p.add_argument("--val", required=True, help="labelled val split (queries), same label space as --train")
+    _add_config_args(p, None)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available; default)")
+    p.add_argument("--max-images", type=int, default=None, help="cap each split (round-robin over classes)")
+    p.add_argument("--no-linear", action="store_true", help="skip the linear probe")
+    p.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and random-init baselines")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write every number to this JSON file")
     return parser
 
 
@@ -89,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             out = export_from_checkpoint(ckpt, args.out, which=args.which)
             print(f"wrote {out}")
             return 0
+        if args.command == "eval":
+            return _eval(args)
         if args.command == "pretrain":
             overrides = list(args.overrides)
             if args.data:
@@ -119,6 +136,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ibot-ray: config error: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
+    from pipelines.evaluate import ModelLoadError, evaluate, format_table, load_model, write_json
+    from pipelines.sources import SourceError
+
+    if args.max_images is not None and args.max_images < 1:
+        print("ibot-ray eval: --max-images must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        model = load_model(args.model, config=args.config, overrides=args.overrides)
+        if model.kind == "checkpoint" and args.config:
+            print(f"ibot-ray eval: note: --config {args.config} ignored, the checkpoint's own config is used "
+                  "(--set still applies)", file=sys.stderr)
+        if model.note:
+            print(f"ibot-ray eval: note: {model.note}", file=sys.stderr)
+        result = evaluate(model, args.train, args.val, device=args.device, max_images=args.max_images,
+                          linear=not args.no_linear, baselines=not args.no_baselines)
+    except (ModelLoadError, SourceError, CheckpointError) as e:
+        print(f"ibot-ray eval: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
