@@ -42,3 +42,13 @@ def test_evaluator_on_identical_features_is_perfect(tmp_path, parquet_writer):
 
     r = KNNEvaluator(cfg).evaluate(Pixels())
     assert r["knn_top1"] == 100.0
+
+
+def test_pixel_baseline_on_the_demo_data():
+    """The raw-pixel baseline of the online k-NN: the demo's 28x28 grey images compared as stored (about 80 %)."""
+    cfg = load_config("demo", ["data.eval_max_images=1000"])
+    ev = KNNEvaluator(cfg)
+    r = ev.pixel_baseline()
+    assert r["view"] == "as stored 28x28x1" and r["variant"] in ("raw", "centred")
+    assert 70.0 < r["knn_top1"] < 90.0 and r["knn_top5"] > 90.0
+    assert ev.num_classes == 10

@@ -1,0 +1,278 @@
+"""``ibot-ray eval``: linear probe, raw-pixel baseline, shared label map, bad input, checkpoints and exports end to end.
+
+Everything is real: images are written as files by the tests, checkpoints and exports are produced by the project's
+own code on a tiny config, and the CLI runs through ``ibot_ray.cli.main``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ibot_ray.checkpoint import save_checkpoint, training_state
+from ibot_ray.cli import main
+from ibot_ray.config import load_config
+from ibot_ray.export import export_from_checkpoint
+from ibot_ray.linear_probe import linear_probe
+from ibot_ray.model import build_student_teacher
+from pipelines.knn_eval import EvalDataError, KNNEvaluator, best_pixel_knn, open_labelled, open_labelled_pair
+
+TINY = [
+    "model.depth=2", "model.patch_size=8", "crops.global_crops_size=32", "crops.local_crops_size=16",
+    "crops.local_crops_number=2", "head.out_dim=256", "head.patch_out_dim=256", "head.hidden_dim=128",
+    "head.bottleneck_dim=64", "optim.batch_size=16", "train.num_workers=[1,1]", "eval.image_size=32",
+]
+PATTERNS = ("checker", "horizontal", "vertical")
+
+
+def pattern_image(kind: str, rng: np.random.Generator, size: int = 16, offset: float = 0.0) -> np.ndarray:
+    """A grey image whose class is its pixel pattern (stripes / checkerboard with a random phase) plus noise."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    ph = int(rng.integers(0, 2))
+    if kind == "horizontal":
+        p = (yy // 2 + ph) % 2
+    elif kind == "vertical":
+        p = (xx // 2 + ph) % 2
+    else:
+        p = (yy // 2 + xx // 2 + ph) % 2
+    img = 60 + 120 * p + offset + rng.normal(0, 20, (size, size))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_pattern_folder(root: Path, per_class: int, *, seed: int, classes=PATTERNS, offsets: bool = False) -> Path:
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            off = float(rng.uniform(-50, 70)) if offsets else 0.0
+            Image.fromarray(pattern_image(c, rng, offset=off)).save(root / c / f"{i:03d}.png")
+    return root
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ---- linear probe ------------------------------------------------------------------------------------------------
+
+
+def test_linear_probe_separable_features_and_random_labels():
+    g = torch.Generator().manual_seed(0)
+    d, c = 32, 4
+    centres = torch.randn(c, d, generator=g) * 3
+
+    def sample(n):
+        y = torch.randint(0, c, (n,), generator=g)
+        return centres[y] + torch.randn(n, d, generator=g) + 50.0, y  # a large common offset: standardisation
+
+    xtr, ytr = sample(1200)
+    xva, yva = sample(600)
+    r = linear_probe(xtr.half(), ytr, xva.half(), yva)  # float16 storage works
+    assert r["top1"] > 97.0 and r["top5"] == 100.0
+    assert r["steps"] == 1000 and r["recipe"]["lr"] == 1e-3
+    # Random labels: nothing to learn, val accuracy is at chance (25 %) even though the train set is memorised a bit.
+    ytr_rand = torch.randint(0, c, (1200,), generator=g)
+    yva_rand = torch.randint(0, c, (600,), generator=g)
+    r = linear_probe(xtr, ytr_rand, xva, yva_rand)
+    assert 15.0 < r["top1"] < 35.0
+    assert r["train_top1"] > r["top1"]
+
+
+# ---- labelled splits: one label map, clear errors ------------------------------------------------------------------
+
+
+def test_shared_label_map_val_missing_a_class_and_unknown_class(tmp_path, image_writer):
+    cfg = load_config("demo")
+    image_writer(tmp_path / "train", 6, kinds=("png",), classes=["ant", "bee", "cat"])
+    image_writer(tmp_path / "val", 4, kinds=("png",), classes=["ant", "cat"])  # no "bee"
+    bank, queries = open_labelled_pair(str(tmp_path / "train"), str(tmp_path / "val"), cfg)
+    assert bank.label_map.names == ("ant", "bee", "cat") and bank.label_map.num_classes == 3
+    # Its own sorted map would make "cat" 1; the shared map keeps it 2.
+    expect = {"ant": 0, "cat": 2}
+    assert [expect[Path(p).parent.name] for p in queries.paths] == queries.labels.tolist()
+    assert sorted(set(queries.labels.tolist())) == [0, 2]
+
+    image_writer(tmp_path / "val2", 3, kinds=("png",), classes=["ant", "dog", "cat"])
+    with pytest.raises(EvalDataError, match=r"val split .*val2.* class 'dog'.*train split does not have"):
+        open_labelled_pair(str(tmp_path / "train"), str(tmp_path / "val2"), cfg)
+
+
+def test_parquet_string_labels_share_the_train_map(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.conftest import image_bytes
+
+    rng = np.random.default_rng(0)
+
+    def write(path, labels):
+        pq.write_table(pa.table({"image": pa.array([image_bytes("png", rng, (8, 8)) for _ in labels], pa.binary()),
+                                 "label": pa.array(labels)}), str(path))
+
+    write(tmp_path / "tr.parquet", ["zebra", "ant", "mole", "ant"])
+    write(tmp_path / "va.parquet", ["mole", "zebra"])
+    write(tmp_path / "bad.parquet", ["mole", "yak"])
+    cfg = load_config("demo")
+    bank, queries = open_labelled_pair(str(tmp_path / "tr.parquet"), str(tmp_path / "va.parquet"), cfg)
+    assert bank.label_map.names == ("ant", "mole", "zebra")
+    assert bank.labels.tolist() == [2, 0, 1, 0] and queries.labels.tolist() == [1, 2]
+    with pytest.raises(EvalDataError, match="class 'yak'"):
+        open_labelled_pair(str(tmp_path / "tr.parquet"), str(tmp_path / "bad.parquet"), cfg)
+
+
+def test_unlabelled_splits_are_errors_naming_the_split(tmp_path, image_writer, parquet_writer):
+    cfg = load_config("demo")
+    image_writer(tmp_path / "flat", 3, kinds=("png",))
+    with pytest.raises(EvalDataError, match=r"^val split .*flat.* is unlabelled: a flat image folder"):
+        open_labelled(str(tmp_path / "flat"), cfg, split="val")
+    parquet_writer(tmp_path / "nolabel.parquet", 3, kinds=("png",), with_label=False)
+    with pytest.raises(EvalDataError, match=r"^train split .*nolabel.parquet.* no label column 'label'"):
+        open_labelled(str(tmp_path / "nolabel.parquet"), cfg, split="train")
+
+
+def test_max_images_is_round_robin_over_classes(tmp_path, parquet_writer):
+    parquet_writer(tmp_path / "s.parquet", 30, kinds=("png",))  # labels 0,1,2,0,1,2,...
+    src = open_labelled(str(tmp_path / "s.parquet"), load_config("demo"), max_images=7)
+    assert len(src) == 7 and sorted(np.bincount(src.labels).tolist()) == [2, 2, 3]
+
+
+# ---- the raw-pixel baseline --------------------------------------------------------------------------------------
+
+
+def test_pixel_baseline_on_pattern_images(tmp_path):
+    train = write_pattern_folder(tmp_path / "train", 20, seed=0, offsets=True)
+    val = write_pattern_folder(tmp_path / "val", 10, seed=1, offsets=True)
+    cfg = load_config("demo", [f"data.eval_train_source={train}", f"data.eval_source={val}"])
+    ev = KNNEvaluator(cfg)
+    r = ev.pixel_baseline()
+    assert r["view"] == "as stored 16x16x1"  # grey 16 px images are compared as stored, one channel
+    assert r["knn_top1"] > 95.0
+    # Shuffled train labels: the same baseline drops to chance, so the number above measures the patterns.
+    rng = np.random.default_rng(0)
+    ev.bank.source.labels = rng.permutation(ev.bank.source.labels)
+    ev._pixel = None
+    assert ev.pixel_baseline()["knn_top1"] < 60.0
+
+
+def test_pixel_baseline_reports_the_better_variant():
+    cfg = load_config("demo")
+    g = torch.Generator().manual_seed(0)
+    yb, yq = torch.arange(60) % 3, torch.arange(30) % 3
+    good_b = torch.eye(3)[yb] + 0.1 * torch.randn(60, 3, generator=g)
+    good_q = torch.eye(3)[yq] + 0.1 * torch.randn(30, 3, generator=g)
+    noise_b, noise_q = torch.randn(60, 3, generator=g), torch.randn(30, 3, generator=g)
+    r = best_pixel_knn({"raw": noise_b, "centred": good_b}, yb, {"raw": noise_q, "centred": good_q}, yq, cfg, 3)
+    assert r["variant"] == "centred" and r["top1"] == 100.0 and r["raw"]["top1"] < 70.0
+    r = best_pixel_knn({"raw": good_b, "centred": noise_b}, yb, {"raw": good_q, "centred": noise_q}, yq, cfg, 3)
+    assert r["variant"] == "raw" and r["top1"] == 100.0
+
+
+# ---- the CLI on real checkpoints and exports ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run folder with two step_* checkpoints (written by ibot_ray.checkpoint) whose teacher is not the random init,
+    plus pattern-image train/val folders with one undecodable file in train."""
+    root = tmp_path_factory.mktemp("eval")
+    cfg = load_config("demo", TINY)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)  # not train.seed: the checkpoint's teacher differs from the random-init baseline
+        student, teacher = build_student_teacher(cfg)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    for step in (3, 12):
+        d = root / "run" / f"step_{step:08d}"
+        state = training_state(student=student, teacher=teacher, optimizer=opt, loss=torch.nn.Module(), epoch=0,
+                               step=step, config=cfg)
+        save_checkpoint(d / "state.pt", state)
+        cfg.save(d / "config.yaml")
+    train = write_pattern_folder(root / "train", 16, seed=0)
+    (train / "checker" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    val = write_pattern_folder(root / "val", 8, seed=1)
+    return {"root": root, "run": root / "run", "cfg": cfg, "teacher": teacher, "train": train, "val": val}
+
+
+def test_cli_eval_checkpoint_run_folder(tiny_run, capsys):
+    out_json = tiny_run["root"] / "res.json"
+    code, out, err = run_cli([
+        "eval", str(tiny_run["run"]), "--train", str(tiny_run["train"]), "--val", str(tiny_run["val"]),
+        "--device", "cpu", "--json", str(out_json)], capsys)
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert "step_00000012" in r["model"]["spec"] and r["model"]["kind"] == "checkpoint"  # the latest checkpoint
+    assert r["train"]["images"] == 48 and r["train"]["skipped"] == 1 and "zz_broken.png" in r["train"][
+        "skipped_examples"][0]
+    assert r["val"]["images"] == 24 and r["num_classes"] == 3 and r["feature_dim"] == 192
+    assert r["pixel_knn"]["top1"] > 90.0 and r["pixel_knn"]["view"] == "as stored 16x16x1"
+    for key in ("knn", "linear", "random_init_knn"):
+        assert 0.0 <= r[key]["top1"] <= r[key]["top5"] <= 100.0
+    assert r["gains"]["knn_top1_over_pixel_knn"] == pytest.approx(r["knn"]["top1"] - r["pixel_knn"]["top1"])
+    assert r["gains"]["knn_top1_over_random_init_knn"] == pytest.approx(
+        r["knn"]["top1"] - r["random_init_knn"]["top1"])
+    for label in ("k-NN (k=20, T=0.07)", "linear probe", "raw-pixel k-NN", "random-init k-NN", "gain over raw pixels",
+                  "skipped 1 undecodable"):
+        assert label in out
+    assert f"{r['knn']['top1']:.2f}" in out
+
+    # The online k-NN is the same code: KNNEvaluator on the same splits gives the same numbers for the teacher, and
+    # its random-init number is the run's initial teacher (train.seed).
+    cfg = load_config("demo", TINY + [f"data.eval_train_source={tiny_run['train']}",
+                                      f"data.eval_source={tiny_run['val']}"])
+    ev = KNNEvaluator(cfg)
+    online = ev.evaluate(tiny_run["teacher"].backbone)
+    assert online == {"knn_top1": r["knn"]["top1"], "knn_top5": r["knn"]["top5"]}
+    torch.manual_seed(cfg.train.seed)
+    _, teacher0 = build_student_teacher(cfg)
+    assert ev.evaluate(teacher0.backbone)["knn_top1"] == r["random_init_knn"]["top1"]
+    pix = ev.pixel_baseline()
+    assert (pix["knn_top1"], pix["variant"]) == (r["pixel_knn"]["top1"], r["pixel_knn"]["variant"])
+
+
+def test_cli_eval_export_matches_checkpoint(tiny_run, capsys):
+    ckpt = tiny_run["run"] / "step_00000012" / "state.pt"
+    export = export_from_checkpoint(ckpt, tiny_run["root"] / "teacher.safetensors")
+    args = ["--train", str(tiny_run["train"]), "--val", str(tiny_run["val"]), "--no-baselines", "--no-linear"]
+    code, _, err = run_cli(["eval", str(ckpt), *args, "--json", str(tiny_run["root"] / "c.json")], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["eval", str(export), *args, "--json", str(tiny_run["root"] / "e.json")], capsys)
+    assert code == 0, err
+    c = json.loads((tiny_run["root"] / "c.json").read_text())
+    e = json.loads((tiny_run["root"] / "e.json").read_text())
+    assert e["model"]["kind"] == "export" and e["eval_image_size"] == 32  # the export's recorded crop size
+    assert e["knn"]["top1"] == pytest.approx(c["knn"]["top1"], abs=100 / 24 + 1e-6)  # same weights, same features
+    assert e["linear"] is None and e["pixel_knn"] is None and "raw-pixel" not in out
+
+
+def test_cli_eval_bad_input_exits_2_with_one_line(tiny_run, tmp_path, image_writer, capsys):
+    image_writer(tmp_path / "flat", 3, kinds=("png",))
+    tr, va = str(tiny_run["train"]), str(tiny_run["val"])
+    cases = [
+        (["no_such_model_xyz", "--train", tr, "--val", va], "neither a file/folder nor a timm model name"),
+        ([str(tmp_path / "missing.pt"), "--train", tr, "--val", va], "does not exist"),
+        (["vit_tiny_patch16_224", "--train", str(tmp_path / "nope"), "--val", va], "train split"),
+        (["vit_tiny_patch16_224", "--train", tr, "--val", str(tmp_path / "flat")], "val split"),
+    ]
+    for argv, expected in cases:
+        code, out, err = run_cli(["eval", *argv, "--config", "demo", "--set", "model.depth=1"], capsys)
+        lines = [ln for ln in err.splitlines() if not ln.startswith("ibot-ray eval: note:")]
+        assert code == 2 and len(lines) == 1 and expected in lines[0], (argv, err)
+    assert "unlabelled" in lines[0] and str(tmp_path / "flat") in lines[0]
+
+
+def test_cli_eval_timm_name_is_random_init(tiny_run, capsys):
+    code, out, err = run_cli(["eval", "vit_tiny_patch16_224", "--config", "demo", "--set", "model.depth=1",
+                              "--train", str(tiny_run["train"]), "--val", str(tiny_run["val"]), "--no-linear",
+                              "--max-images", "12", "--json", str(tiny_run["root"] / "t.json")], capsys)
+    assert code == 0, err
+    assert "random initialisation (pretrained=False" in err
+    r = json.loads((tiny_run["root"] / "t.json").read_text())
+    assert r["train"]["selected"] == 12 and r["val"]["selected"] == 12
+    # A timm name is the random init with train.seed: exactly the random-init baseline.
+    assert r["knn"]["top1"] == r["random_init_knn"]["top1"]
