@@ -139,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
     from pipelines.evaluate import ModelLoadError, evaluate, format_table, load_model, write_json
     from pipelines.sources import SourceError
+
+    from .checkpoint import CheckpointError
 
     if args.max_images is not None and args.max_images < 1:
         print("ibot-ray eval: --max-images must be >= 1", file=sys.stderr)

@@ -348,7 +348,8 @@ def format_table(r: dict) -> str:
                      f"over random init: {g['knn_top1_over_random_init_knn']:+.2f} points")
     for name, s in (("train", t), ("val", v)):
         if s["skipped"]:
-            lines.append(f"{name}: skipped {s['skipped']} undecodable images, e.g. {', '.join(s['skipped_examples'][:2])}")
+            examples = ", ".join(s["skipped_examples"][:2])
+            lines.append(f"{name}: skipped {s['skipped']} undecodable images, e.g. {examples}")
     lines.append(f"wall time {r['timings_s']['total']:.1f} s (features {r['timings_s']['features']:.1f} s, "
                  f"k-NN {r['timings_s']['knn']:.1f} s, linear {r['timings_s']['linear']:.1f} s)")
     return "\n".join(lines)
