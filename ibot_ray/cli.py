@@ -1,7 +1,7 @@
 """The ``ibot-ray`` command line.
 
     ibot-ray pretrain [--config FILE|PRESET] [--set key=value ...] [--data SOURCE]
-                      [--storage PATH_OR_URI] [--name RUN] [--address ADDR]
+                      [--storage PATH_OR_URI] [--name RUN] [--address ADDR] [--verbose]
     ibot-ray config   [--config FILE|PRESET] [--set key=value ...]     print the resolved, validated config
     ibot-ray export   CHECKPOINT OUT [--which teacher|student]           timm-loadable safetensors backbone
     ibot-ray eval     MODEL --train SRC --val SRC [--config FILE|PRESET] [--set key=value ...]
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run storage (local folder, shared file system or s3://...); default ./ibot_runs")
     p.add_argument("--name", default=None, help="run name; the same name resumes (default: preset name)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own logs (worker output, Train/Data logs); default: they stay in Ray's "
+                        "log folder, /tmp/ray/session_latest/logs for a local Ray")
 
     p = sub.add_parser("tune", help="sweep temperatures / momentum schedules with Ray Tune (README: sweeps)")
     p.add_argument("--space", required=True,
@@ -63,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--out", default=None, help="folder for results.csv, best_config.yaml and the plot "
                                                "(default: the sweep folder when local)")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own logs and Tune's trial results")
 
     p = sub.add_parser("config", help="print the resolved and validated config as YAML")
     _add_config_args(p, "vit_small_16")
@@ -114,7 +118,17 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines.pretrain import pretrain
 
             name = args.name or (args.config if args.config and "/" not in args.config else "run")
-            pretrain(cfg, storage=args.storage, name=name, address=args.address)
+            try:
+                pretrain(cfg, storage=args.storage, name=name, address=args.address, verbose=args.verbose)
+            except Exception as e:
+                from ray.train import TrainingFailedError
+
+                if not isinstance(e, TrainingFailedError):
+                    raise
+                from pipelines.console import format_failure, ray_log_dir
+
+                print(format_failure(e, ray_log_dir()), file=sys.stderr, flush=True)
+                return 1
             return 0
         if args.command == "tune":
             from tune.space import SpaceError
@@ -127,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                                    objective=args.objective, storage=args.storage, name=args.name,
                                    address=args.address, grace_epochs=args.grace_epochs,
                                    reduction_factor=args.reduction_factor, max_failures=args.max_failures,
-                                   seed=args.seed, out_dir=args.out)
+                                   seed=args.seed, out_dir=args.out, verbose=2 if args.verbose else 1)
             except (SpaceError, SweepError) as e:
                 print(f"ibot-ray tune: {e}", file=sys.stderr)
                 return 2

@@ -44,8 +44,27 @@ def _use_gpu(cfg: IBOTConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def init_ray(cfg: IBOTConfig, address: str | None = None, *, num_cpus: float | None = None) -> None:
+def _state_api_available() -> bool:
+    """Whether this install can run the dashboard head, which serves Ray's State API (``ray[default]``)."""
+    try:
+        from ray._private.utils import get_dashboard_dependency_error
+
+        return get_dashboard_dependency_error() is None
+    except Exception:  # noqa: BLE001 - another Ray layout: let Ray decide
+        return False
+
+
+def init_ray(cfg: IBOTConfig, address: str | None = None, *, num_cpus: float | None = None,
+             verbose: bool = False) -> None:
     """Connect to a cluster (``address`` or RAY_ADDRESS) or start a local Ray sized for the run.
+
+    Unless ``verbose``, Ray's own output stays in its log folder (``/tmp/ray/session_latest/logs`` for a local Ray):
+    no worker/actor log forwarding to this terminal (``log_to_driver=False``), the driver's Ray loggers at WARNING,
+    deprecation warnings filtered; the run's progress reaches the terminal through ``pipelines/console.py``.
+
+    A local Ray runs the dashboard head (no UI is needed, but it serves the State API): Ray Train's
+    PlacementGroupCleaner asks the State API every second whether the Train controller is alive, and without it logs
+    "Failed to query Ray Train Controller actor state" every time, hundreds of lines per run.
 
     A local Ray gets enough logical CPUs (``num_cpus``, default: one run's) for the training workers *and* the data
     actors: with only the physical
@@ -54,17 +73,23 @@ def init_ray(cfg: IBOTConfig, address: str | None = None, *, num_cpus: float | N
 
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(cfg.train.worker_start_timeout_s))
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not twice
+    if not verbose:
+        from pipelines.console import quiet_driver_logging
+
+        quiet_driver_logging()
     if ray.is_initialized():
         return
+    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token file in ~/.ray
     t, d = cfg.train, cfg.data
     needed = num_cpus or (t.num_workers[1] * max(1.0, t.cpus_per_worker) + d.actors[1] * d.cpus_per_actor + 1)
     # address="local": always a new private instance, even when another Ray runs on this machine
-    ray.init(address="local", num_cpus=int(max(os.cpu_count() or 1, needed) + 0.999), include_dashboard=False)
+    ray.init(address="local", num_cpus=int(max(os.cpu_count() or 1, needed) + 0.999),
+             include_dashboard=_state_api_available(), **quiet)
 
 
 def _storage_path(storage: str | None) -> str:
@@ -72,8 +97,12 @@ def _storage_path(storage: str | None) -> str:
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
-def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks: list | None = None):
-    """The TorchTrainer of a run (also used by the Tune trial driver). Returns (trainer, info dict)."""
+def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks: list | None = None,
+                  console_name: str | None = None, verbose: bool = False):
+    """The TorchTrainer of a run (also used by the Tune trial driver). Returns (trainer, info dict).
+
+    ``console_name``: the run's console mailbox (pipelines/console.py) that rank 0 posts progress and events to;
+    without one rank 0 prints its progress lines (worker log forwarding). ``verbose`` keeps Ray Train's INFO logs."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -82,6 +111,11 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
     from pipelines.train_worker import train_loop_per_worker
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if not verbose:
+        from pipelines.console import quiet_driver_logging
+
+        ray.data.DataContext.get_current().print_on_execution_start = False
+        quiet_driver_logging()
     monitor_name = create_monitor(name)
     dataset, info = build_train_dataset(cfg, monitor_name=monitor_name)
     g = cfg.optim.batch_size
@@ -109,11 +143,12 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
                                                max_preemption_failures=t.max_preemption_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
         callbacks=callbacks,
-        logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our own progress lines, not every report
+        logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "monitor_name": monitor_name},
+        train_loop_config={"cfg": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "monitor_name": monitor_name,
+                           "console_name": console_name, "verbose": verbose},
         scaling_config=scaling,
         run_config=run_config,
         datasets={"train": dataset},
@@ -135,15 +170,19 @@ def _teacher_from_checkpoint(cfg: IBOTConfig, checkpoint):
 
 
 def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", address: str | None = None,
-             knn: bool = True, export: bool = True) -> PretrainResult:
-    """Run (or resume) a pretraining run; prints progress, the k-NN before/after, and where the outputs are."""
+             knn: bool = True, export: bool = True, verbose: bool = False) -> PretrainResult:
+    """Run (or resume) a pretraining run; prints progress, the k-NN before/after, and where the outputs are.
+
+    The terminal gets a progress bar (a line per log step when stdout is not a TTY), one line per event and a
+    closing summary (pipelines/console.py); Ray's own logs stay in Ray's log folder unless ``verbose``. A failed
+    run raises Ray Train's ``TrainingFailedError`` (the CLI prints it as one block)."""
     import torch
 
     from ibot_ray.model import build_student_teacher
 
     t_start = time.time()
     cfg.validate()  # before any cluster resource is requested
-    init_ray(cfg, address)
+    init_ray(cfg, address, verbose=verbose)
     evaluator = None
     knn_before = None
     if knn and cfg.data.eval_source:
@@ -156,10 +195,16 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
         print(f"[ibot-ray] k-NN of the initial teacher: top-1 {knn_before['knn_top1']:.2f}% "
               f"top-5 {knn_before['knn_top5']:.2f}%", flush=True)
 
-    trainer, info = build_trainer(cfg, storage=storage, name=name)
+    from pipelines.console import ConsolePoller, ConsoleRenderer, format_summary, mailbox_name, ray_log_dir
+
+    trainer, info = build_trainer(cfg, storage=storage, name=name, console_name=mailbox_name(name), verbose=verbose)
     print(f"[ibot-ray] run '{name}': {info['num_items']} images, {info['steps_per_epoch']} steps/epoch, "
           f"{info['total_steps']} steps, storage {_storage_path(storage)}", flush=True)
-    result = trainer.fit()
+    console = ConsoleRenderer(total_steps=info["total_steps"], steps_per_epoch=info["steps_per_epoch"], name=name)
+    t_fit = time.time()
+    with ConsolePoller(name, console):  # rank 0 -> mailbox actor -> this thread -> the terminal
+        result = trainer.fit()
+    train_s = time.time() - t_fit
     from pipelines.ingest import get_bad_input_stats
 
     bad = get_bad_input_stats(info["monitor_name"])
@@ -177,9 +222,13 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
                   f"top-5 {out.knn_after['knn_top5']:.2f}% (before: {knn_before['knn_top1']:.2f}%)", flush=True)
         if export:
             out.export_path = _export(teacher, cfg, result.path)
-            print(f"[ibot-ray] exported the teacher backbone to {out.export_path}", flush=True)
     out.wall_s = time.time() - t_start
-    print(f"[ibot-ray] done: {out.steps} steps in {out.wall_s:.0f} s; checkpoints in {out.run_path}", flush=True)
+    print(format_summary(name=name, steps=out.steps, total_steps=info["total_steps"], wall_s=out.wall_s,
+                         train_s=train_s, metrics=out.metrics, run_path=out.run_path, checkpoint_path=ckpt_path,
+                         export_path=out.export_path, knn_before=knn_before, knn_after=out.knn_after,
+                         bad_images=int(bad["count"]), restarts=console.restarts, resizes=console.resizes,
+                         preemptions=console.preemptions, log_dir=ray_log_dir(),
+                         local=not (address or os.environ.get("RAY_ADDRESS")), verbose=verbose), flush=True)
     return out
 
 

@@ -35,6 +35,7 @@ from ibot_ray.health import CollapseDetector, grace_steps
 from ibot_ray.model import build_student_teacher
 from ibot_ray.step import IBOTStep, unwrap
 from pipelines.collate import iter_train_batches
+from pipelines.console import ConsoleClient, quiet_train_reports
 from pipelines.ingest import get_bad_input_stats, set_epoch
 from pipelines.metrics import MetricsWriter
 
@@ -109,6 +110,10 @@ def train_loop_per_worker(config: dict) -> dict:
     monitor_name: str | None = config.get("monitor_name")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not config.get("verbose"):
+        quiet_train_reports()
+    # rank 0 -> the driver's console (pipelines/console.py); without a mailbox (Tune trials) rank 0 prints instead
+    console = ConsoleClient(config.get("console_name") if rank == 0 else None)
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     if device.type == "cpu":
@@ -139,8 +144,12 @@ def train_loop_per_worker(config: dict) -> dict:
     read, share, weight = rank_batch(cfg.optim.batch_size, world, rank)
     writer = MetricsWriter(_local_log_dir()) if rank == 0 else None
     if rank == 0:
-        print(f"[ibot-ray] world={world} global_batch={cfg.optim.batch_size} per-rank read={read} share={share} "
-              f"steps={runner.step}/{total} ({steps_per_epoch}/epoch) resumed_from={resumed_from}", flush=True)
+        console.event("start", world=world, global_batch=cfg.optim.batch_size, per_rank_share=share,
+                      step=runner.step, resumed_from=resumed_from)
+        if not console.enabled:
+            print(f"[ibot-ray] world={world} global_batch={cfg.optim.batch_size} per-rank read={read} "
+                  f"share={share} steps={runner.step}/{total} ({steps_per_epoch}/epoch) resumed_from={resumed_from}",
+                  flush=True)
         if writer is not None:
             writer.write({"event": "start", "world_size": world, "step": runner.step, "pid": os.getpid(),
                           "per_rank_read": read, "per_rank_share": [rank_batch(cfg.optim.batch_size, world, r)[1]
@@ -197,7 +206,9 @@ def train_loop_per_worker(config: dict) -> dict:
                 })
                 for alarm in health.update(metrics):
                     if rank == 0:
-                        print(f"[ibot-ray] WARNING step {alarm.step}: {alarm.message}", flush=True)
+                        console.event("health", step=alarm.step, message=alarm.message)
+                        if not console.enabled:
+                            print(f"[ibot-ray] WARNING step {alarm.step}: {alarm.message}", flush=True)
                         if writer is not None:
                             writer.write({"event": "collapse", "condition": alarm.condition, "message": alarm.message},
                                          step)
@@ -214,11 +225,15 @@ def train_loop_per_worker(config: dict) -> dict:
                         metrics["bad_image_examples"] = [list(map(str, e)) for e in bad["examples"][:5]]
                 if evaluator is not None and epoch_end and (step // steps_per_epoch) % cfg.train.knn_every_epochs == 0:
                     metrics.update(evaluator.evaluate(unwrap(teacher).backbone, device=device))
+                    console.event("knn", epoch=step // steps_per_epoch, step=step, knn_top1=metrics["knn_top1"],
+                                  knn_top5=metrics.get("knn_top5"))
                 images_seen, wait_s, busy_s = 0, 0.0, 0.0
                 t_window = time.perf_counter()
                 if rank == 0:
                     if writer is not None:
                         writer.write(metrics, step)
+                    console.progress(metrics)
+                if rank == 0 and not console.enabled:
                     print(f"[ibot-ray] step {step}/{total} epoch {metrics['epoch']} loss {metrics['loss']:.4f} "
                           f"(cls {metrics['cls']:.4f} mim {metrics['mim']:.4f}) lr {metrics['lr']:.2e} "
                           f"{metrics['images_per_s']:.1f} img/s wait {metrics['data_wait_fraction']:.0%}"
@@ -227,6 +242,13 @@ def train_loop_per_worker(config: dict) -> dict:
                 report = {k: v for k, v in metrics.items() if not isinstance(v, list)}
                 _report(report, step_runner=runner, cfg=cfg, data_epoch=next_data_epoch, rank=rank,
                         with_checkpoint=do_ckpt, local_log_dir=writer.folder if writer else Path("."))
+                if do_ckpt:
+                    console.event("checkpoint", name=_checkpoint_dir_name(step), step=step,
+                                  epoch=step // steps_per_epoch)
+                if preempted:
+                    console.event("preempted", step=step)
+                if stop_on_collapse:
+                    console.event("stopped", step=step, reason=f"collapse ({health.status}), train.stop_on_collapse")
                 last = report
             if done or stop_on_collapse or (epoch_end and runner.step // steps_per_epoch > epoch_at_start):
                 break

@@ -445,10 +445,10 @@ def default_max_concurrent(cfg: IBOTConfig) -> int:
     return max(1, min(fits) if fits else 1)
 
 
-def _init_ray(cfg: IBOTConfig, address: Optional[str], concurrent: int) -> None:
+def _init_ray(cfg: IBOTConfig, address: Optional[str], concurrent: int, verbose: bool = False) -> None:
     from pipelines.pretrain import init_ray
 
-    init_ray(cfg, address, num_cpus=_per_trial_resources(cfg, False)["CPU"] * max(1, concurrent))
+    init_ray(cfg, address, num_cpus=_per_trial_resources(cfg, False)["CPU"] * max(1, concurrent), verbose=verbose)
 
 
 def _prepare_base(config: Union[str, IBOTConfig, None], overrides: Optional[list[str]], objective: str
@@ -557,7 +557,7 @@ def run_sweep(
     if steps_per_epoch < 1:
         raise SweepError(f"optim.batch_size {base.optim.batch_size} is larger than the dataset {base.data.source!r}")
 
-    _init_ray(base, address, max_concurrent or 1)
+    _init_ray(base, address, max_concurrent or 1, verbose=verbose >= 2)  # 2+: Ray's logs on the console too
     import ray.tune
     from ray.tune import Tuner
     from ray.tune.search.basic_variant import BasicVariantGenerator
