@@ -7,8 +7,9 @@
    a head that alone carries the driver resource (TRAIN_DRIVER), a CPU-only worker type for Ray Data with at least
    ``data.cpus_per_actor`` CPUs, spot/preemptible workers and an on-demand head, ray pinned to the installed version,
    the spot watcher started on workers with flags its parser accepts, the project synced and installed, and an
-   explicit /dev/shm size for the object store. Each check is a function that the negative tests also run on
-   broken copies.
+   explicit /dev/shm size for the object store, and worker nodes that run with their own cloud identity (not the
+   head's) which the guide lets the head pass to them (AWS: iam:PassRole on exactly the workers' role). Each check
+   is a function that the negative tests also run on broken copies.
 """
 
 from __future__ import annotations
@@ -29,10 +30,18 @@ from pipelines.spot_watcher import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_FILES = sorted(REPO.glob("cluster*.yaml"))
-# The deployment guide; once merged into the README, the checks read it there.
-_GUIDE = REPO / "docs" / "deployment.md"
-DEPLOYMENT_DOC = _GUIDE if _GUIDE.exists() else REPO / "README.md"
-DRIVER_RESOURCE = "TRAIN_DRIVER"  # the name docs/deployment.md passes to --entrypoint-resources
+# The deployment guide: README.md, section "Deployment: a cloud cluster with spot GPU workers (`ray up`)".
+DEPLOYMENT_DOC = REPO / "README.md"
+DRIVER_RESOURCE = "TRAIN_DRIVER"  # the name the guide passes to --entrypoint-resources
+# What `ray up` gives the head when its node_config names no profile / service account (Ray's
+# autoscaler/_private/aws/config.py DEFAULT_RAY_IAM_ROLE, gcp/config.py DEFAULT_SERVICE_ACCOUNT_ID; those modules
+# import boto3 / googleapiclient, so the names are read from their source).
+_RAY_AUTOSCALER = Path(ray.__file__).parent / "autoscaler" / "_private"
+assert 'RAY = "ray-autoscaler"' in (_RAY_AUTOSCALER / "aws" / "config.py").read_text()
+assert 'DEFAULT_RAY_IAM_ROLE = RAY + "-v1"' in (_RAY_AUTOSCALER / "aws" / "config.py").read_text()
+AWS_DEFAULT_HEAD_ROLE = "ray-autoscaler-v1"
+assert 'DEFAULT_SERVICE_ACCOUNT_ID = RAY + "-sa-" + VERSION' in (_RAY_AUTOSCALER / "gcp" / "config.py").read_text()
+GCP_DEFAULT_HEAD_ACCOUNT = "ray-autoscaler-sa-v1"
 SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
 
 
@@ -155,6 +164,91 @@ def check_shm(cfg: dict) -> None:
         assert shm_bytes(shared + opts) >= 2**30, f"{k}: no --shm-size >= 1 GiB"
 
 
+def _guide_policies(text: str) -> dict[str, dict]:
+    """The IAM policy documents the guide shows: ``{file name: JSON}`` for "`name.json` ... ```json ...```"."""
+    found = re.findall(r"`([\w.-]+\.json)`[^`]*?```json\n(.*?)```", text, flags=re.S)
+    return {name: json.loads(body) for name, body in found}
+
+
+def _statements(policy: dict) -> list[dict]:
+    st = policy.get("Statement", [])
+    return st if isinstance(st, list) else [st]
+
+
+def _as_list(x) -> list:
+    return x if isinstance(x, list) else [x]
+
+
+def _guide_commands(text: str) -> str:
+    """The guide's shell commands with line continuations joined."""
+    return re.sub(r"[ \t]*\\\n\s*", " ", text)
+
+
+def check_aws_worker_profile(cfg: dict, guide: str) -> str:
+    """AWS: the workers run with their own instance profile, never the head's (which holds EC2 full access and is
+    not passable by the head itself); the guide creates it (role and profile of the same name, S3-only policy) and
+    gives the head's role an iam:PassRole on exactly that role. Returns the workers' profile name."""
+    head_profile = head(cfg)["node_config"].get("IamInstanceProfile", {})
+    head_name = (head_profile.get("Arn", "").rsplit("/", 1)[-1] or head_profile.get("Name")
+                 or AWS_DEFAULT_HEAD_ROLE)
+    names = set()
+    for k, v in workers(cfg).items():
+        prof = v["node_config"].get("IamInstanceProfile")
+        assert prof, f"{k}: no IamInstanceProfile (no S3 access for checkpoints)"
+        name = prof.get("Arn", "").rsplit("/", 1)[-1] or prof.get("Name")
+        assert name != head_name, f"{k}: workers use the head's instance profile {head_name}"
+        names.add(name)
+    assert len(names) == 1, f"worker profiles {names}: the guide documents one"
+    worker = names.pop()
+    cmds = _guide_commands(guide)
+    assert re.search(rf"aws iam create-instance-profile --instance-profile-name {worker}\b", cmds), \
+        f"the guide never creates the instance profile {worker}"
+    assert re.search(rf"add-role-to-instance-profile --instance-profile-name {worker} --role-name {worker}\b", cmds)
+    policies = _guide_policies(guide)
+    passrole = [(f, st) for f, p in policies.items() for st in _statements(p)
+                if "iam:PassRole" in _as_list(st.get("Action"))]
+    assert passrole, "the guide documents no iam:PassRole for the head"
+    ok = [f for f, st in passrole
+          if st.get("Effect") == "Allow" and _as_list(st["Resource"]) == [f"arn:aws:iam::YOUR-ACCOUNT-ID:role/{worker}"]]
+    assert ok, f"no PassRole statement for exactly role/{worker}: {passrole}"
+    assert re.search(rf"put-role-policy --role-name {head_name} .*file://{re.escape(ok[0])}", cmds), \
+        f"the guide never attaches {ok[0]} to the head's role {head_name}"
+    worker_files = re.findall(rf"put-role-policy --role-name {worker} .*?file://([\w.-]+\.json)", cmds)
+    assert worker_files, f"the guide gives the role {worker} no policy"
+    for f in worker_files:
+        for st in _statements(policies[f]):
+            for action in _as_list(st["Action"]):
+                assert action.startswith("s3:") and action != "s3:*", f"worker policy grants {action}"
+            for res in _as_list(st["Resource"]):
+                assert res.startswith("arn:aws:s3:::YOUR-BUCKET"), f"worker policy reaches {res}"
+    return worker
+
+
+def check_gcp_worker_account(cfg: dict, guide: str) -> str:
+    """GCP: the workers run as their own service account, created and bound to the bucket in the guide."""
+    head_accounts = {a["email"] for a in head(cfg)["node_config"].get("serviceAccounts", [])} or {
+        f"{GCP_DEFAULT_HEAD_ACCOUNT}@YOUR-PROJECT-ID.iam.gserviceaccount.com"}
+    emails = set()
+    for k, v in workers(cfg).items():
+        accounts = v["node_config"].get("serviceAccounts", [])
+        assert accounts, f"{k}: no service account (no bucket access)"
+        for a in accounts:
+            assert a["email"] not in head_accounts, f"{k}: workers use the head's service account {a['email']}"
+            emails.add(a["email"])
+    assert len(emails) == 1
+    email = emails.pop()
+    cmds = _guide_commands(guide)
+    assert f"gcloud iam service-accounts create {email.split('@')[0]}" in cmds
+    assert re.search(rf"add-iam-policy-binding gs://YOUR-BUCKET --member serviceAccount:{re.escape(email)}", cmds)
+    return email
+
+
+def check_worker_identity(cfg: dict, guide: str) -> str:
+    if cfg["provider"]["type"] == "aws":
+        return check_aws_worker_profile(cfg, guide)
+    return check_gcp_worker_account(cfg, guide)
+
+
 # ---- tests -----------------------------------------------------------------------------------------
 
 
@@ -192,8 +286,16 @@ def test_cluster_matches_the_training_config(path, train_cfg):
 
 
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_workers_have_their_own_identity_that_the_head_may_pass(path):
+    cfg = prepared(load(path))
+    check_worker_identity(cfg, DEPLOYMENT_DOC.read_text())
+    for p in CLUSTER_FILES:  # comments point at the guide, which exists
+        assert "docs/deployment.md" not in p.read_text() and "Deployment: a cloud cluster" in p.read_text()
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
 def test_elastic_range_in_the_guide_fits_the_gpu_fleet(path, train_cfg):
-    """docs/deployment.md's elastic example (--set train.num_workers=[lo,hi]) must fit the GPU node types."""
+    """The guide's elastic example (--set train.num_workers=[lo,hi]) must fit the GPU node types."""
     text = DEPLOYMENT_DOC.read_text()
     m = re.search(r"train\.num_workers=\[(\d+),\s*(\d+)\]", text)
     assert m, "the guide shows no elastic train.num_workers=[min,max] example"
@@ -282,6 +384,24 @@ def test_checks_reject_broken_variants(aws, train_cfg):
     gcp_with_aws_watcher["worker_start_ray_commands"] = aws["worker_start_ray_commands"]
     with pytest.raises(AssertionError, match="--provider aws on a gcp"):
         check_spot_watcher(gcp_with_aws_watcher)
+    head_profile = {"Arn": f"arn:aws:iam::YOUR-ACCOUNT-ID:instance-profile/{AWS_DEFAULT_HEAD_ROLE}"}
+    guide = DEPLOYMENT_DOC.read_text()
+    with pytest.raises(AssertionError, match="head's instance profile"):
+        check_worker_identity(broken(lambda r: r["available_node_types"][gpu]["node_config"].update(
+            IamInstanceProfile=head_profile)), guide)
+    worker = check_worker_identity(prepared(aws), guide)
+    with pytest.raises(AssertionError, match="PassRole"):
+        check_worker_identity(prepared(aws), guide.replace("iam:PassRole", "iam:GetRole"))
+    with pytest.raises(AssertionError, match="exactly role"):
+        check_worker_identity(prepared(aws), guide.replace(f":role/{worker}", ":role/*"))
+    with pytest.raises(AssertionError, match="worker policy grants"):
+        check_worker_identity(prepared(aws), guide.replace('"s3:DeleteObject"', '"ec2:RunInstances"'))
+    gcp = load(REPO / "cluster.gcp.yaml")
+    gcp_gpu = _gpu_type(gcp)
+    gcp["available_node_types"][gcp_gpu]["node_config"]["serviceAccounts"][0]["email"] = \
+        f"{GCP_DEFAULT_HEAD_ACCOUNT}@YOUR-PROJECT-ID.iam.gserviceaccount.com"
+    with pytest.raises(AssertionError, match="head's service account"):
+        check_worker_identity(prepared(gcp), guide)
     with pytest.raises(AssertionError, match="shm-size"):
         check_shm(broken(lambda r: r["available_node_types"][gpu]["docker"].update(worker_run_options=[])))
 
