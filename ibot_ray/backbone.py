@@ -30,6 +30,7 @@ class MaskedViT(nn.Module):
         drop_path_rate: stochastic depth, linear over blocks as in timm.
         mask_token: create the ``(1, D)`` zero-initialised mask token (the student has one, the teacher not).
         depth: override of the number of transformer blocks (``None``: the architecture's own).
+        embed_dim, num_heads: overrides of the width and the attention heads (``None``: the architecture's own).
     """
 
     def __init__(
@@ -41,14 +42,17 @@ class MaskedViT(nn.Module):
         drop_path_rate: float = 0.0,
         mask_token: bool = True,
         depth: Optional[int] = None,
+        embed_dim: Optional[int] = None,
+        num_heads: Optional[int] = None,
     ) -> None:
         super().__init__()
         kwargs = dict(pretrained=False, num_classes=0, img_size=img_size, dynamic_img_size=True,
                       drop_path_rate=drop_path_rate)
         if patch_size is not None:
             kwargs["patch_size"] = patch_size
-        if depth is not None:
-            kwargs["depth"] = depth
+        for name, value in (("depth", depth), ("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if value is not None:
+                kwargs[name] = value
         vit = timm.create_model(arch, **kwargs)
         if not isinstance(vit, VisionTransformer):
             raise TypeError(f"arch {arch!r} builds a {type(vit).__name__}, not a timm VisionTransformer")

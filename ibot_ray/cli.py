@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
             name = args.name or (args.config if args.config and "/" not in args.config else "run")
             try:
-                pretrain(cfg, storage=args.storage, name=name, address=args.address, verbose=args.verbose)
+                result = pretrain(cfg, storage=args.storage, name=name, address=args.address, verbose=args.verbose)
             except Exception as e:
                 from ray.train import TrainingFailedError
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 print(format_failure(e, ray_log_dir()), file=sys.stderr, flush=True)
                 return 1
-            return 0
+            return 4 if result.metrics.get("stopped_on_collapse") else 0  # 4: train.stop_on_collapse ended it
         if args.command == "tune":
             from tune.space import SpaceError
             from tune.sweep import SweepError, run_sweep

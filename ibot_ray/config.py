@@ -29,6 +29,8 @@ class ModelConfig:
     arch: str = "vit_small_patch16_224"  # any timm Vision Transformer
     patch_size: Optional[int] = None  # None: the timm architecture's own patch size
     depth: Optional[int] = None  # None: the architecture's own number of blocks (smaller for CPU demos)
+    embed_dim: Optional[int] = None  # None: the architecture's own width
+    num_heads: Optional[int] = None  # None: the architecture's own number of attention heads
     drop_path_rate: float = 0.1  # student only; the teacher has none
 
 
@@ -380,6 +382,10 @@ def validate(cfg: IBOTConfig) -> None:
     _check(m.arch.startswith(("vit_", "deit", "eva", "vit")), "model.arch", f"{m.arch!r} is not a Vision Transformer")
     _check(m.patch_size is None or m.patch_size > 0, "model.patch_size", "must be positive")
     _check(m.depth is None or m.depth > 0, "model.depth", "must be positive")
+    _check(m.embed_dim is None or m.embed_dim > 0, "model.embed_dim", "must be positive")
+    _check(m.num_heads is None or m.num_heads > 0, "model.num_heads", "must be positive")
+    _check(not (m.embed_dim and m.num_heads) or m.embed_dim % m.num_heads == 0, "model.embed_dim",
+           f"{m.embed_dim} is not divisible by model.num_heads {m.num_heads}")
     _check(0 <= m.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
 
     for n in ("out_dim", "patch_out_dim", "hidden_dim", "bottleneck_dim"):

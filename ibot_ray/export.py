@@ -5,7 +5,8 @@ The file holds exactly the timm VisionTransformer's state dict (``MaskedViT.vit`
     timm.create_model(arch, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=path), **timm_kwargs)
 
 loads it with no missing or unexpected keys. ``timm_kwargs`` (``img_size``, ``patch_size``, ``dynamic_img_size``,
-``depth``) and ``arch`` are recorded in the file's metadata; :func:`load_exported` does the call above from them.
+``depth``, ``embed_dim``, ``num_heads``) and ``arch`` are recorded in the file's metadata; :func:`load_exported` does
+the call above from them.
 
 The iBOT mask token is left out on purpose: besides not being part of a timm ViT, a top-level ``mask_token`` key
 makes timm's ViT checkpoint filter treat the file as a DINOv2 checkpoint.
@@ -61,6 +62,10 @@ def _timm_kwargs(vit: nn.Module) -> dict[str, Any]:
         kwargs["dynamic_img_size"] = bool(vit.dynamic_img_size)
     if isinstance(getattr(vit, "blocks", None), nn.Sequential):  # model.depth may override the arch's block count
         kwargs["depth"] = len(vit.blocks)
+        if len(vit.blocks) and hasattr(vit.blocks[0], "attn"):  # model.embed_dim / num_heads may override them too
+            kwargs["num_heads"] = int(vit.blocks[0].attn.num_heads)
+    if getattr(vit, "embed_dim", None):
+        kwargs["embed_dim"] = int(vit.embed_dim)
     return kwargs
 
 
@@ -151,22 +156,35 @@ def export_from_checkpoint(checkpoint_path: PathLike, out_path: PathLike, *, whi
         except yaml.YAMLError:
             config = None
     if isinstance(config, dict):
-        model = config.get("model") or {}
-        crops = config.get("crops") or {}
-        kwargs: dict[str, Any] = {"dynamic_img_size": True}
-        if crops.get("global_crops_size"):
-            kwargs["img_size"] = int(crops["global_crops_size"])
-        if model.get("patch_size"):
-            kwargs["patch_size"] = int(model["patch_size"])
-        elif "patch_embed.proj.weight" in tensors:
-            kwargs["patch_size"] = int(tensors["patch_embed.proj.weight"].shape[-1])
-        depth = _depth_from_keys(tensors)
-        if depth is not None:
-            kwargs["depth"] = depth
-        meta["timm_kwargs"] = kwargs
-        if model.get("arch"):
-            meta["arch"] = model["arch"]
+        meta.update(export_metadata(config, tensors))
     return _write_safetensors(tensors, out_path, meta)
+
+
+def export_metadata(config: dict, tensors: Optional[dict[str, Tensor]] = None) -> dict[str, Any]:
+    """``{"arch", "timm_kwargs"}`` of an export, from a run config (as a dict) and, where the config leaves a value
+    to the architecture, from the weights: ``img_size`` (the global crop size), ``patch_size``, ``depth``,
+    ``embed_dim``, ``num_heads`` and ``dynamic_img_size``, everything ``timm.create_model`` needs to rebuild it."""
+    model = config.get("model") or {}
+    crops = config.get("crops") or {}
+    tensors = tensors or {}
+    kwargs: dict[str, Any] = {"dynamic_img_size": True}
+    if crops.get("global_crops_size"):
+        kwargs["img_size"] = int(crops["global_crops_size"])
+    if model.get("patch_size"):
+        kwargs["patch_size"] = int(model["patch_size"])
+    elif "patch_embed.proj.weight" in tensors:
+        kwargs["patch_size"] = int(tensors["patch_embed.proj.weight"].shape[-1])
+    depth = model.get("depth") or _depth_from_keys(tensors)
+    if depth is not None:
+        kwargs["depth"] = int(depth)
+    if model.get("embed_dim") or "cls_token" in tensors:
+        kwargs["embed_dim"] = int(model.get("embed_dim") or tensors["cls_token"].shape[-1])
+    if model.get("num_heads"):  # not recoverable from the weights
+        kwargs["num_heads"] = int(model["num_heads"])
+    meta: dict[str, Any] = {"timm_kwargs": kwargs}
+    if model.get("arch"):
+        meta["arch"] = model["arch"]
+    return meta
 
 
 def exported_metadata(path: PathLike) -> dict[str, Any]:
@@ -197,4 +215,5 @@ def load_exported(path: PathLike, arch: Optional[str] = None, **kwargs: Any) -> 
     return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **create_kwargs)
 
 
-__all__ = ["backbone_state_dict", "export_backbone", "export_from_checkpoint", "exported_metadata", "load_exported"]
+__all__ = ["backbone_state_dict", "export_backbone", "export_from_checkpoint", "export_metadata", "exported_metadata",
+           "load_exported"]

@@ -376,7 +376,8 @@ def ray_log_dir() -> str:
 
 def format_summary(*, name: str, steps: int, total_steps: int, wall_s: float, train_s: Optional[float],
                    metrics: dict, run_path: str, checkpoint_path: Optional[str], export_path: Optional[str],
-                   knn_before: Optional[dict], knn_after: Optional[dict], bad_images: int = 0,
+                   knn_before: Optional[dict], knn_after: Optional[dict], knn_pixels: Optional[dict] = None,
+                   bad_images: int = 0,
                    restarts: int = 0, resizes: int = 0, preemptions: int = 0, log_dir: Optional[str] = None,
                    local: bool = True, verbose: bool = False) -> str:
     """The closing block of ``ibot-ray pretrain``."""
@@ -389,17 +390,27 @@ def format_summary(*, name: str, steps: int, total_steps: int, wall_s: float, tr
         if "images_per_s" in metrics:
             s += f", {float(metrics['images_per_s']):.0f} img/s"
         lines.append(s)
-    if isinstance(metrics.get("health"), str):
-        lines.append(f"  health          {metrics['health']}")
     if knn_after is not None:
-        s = f"  k-NN top-1      {_pct(knn_after['knn_top1'])}"
-        if knn_before is not None:
-            s += f" (initial teacher {_pct(knn_before['knn_top1'])})"
+        s = f"  k-NN top-1      trained teacher {_pct(knn_after['knn_top1'])}"
         if knn_after.get("knn_top5") is not None:
-            s += f", top-5 {_pct(knn_after['knn_top5'])}"
+            s += f" (top-5 {_pct(knn_after['knn_top5'])})"
         lines.append(s)
+        if knn_before is not None:
+            lines.append(f"                  random init     {_pct(knn_before['knn_top1'])}  "
+                         f"({knn_after['knn_top1'] - knn_before['knn_top1']:+.1f} points)")
+        if knn_pixels is not None:
+            lines.append(f"                  raw pixels      {_pct(knn_pixels['knn_top1'])}  "
+                         f"({knn_after['knn_top1'] - knn_pixels['knn_top1']:+.1f} points; "
+                         f"{knn_pixels.get('variant', 'raw')} pixels, same split)")
+            verdict = ("the features beat raw pixels" if knn_after["knn_top1"] >= knn_pixels["knn_top1"] else
+                       "the features are still worse than raw pixels: train longer, or see the README's recipes")
+            lines.append(f"                  -> {verdict}")
     elif "knn_top1" in metrics:
         lines.append(f"  k-NN top-1      {_pct(metrics['knn_top1'])} (last online evaluation)")
+    if isinstance(metrics.get("health"), str):
+        alarms = metrics.get("health_alarms") or ""
+        lines.append("  health          " + (f"collapsed: {alarms} (see the warnings above)" if alarms else
+                                             f"healthy: no collapse detected (last status: {metrics['health']})"))
     incidents = [f"{n} {what}" for n, what in ((restarts, "restart(s)"), (resizes, "resize(s)"),
                                                  (preemptions, "preemption(s)")) if n]
     if incidents:

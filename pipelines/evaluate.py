@@ -111,7 +111,7 @@ def _load_checkpoint_model(state_path: Path, overrides: list[str]) -> LoadedMode
         raise ModelLoadError(f"checkpoint {state_path} has no teacher state dict")
     m = cfg.model
     backbone = MaskedViT(m.arch, img_size=cfg.crops.global_crops_size, patch_size=m.patch_size, depth=m.depth,
-                         mask_token=False)
+                         embed_dim=m.embed_dim, num_heads=m.num_heads, mask_token=False)
     try:
         backbone.vit.load_state_dict(_strip_to_timm_keys(state["teacher"]), strict=True)
     except RuntimeError as e:
@@ -139,6 +139,8 @@ def _load_export_model(path: Path, config: Optional[str], overrides: list[str]) 
     cfg.model.arch = arch
     cfg.model.patch_size = kwargs.get("patch_size") if isinstance(kwargs.get("patch_size"), int) else None
     cfg.model.depth = kwargs.get("depth")
+    cfg.model.embed_dim = kwargs.get("embed_dim")
+    cfg.model.num_heads = kwargs.get("num_heads")
     img = kwargs.get("img_size")
     if config is None and isinstance(img, int):
         cfg.eval.image_size = img  # evaluate at the pretraining crop size unless told otherwise

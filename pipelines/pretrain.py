@@ -29,6 +29,7 @@ class PretrainResult:
     steps: int
     knn_before: dict | None = None
     knn_after: dict | None = None
+    knn_pixels: dict | None = None  # raw-pixel k-NN of the same split (the baseline a run must beat)
     export_path: str | None = None
     wall_s: float = 0.0
     bad_images: dict = field(default_factory=dict)
@@ -184,7 +185,7 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
     cfg.validate()  # before any cluster resource is requested
     init_ray(cfg, address, verbose=verbose)
     evaluator = None
-    knn_before = None
+    knn_before = knn_pixels = None
     if knn and cfg.data.eval_source:
         from pipelines.knn_eval import KNNEvaluator
 
@@ -192,8 +193,9 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
         torch.manual_seed(cfg.train.seed)
         _, teacher0 = build_student_teacher(cfg)
         knn_before = evaluator.evaluate(teacher0.backbone)
-        print(f"[ibot-ray] k-NN of the initial teacher: top-1 {knn_before['knn_top1']:.2f}% "
-              f"top-5 {knn_before['knn_top5']:.2f}%", flush=True)
+        knn_pixels = evaluator.pixel_baseline()
+        print(f"[ibot-ray] k-NN on the labelled split before training: initial teacher top-1 "
+              f"{knn_before['knn_top1']:.2f}%, raw pixels {knn_pixels['knn_top1']:.2f}%", flush=True)
 
     from pipelines.console import ConsolePoller, ConsoleRenderer, format_summary, mailbox_name, ray_log_dir
 
@@ -213,19 +215,18 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
     ckpt_path = result.checkpoint.path if result.checkpoint else None
     out = PretrainResult(run_path=str(result.path), checkpoint_path=ckpt_path,
                          metrics=dict(result.metrics or {}), steps=int((result.metrics or {}).get("step", 0)),
-                         knn_before=knn_before, bad_images=bad)
+                         knn_before=knn_before, knn_pixels=knn_pixels, bad_images=bad)
     if result.checkpoint is not None and (evaluator is not None or export):
         teacher, state = _teacher_from_checkpoint(cfg, result.checkpoint)
         if evaluator is not None:
             out.knn_after = evaluator.evaluate(teacher.backbone)
-            print(f"[ibot-ray] k-NN of the trained teacher: top-1 {out.knn_after['knn_top1']:.2f}% "
-                  f"top-5 {out.knn_after['knn_top5']:.2f}% (before: {knn_before['knn_top1']:.2f}%)", flush=True)
         if export:
             out.export_path = _export(teacher, cfg, result.path)
     out.wall_s = time.time() - t_start
     print(format_summary(name=name, steps=out.steps, total_steps=info["total_steps"], wall_s=out.wall_s,
                          train_s=train_s, metrics=out.metrics, run_path=out.run_path, checkpoint_path=ckpt_path,
                          export_path=out.export_path, knn_before=knn_before, knn_after=out.knn_after,
+                         knn_pixels=knn_pixels,
                          bad_images=int(bad["count"]), restarts=console.restarts, resizes=console.resizes,
                          preemptions=console.preemptions, log_dir=ray_log_dir(),
                          local=not (address or os.environ.get("RAY_ADDRESS")), verbose=verbose), flush=True)
@@ -237,7 +238,7 @@ def _export(teacher, cfg: IBOTConfig, run_path: str) -> str:
 
     from ibot_ray.export import export_backbone
 
-    meta = {"arch": cfg.model.arch, "patch_size": str(cfg.patch_size), "img_size": str(cfg.crops.global_crops_size)}
+    meta = {"which": "teacher"}  # arch and every create_model kwarg are read from the model itself
     fname = "teacher_backbone.safetensors"
     if "://" not in run_path:
         target = Path(run_path) / "export" / fname

@@ -215,6 +215,7 @@ def train_loop_per_worker(config: dict) -> dict:
                     if cfg.train.stop_on_collapse:
                         stop_on_collapse = True
                 metrics["health"] = health.status
+                metrics["health_alarms"] = ",".join(health.raised)
                 if stop_on_collapse:
                     metrics["stopped_on_collapse"] = True
                     do_ckpt = True

@@ -116,11 +116,21 @@ def test_summary_and_failure_blocks():
                           run_path="/r/demo", checkpoint_path="/r/demo/step_00000124",
                           export_path="/r/demo/export/teacher_backbone.safetensors",
                           knn_before={"knn_top1": 57.6, "knn_top5": 91.8},
-                          knn_after={"knn_top1": 56.0, "knn_top5": 92.0}, log_dir="/tmp/ray/session_x/logs")
+                          knn_after={"knn_top1": 56.0, "knn_top5": 92.0},
+                          knn_pixels={"knn_top1": 80.1, "knn_top5": 98.0, "variant": "centred"},
+                          log_dir="/tmp/ray/session_x/logs")
     lines = text.splitlines()
     assert lines[0] == "[ibot-ray] done: run 'demo', 124/124 steps in 4m30s (training 3m20s)"
-    assert "k-NN top-1      56.0% (initial teacher 57.6%), top-5 92.0%" in text
-    assert "health          ok" in text and "/r/demo/logs/metrics.jsonl" in text
+    assert "k-NN top-1      trained teacher 56.0% (top-5 92.0%)" in text
+    assert "random init     57.6%  (-1.6 points)" in text
+    assert "raw pixels      80.1%  (-24.1 points; centred pixels, same split)" in text
+    assert "still worse than raw pixels" in text
+    assert "health          healthy: no collapse detected (last status: ok)" in text
+    assert "/r/demo/logs/metrics.jsonl" in text
+    collapsed = format_summary(name="demo", steps=60, total_steps=124, wall_s=1.0, train_s=1.0, run_path="/r",
+                               metrics={**ROW_124, "health": "uniform-collapse", "health_alarms": "uniform-collapse"},
+                               checkpoint_path=None, export_path=None, knn_before=None, knn_after=None)
+    assert "health          collapsed: uniform-collapse" in collapsed
     assert "/tmp/ray/session_x/logs" in text and "--verbose" in text
 
     from ray.train import WorkerGroupError

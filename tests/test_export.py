@@ -92,7 +92,7 @@ def test_exported_backbone_loads_in_timm_with_identical_features(tmp_path, caplo
     meta = exported_metadata(path)
     assert meta["arch"] == ARCH and meta["epoch"] == 5 and meta["note"] == "hi"
     assert meta["timm_kwargs"] == {"img_size": 32, "patch_size": patch_size or 16, "dynamic_img_size": True,
-                                   "depth": DEPTH}
+                                   "depth": DEPTH, "embed_dim": 192, "num_heads": 3}
     rebuilt = load_exported(path).eval()  # arch and kwargs taken from the metadata
     with torch.no_grad():
         assert torch.equal(rebuilt.forward_features(x), expected)
@@ -150,7 +150,8 @@ def test_export_from_checkpoint(tmp_path, caplog, which):
         assert not torch.allclose(model.forward_features(x), other(x))
     meta = exported_metadata(out)
     assert meta["which"] == which and meta["epoch"] == 4 and meta["step"] == 99 and meta["arch"] == ARCH
-    assert meta["timm_kwargs"] == {"dynamic_img_size": True, "img_size": 32, "patch_size": 8, "depth": DEPTH}
+    assert meta["timm_kwargs"] == {"dynamic_img_size": True, "img_size": 32, "patch_size": 8, "depth": DEPTH,
+                                   "embed_dim": 192}
     with torch.no_grad():
         assert torch.equal(load_exported(out).eval().forward_features(x), source(x))
 
@@ -173,3 +174,18 @@ def test_export_from_checkpoint_accepts_bare_backbone_state(tmp_path):
     save_checkpoint(tmp_path / "bare.pt", state)
     out = export_from_checkpoint(tmp_path / "bare.pt", tmp_path / "bare.safetensors")
     assert set(load_file(str(out))) == set(backbone.vit.state_dict())
+
+
+def test_narrow_backbone_round_trips_with_its_width_and_heads(tmp_path):
+    """model.embed_dim / model.num_heads overrides are recorded, so timm rebuilds the same narrow model."""
+    from ibot_ray.backbone import MaskedViT
+
+    torch.manual_seed(0)
+    backbone = MaskedViT(ARCH, img_size=32, patch_size=8, depth=DEPTH, embed_dim=96, num_heads=3).eval()
+    assert backbone.embed_dim == 96 and backbone.vit.blocks[0].attn.num_heads == 3
+    path = export_backbone(backbone, tmp_path / "narrow.safetensors")
+    assert exported_metadata(path)["timm_kwargs"]["num_heads"] == 3
+    rebuilt = load_exported(path).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.forward_features(x), backbone(x))
