@@ -51,6 +51,32 @@ def rank_batch(global_batch: int, world: int, rank: int) -> tuple[int, int, floa
     return read, share, share * world / global_batch
 
 
+class PreemptionNotices:
+    """Which preemption notices still need a just-in-time checkpoint: each distinct notice gets exactly one.
+
+    ``ray.train.get_preemption_info()`` keeps returning the same notice until the node goes (the whole drain window,
+    up to minutes), so checking it every log step must not checkpoint every log step. A notice is identified by its
+    preempted nodes and deadline: a further node drained, or a new deadline for the same node, is a new notice.
+    Every rank sees the same agreed value, so every rank takes the same decision."""
+
+    def __init__(self) -> None:
+        self._handled: set[tuple] = set()
+
+    @staticmethod
+    def key(info) -> tuple:
+        return (getattr(info, "deadline_ms", None), tuple(sorted(map(str, info.preempted_node_to_ranks))))
+
+    def is_new(self, info) -> bool:
+        """True the first time a notice is seen (the caller checkpoints now); False for None or a handled one."""
+        if info is None:
+            return False
+        key = self.key(info)
+        if key in self._handled:
+            return False
+        self._handled.add(key)
+        return True
+
+
 def _checkpoint_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -168,6 +194,7 @@ def train_loop_per_worker(config: dict) -> dict:
     shard = ray.train.get_dataset_shard("train")
     images_seen, wait_s, busy_s = 0, 0.0, 0.0
     t_window = time.perf_counter()
+    notices = PreemptionNotices()
     last: dict = {}
     while runner.step < total and not stop_on_collapse:
         epoch_at_start = runner.step // steps_per_epoch
@@ -192,10 +219,12 @@ def train_loop_per_worker(config: dict) -> dict:
             done = step >= total
             do_ckpt = done or epoch_end or step % cfg.train.checkpoint_every_steps == 0
             do_log = do_ckpt or step % cfg.train.log_every_steps == 0
-            preempted = False
+            preempted = new_notice = False
             if do_log and cfg.train.check_preemption:
-                preempted = ray.train.get_preemption_info() is not None  # a barrier: every rank calls it
-                do_ckpt = do_ckpt or preempted
+                info = ray.train.get_preemption_info()  # a barrier: every rank calls it
+                preempted = info is not None
+                new_notice = notices.is_new(info)  # one just-in-time checkpoint per notice, not per log step
+                do_ckpt = do_ckpt or new_notice
             if do_log:
                 elapsed = max(1e-9, time.perf_counter() - t_window)
                 metrics.update({
@@ -246,7 +275,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 if do_ckpt:
                     console.event("checkpoint", name=_checkpoint_dir_name(step), step=step,
                                   epoch=step // steps_per_epoch)
-                if preempted:
+                if new_notice:
                     console.event("preempted", step=step)
                 if stop_on_collapse:
                     console.event("stopped", step=step, reason=f"collapse ({health.status}), train.stop_on_collapse")
