@@ -208,8 +208,8 @@ def check_aws_worker_profile(cfg: dict, guide: str) -> str:
     passrole = [(f, st) for f, p in policies.items() for st in _statements(p)
                 if "iam:PassRole" in _as_list(st.get("Action"))]
     assert passrole, "the guide documents no iam:PassRole for the head"
-    ok = [f for f, st in passrole
-          if st.get("Effect") == "Allow" and _as_list(st["Resource"]) == [f"arn:aws:iam::YOUR-ACCOUNT-ID:role/{worker}"]]
+    role_arn = f"arn:aws:iam::YOUR-ACCOUNT-ID:role/{worker}"
+    ok = [f for f, st in passrole if st.get("Effect") == "Allow" and _as_list(st["Resource"]) == [role_arn]]
     assert ok, f"no PassRole statement for exactly role/{worker}: {passrole}"
     assert re.search(rf"put-role-policy --role-name {head_name} .*file://{re.escape(ok[0])}", cmds), \
         f"the guide never attaches {ok[0]} to the head's role {head_name}"
