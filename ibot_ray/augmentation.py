@@ -151,6 +151,8 @@ class MultiCropAugmentation:
                 raise ValueError(f"crops.{name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
         if not 0 < c.crop_ratio[0] <= c.crop_ratio[1]:
             raise ValueError(f"crops.crop_ratio must satisfy 0 < min <= max, got {c.crop_ratio}")
+        if isinstance(c.blur_sigma, str):
+            raise ValueError(f"crops.blur_sigma is {c.blur_sigma!r}: derive it first (ibot_ray.recipe.derive_settings)")
         if not 0 < c.blur_sigma[0] <= c.blur_sigma[1]:
             raise ValueError(f"crops.blur_sigma must satisfy 0 < min <= max, got {c.blur_sigma}")
         if not 0 <= c.hue <= 0.5:

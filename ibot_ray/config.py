@@ -24,6 +24,13 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+#: The value a preset or YAML file gives a field to have it derived from the planned run (ibot_ray/recipe.py).
+AUTO = "auto"
+#: The fields that may be ``auto``.
+AUTO_FIELDS = ("optim.momentum_teacher", "optim.warmup_epochs", "loss.warmup_teacher_temp_epochs",
+               "optim.freeze_last_layer", "crops.blur_sigma")
+
+
 @dataclass
 class ModelConfig:
     arch: str = "vit_small_patch16_224"  # any timm Vision Transformer
@@ -292,6 +299,11 @@ def merge_into(obj: Any, d: dict, prefix: str = "") -> None:
         current = getattr(obj, key)
         if is_dataclass(current):
             merge_into(current, value, prefix=f"{name}.")
+        elif name in AUTO_FIELDS and isinstance(value, str) and value.strip().lower() == AUTO:
+            setattr(obj, key, AUTO)
+        elif isinstance(value, str) and value.strip().lower() == AUTO \
+                and str not in (hints[key], *get_args(hints[key])):
+            raise ConfigError(f"{name}: 'auto' is only allowed for {', '.join(AUTO_FIELDS)}")
         else:
             setattr(obj, key, _coerce(value, hints[key], name))
 
@@ -413,7 +425,8 @@ def validate(cfg: IBOTConfig) -> None:
     for n in ("brightness", "contrast", "saturation"):
         _check(getattr(c, n) >= 0, f"crops.{n}", "must be >= 0")
     _check(0 <= c.hue <= 0.5, "crops.hue", "must be in [0, 0.5]")
-    _check(0 < c.blur_sigma[0] <= c.blur_sigma[1], "crops.blur_sigma", "must satisfy 0 < min <= max")
+    _check(c.blur_sigma == AUTO or 0 < c.blur_sigma[0] <= c.blur_sigma[1], "crops.blur_sigma",
+           "must satisfy 0 < min <= max")
     _check(0 <= c.solarize_threshold <= 256, "crops.solarize_threshold", "must be in [0, 256]")
 
     _check(k.shape in ("block", "rand"), "masking.shape", f"must be 'block' or 'rand', got {k.shape!r}")
@@ -430,7 +443,8 @@ def validate(cfg: IBOTConfig) -> None:
 
     for n in ("student_temp", "teacher_temp", "warmup_teacher_temp", "teacher_patch_temp", "warmup_teacher_patch_temp"):
         _check(getattr(lo, n) > 0, f"loss.{n}", f"temperature must be positive, got {getattr(lo, n)}")
-    _check(lo.warmup_teacher_temp_epochs >= 0, "loss.warmup_teacher_temp_epochs", "must be >= 0")
+    _check(lo.warmup_teacher_temp_epochs == AUTO or lo.warmup_teacher_temp_epochs >= 0,
+           "loss.warmup_teacher_temp_epochs", "must be >= 0")
     for n in ("center_momentum", "center_momentum_patch"):
         _check(0 <= getattr(lo, n) < 1, f"loss.{n}", "must be in [0, 1)")
     _check(lo.lambda_cls >= 0 and lo.lambda_mim >= 0, "loss.lambda_cls", "loss weights must be >= 0")
@@ -444,14 +458,15 @@ def validate(cfg: IBOTConfig) -> None:
     _check(o.micro_batch_size >= 0, "optim.micro_batch_size", "must be >= 0")
     _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "must be positive")
     _check(0 <= o.min_lr <= o.lr * o.batch_size / 256, "optim.min_lr", "must be in [0, peak lr]")
-    _check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", "must be in [0, epochs]")
+    _check(o.warmup_epochs == AUTO or 0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs",
+           "must be in [0, epochs]")
     _check(o.weight_decay >= 0 and o.weight_decay_end >= 0, "optim.weight_decay", "must be >= 0")
-    _check(0 <= o.momentum_teacher <= o.momentum_teacher_end <= 1, "optim.momentum_teacher",
-           "must satisfy 0 <= start <= end <= 1")
+    m0 = o.momentum_teacher_end if o.momentum_teacher == AUTO else o.momentum_teacher
+    _check(0 <= m0 <= o.momentum_teacher_end <= 1, "optim.momentum_teacher", "must satisfy 0 <= start <= end <= 1")
     _check(o.momentum_schedule in ("cosine", "linear", "constant"), "optim.momentum_schedule",
            f"must be cosine, linear or constant, got {o.momentum_schedule!r}")
     _check(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
-    _check(o.freeze_last_layer >= 0, "optim.freeze_last_layer", "must be >= 0")
+    _check(o.freeze_last_layer == AUTO or o.freeze_last_layer >= 0, "optim.freeze_last_layer", "must be >= 0")
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas", "must be in [0, 1)")
     _check(o.precision in ("auto", "bf16", "fp16", "fp32"), "optim.precision", "must be auto, bf16, fp16 or fp32")
     _check(o.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps", "must be >= 1")
@@ -482,6 +497,23 @@ def validate(cfg: IBOTConfig) -> None:
     _check(e.image_size >= p and e.image_size % p == 0, "eval.image_size", f"must be a multiple of the patch size {p}")
 
 
+def get_field(cfg: IBOTConfig, dotted: str) -> Any:
+    """The value of ``section.field``."""
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def set_field(cfg: IBOTConfig, dotted: str, value: Any) -> None:
+    """Set ``section.field`` (no type check; :func:`apply_overrides` is the checked way)."""
+    section, name = dotted.split(".")
+    setattr(getattr(cfg, section), name, value)
+
+
+def unresolved_auto(cfg: IBOTConfig) -> list[str]:
+    """The fields still ``auto`` (ibot_ray/recipe.py derives them when the run starts)."""
+    return [f for f in AUTO_FIELDS if isinstance(get_field(cfg, f), str) and get_field(cfg, f) == AUTO]
+
+
 def replace(cfg: IBOTConfig, **sections: dict) -> IBOTConfig:
     """A copy of ``cfg`` with some section fields changed, e.g. ``replace(cfg, optim={"epochs": 2})``."""
     new = IBOTConfig.from_dict(cfg.to_dict(), validate=False)
@@ -490,6 +522,8 @@ def replace(cfg: IBOTConfig, **sections: dict) -> IBOTConfig:
 
 
 __all__ = [
+    "AUTO",
+    "AUTO_FIELDS",
     "ConfigError",
     "IBOTConfig",
     "ModelConfig",
@@ -503,6 +537,9 @@ __all__ = [
     "EvalConfig",
     "load_config",
     "apply_overrides",
+    "get_field",
+    "set_field",
+    "unresolved_auto",
     "merge_into",
     "preset_names",
     "replace",

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from ibot_ray.config import IBOTConfig
+from ibot_ray.config import IBOTConfig, unresolved_auto
 
 
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
@@ -60,6 +60,10 @@ class Schedules:
         self.epochs = int(o.epochs)
         self.total_steps: int = self.epochs * self.steps_per_epoch
         self.peak_lr = o.lr * o.batch_size / 256.0
+        unresolved = unresolved_auto(cfg)
+        if unresolved:
+            raise ValueError(f"{', '.join(unresolved)} still 'auto': derive them first "
+                             "(ibot_ray.recipe.derive_settings(cfg, steps_per_epoch))")
         self.lr = cosine_schedule(self.peak_lr, o.min_lr, self.total_steps, o.warmup_epochs * self.steps_per_epoch)
         self.wd = cosine_schedule(o.weight_decay, o.weight_decay_end, self.total_steps)
         if o.momentum_schedule == "linear":

@@ -117,12 +117,17 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
 
         ray.data.DataContext.get_current().print_on_execution_start = False
         quiet_driver_logging()
+    from ibot_ray.recipe import derive_settings
+
+    derived = derive_settings(cfg)  # the `auto` fields the data pipeline needs (crop blur) ...
     monitor_name = create_monitor(name)
     dataset, info = build_train_dataset(cfg, monitor_name=monitor_name)
     g = cfg.optim.batch_size
     if info.num_items < g:
         raise ConfigError(f"optim.batch_size: global batch {g} is larger than the dataset ({info.num_items} images)")
     steps_per_epoch = info.num_items // g
+    derived += derive_settings(cfg, steps_per_epoch)  # ... and those that need the run's length
+    cfg.validate()
     t = cfg.train
     use_gpu = _use_gpu(cfg)
     resources = {"CPU": t.cpus_per_worker}
@@ -154,7 +159,8 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
         run_config=run_config,
         datasets={"train": dataset},
     )
-    return trainer, {"steps_per_epoch": steps_per_epoch, "num_items": info.num_items, "monitor_name": monitor_name,
+    return trainer, {"derived": derived,
+                     "steps_per_epoch": steps_per_epoch, "num_items": info.num_items, "monitor_name": monitor_name,
                      "total_steps": steps_per_epoch * cfg.optim.epochs}
 
 
@@ -202,6 +208,8 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
     trainer, info = build_trainer(cfg, storage=storage, name=name, console_name=mailbox_name(name), verbose=verbose)
     print(f"[ibot-ray] run '{name}': {info['num_items']} images, {info['steps_per_epoch']} steps/epoch, "
           f"{info['total_steps']} steps, storage {_storage_path(storage)}", flush=True)
+    for d in info["derived"]:
+        print(f"[ibot-ray] derived {d} (set it to override)", flush=True)
     console = ConsoleRenderer(total_steps=info["total_steps"], steps_per_epoch=info["steps_per_epoch"], name=name)
     t_fit = time.time()
     with ConsolePoller(name, console):  # rank 0 -> mailbox actor -> this thread -> the terminal
@@ -221,7 +229,9 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
         if evaluator is not None:
             out.knn_after = evaluator.evaluate(teacher.backbone)
         if export:
-            out.export_path = _export(teacher, cfg, result.path)
+            # the run folder from storage + name: Train V2's Result.path has no scheme (s3://...), and a
+            # schemeless path would be written on the head's disk and lost at `ray down`
+            out.export_path = _export(teacher, cfg, f"{_storage_path(storage).rstrip('/')}/{name}")
     out.wall_s = time.time() - t_start
     print(format_summary(name=name, steps=out.steps, total_steps=info["total_steps"], wall_s=out.wall_s,
                          train_s=train_s, metrics=out.metrics, run_path=out.run_path, checkpoint_path=ckpt_path,

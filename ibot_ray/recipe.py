@@ -1,0 +1,95 @@
+"""Settings derived from the planned run: what a config leaves as ``auto`` is set from the run length and crop size.
+
+The paper's recipe is tuned for ImageNet and 800 epochs of 1,251 steps. Several of its values only make sense
+relative to that length: the teacher's averaging horizon, the warm-ups, the last-layer freeze. The blur is measured
+in pixels of a 224 px crop. A preset that should work at any length and size (``demo``, ``small``) gives ``auto``
+for these fields, and :func:`derive_settings` sets them when the run starts, from the planned number of steps and
+the crop size, and says what it chose and why. A number given by the user (``--set``, a YAML file) is used as is;
+the ``vit_small_16`` and ``vit_base_16`` presets give numbers everywhere, so they keep the paper's values.
+
+============================  ====================================================================================
+field                         derived value
+============================  ====================================================================================
+optim.momentum_teacher        ``1 - 25 / total_steps``, clipped to [0.9, 0.996]: the teacher averages over about
+                              4 % of the run (1/(1-m) steps), never longer than the paper's 250 steps. With the
+                              paper's 0.996 a 2,000-step run has a teacher that lags an eighth of the run behind.
+optim.warmup_epochs           ``ceil(epochs / 10)``, at most 10 (the paper's 10 epochs)
+loss.warmup_teacher_temp_     ``ceil(epochs * 30 / 800)``: the paper's fraction of the run (30 of 800 epochs)
+epochs
+optim.freeze_last_layer       1 epoch (the paper), or 0 when one epoch is over 5 % of the run
+crops.blur_sigma              the paper's (0.1, 2.0) px scaled by ``global_crops_size / 224``: the same blur
+                              relative to the image (at 32 px, sigma up to 2 px erases the object)
+============================  ====================================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ibot_ray.config import IBOTConfig, set_field, unresolved_auto
+
+PAPER_BLUR_SIGMA = (0.1, 2.0)
+
+
+@dataclass
+class Derived:
+    field: str
+    value: object
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.field} = {self.value}: {self.why}"
+
+
+#: Fields whose derived value needs the run's length (the others only need the config).
+LENGTH_FIELDS = ("optim.momentum_teacher", "optim.warmup_epochs", "loss.warmup_teacher_temp_epochs",
+                 "optim.freeze_last_layer")
+
+
+def derive_settings(cfg: IBOTConfig, steps_per_epoch: int | None = None) -> list[Derived]:
+    """Replace the ``auto`` fields of ``cfg`` (in place) by their derived values; returns what was derived.
+
+    Without ``steps_per_epoch`` only the fields that do not depend on the run's length are derived (the data
+    pipeline needs the blur before the source is listed); call again with it for the rest."""
+    epochs = int(cfg.optim.epochs)
+    total = max(1, epochs * int(steps_per_epoch or 1))
+    rules = {
+        "optim.momentum_teacher": lambda: _momentum(cfg, total),
+        "optim.warmup_epochs": lambda: Derived(
+            "optim.warmup_epochs", min(10, math.ceil(epochs / 10)),
+            f"a tenth of the {epochs} epochs, at most the paper's 10"),
+        "loss.warmup_teacher_temp_epochs": lambda: Derived(
+            "loss.warmup_teacher_temp_epochs", min(epochs, math.ceil(epochs * 30 / 800)),
+            f"the paper's 30 of 800 epochs, scaled to {epochs} epochs"),
+        "optim.freeze_last_layer": lambda: Derived(
+            "optim.freeze_last_layer", 1 if epochs >= 20 else 0,
+            "1 epoch, as the paper" if epochs >= 20 else f"one epoch would be over 5 % of a {epochs}-epoch run"),
+        "crops.blur_sigma": lambda: _blur(cfg),
+    }
+    out = []
+    for name in unresolved_auto(cfg):
+        if steps_per_epoch is None and name in LENGTH_FIELDS:
+            continue
+        d = rules[name]()
+        set_field(cfg, name, d.value)
+        out.append(d)
+    return out
+
+
+def _momentum(cfg: IBOTConfig, total: int) -> Derived:
+    m = min(0.996, max(0.9, 1.0 - 25.0 / total))
+    m = round(min(m, cfg.optim.momentum_teacher_end), 6)
+    return Derived("optim.momentum_teacher", m,
+                   f"the teacher averages over ~{1 / (1 - m):.0f} steps, 4 % of the {total}-step run "
+                   "(at most the paper's 250)")
+
+
+def _blur(cfg: IBOTConfig) -> Derived:
+    s = cfg.crops.global_crops_size / 224
+    lo, hi = (round(max(0.01, v * s), 4) for v in PAPER_BLUR_SIGMA)
+    return Derived("crops.blur_sigma", (lo, hi),
+                   f"the paper's {PAPER_BLUR_SIGMA} px at 224 px, scaled to {cfg.crops.global_crops_size} px crops")
+
+
+__all__ = ["Derived", "derive_settings"]

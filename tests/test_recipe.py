@@ -1,0 +1,64 @@
+"""Settings derived from the planned run (`auto` fields): the rules, the paper recipe left alone, user values win."""
+
+import pytest
+
+from ibot_ray.config import AUTO_FIELDS, ConfigError, get_field, load_config, unresolved_auto
+from ibot_ray.recipe import derive_settings
+from ibot_ray.schedules import Schedules
+
+ALL_AUTO = [f"{f}=auto" for f in AUTO_FIELDS]
+
+
+def test_auto_fields_are_derived_from_the_run_length_and_crop_size():
+    cfg = load_config("vit_small_16", ALL_AUTO + ["optim.epochs=40", "crops.global_crops_size=32",
+                                                  "crops.local_crops_size=16", "model.patch_size=8",
+                                                  "eval.image_size=32"])
+    assert unresolved_auto(cfg) == list(AUTO_FIELDS)
+    first = derive_settings(cfg)  # no length yet: only what the data pipeline needs
+    assert [d.field for d in first] == ["crops.blur_sigma"]
+    assert cfg.crops.blur_sigma == (pytest.approx(0.1 * 32 / 224, abs=1e-4), pytest.approx(2.0 * 32 / 224, abs=1e-4))
+    rest = {d.field: d for d in derive_settings(cfg, steps_per_epoch=62)}  # 2,480 steps
+    assert cfg.optim.momentum_teacher == pytest.approx(1 - 25 / 2480, abs=1e-6)
+    assert "steps" in rest["optim.momentum_teacher"].why
+    assert cfg.optim.warmup_epochs == 4
+    assert cfg.loss.warmup_teacher_temp_epochs == 2  # ceil(40 * 30 / 800)
+    assert cfg.optim.freeze_last_layer == 1
+    assert unresolved_auto(cfg) == []
+    cfg.validate()
+    Schedules(cfg, 62)  # builds once nothing is auto
+
+
+def test_momentum_is_clipped_to_the_paper_value_and_a_short_run_freezes_nothing():
+    long = load_config("vit_small_16", ["optim.momentum_teacher=auto", "optim.freeze_last_layer=auto"])
+    derive_settings(long, steps_per_epoch=1251)  # 800 epochs: a million steps
+    assert long.optim.momentum_teacher == 0.996 and long.optim.freeze_last_layer == 1
+    short = load_config("vit_small_16", ["optim.momentum_teacher=auto", "optim.freeze_last_layer=auto",
+                                         "optim.epochs=3", "optim.warmup_epochs=0"])
+    derive_settings(short, steps_per_epoch=10)  # 30 steps
+    assert short.optim.momentum_teacher == 0.9 and short.optim.freeze_last_layer == 0
+
+
+def test_the_paper_recipe_is_never_rewritten():
+    cfg = load_config("vit_small_16")
+    before = cfg.to_dict()
+    assert derive_settings(cfg, steps_per_epoch=5) == []
+    assert cfg.to_dict() == before
+    for f in AUTO_FIELDS:
+        assert get_field(load_config("vit_base_16"), f) != "auto"
+
+
+def test_a_user_value_wins_over_auto(tmp_path):
+    yaml_file = tmp_path / "mine.yaml"
+    yaml_file.write_text("preset: vit_small_16\noptim:\n  momentum_teacher: auto\n  warmup_epochs: auto\n")
+    cfg = load_config(str(yaml_file), ["optim.momentum_teacher=0.99"])
+    assert cfg.optim.momentum_teacher == 0.99 and cfg.optim.warmup_epochs == "auto"
+    derived = derive_settings(cfg, steps_per_epoch=10)
+    assert [d.field for d in derived] == ["optim.warmup_epochs"] and cfg.optim.momentum_teacher == 0.99
+
+
+def test_auto_is_refused_elsewhere_and_schedules_refuse_unresolved_fields():
+    with pytest.raises(ConfigError, match="optim.lr: 'auto' is only allowed for"):
+        load_config("demo", ["optim.lr=auto"])
+    cfg = load_config("vit_small_16", ["optim.warmup_epochs=auto"])
+    with pytest.raises(ValueError, match="optim.warmup_epochs still 'auto'"):
+        Schedules(cfg, 10)
