@@ -9,7 +9,8 @@ that per-image augmentation seeds and bad-input reports can refer to it; ``label
 
 The driver only *lists*: a folder is listed with ``pyarrow.fs.FileSelector(recursive=True)`` and a Parquet source
 only has its footers read, which gives :class:`SourceInfo` (item count, labels, class names) without touching any
-image. The bytes are read by Ray tasks (``read_binary_files`` for folders, row-group reads for Parquet) and decoded
+image. The bytes are read by Ray tasks (``read_binary_files`` for folders; for Parquet, one task per read unit, a
+whole row group or a run of consecutive small ones, streamed once in ``PARQUET_ROWS_PER_TASK``-row batches) and decoded
 later, in the augmenting actors (``pipelines/ingest.py``). Any URI that ``pyarrow.fs.FileSystem.from_uri``
 understands works: a local path, ``file://``, ``s3://``, ``gs://``.
 """
@@ -44,8 +45,12 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "jpe", "jfif", "png", "webp", "bmp", "gif", "
                     "pnm")
 #: Parquet schema metadata key that may hold a JSON list of class names (label order).
 CLASS_NAMES_METADATA_KEY = b"class_names"
-#: At most this many rows per Parquet read task (a big row group is read in slices of this size).
+#: Parquet read units: consecutive row groups of a file are merged until a unit holds at least this many rows (a row
+#: group is never split: each is read exactly once, by one task), and a unit is streamed in batches of this many rows.
 PARQUET_ROWS_PER_TASK = 256
+#: Read buffer of the streamed Parquet reader (bytes): a read task holds about this much undecoded data per column
+#: plus one batch, not the whole row group.
+PARQUET_READ_BUFFER = 4 * 2**20
 #: Names Ray's file listing skips at the top of a folder; we skip the same so counts agree exactly.
 _SKIPPED_PREFIXES = (".", "_")
 
@@ -226,7 +231,11 @@ def _string_label_names(fs: pafs.FileSystem, files: list[str], label_column: str
 def list_parquet(
     uri: str, image_column: str, label_column: Optional[str]
 ) -> tuple[SourceInfo, list[dict], Any, Optional[dict[str, int]]]:
-    """Read only the Parquet footers: row counts, the columns present and the read units (row-group slices).
+    """Read only the Parquet footers: row counts, the columns present and the read units.
+
+    A read unit is a run of consecutive row groups of one file, ``{"path", "row_group" (first), "num_row_groups",
+    "first_row", "length" (rows)}``: row groups are merged until a unit holds ``PARQUET_ROWS_PER_TASK`` rows, and a
+    large row group is a unit of its own, so every byte of the file is read once per epoch.
 
     Every file must have ``image_column`` (binary); labels are used only when *every* file has ``label_column``.
     Integer labels are used as they are (class names from the ``class_names`` schema metadata, if any); string
@@ -260,12 +269,19 @@ def list_parquet(
         if class_names is None and schema.metadata and CLASS_NAMES_METADATA_KEY in schema.metadata:
             class_names = list(json.loads(schema.metadata[CLASS_NAMES_METADATA_KEY]))
         offset = 0
+        unit = None
         for rg in range(meta.num_row_groups):
             n = meta.row_group(rg).num_rows
-            for start in range(0, n, PARQUET_ROWS_PER_TASK):
-                units.append({"path": path, "row_group": rg, "start": start,
-                              "length": min(PARQUET_ROWS_PER_TASK, n - start), "first_row": offset + start})
+            if unit is None:
+                unit = {"path": path, "row_group": rg, "num_row_groups": 0, "first_row": offset, "length": 0}
+            unit["num_row_groups"] += 1
+            unit["length"] += n
             offset += n
+            if unit["length"] >= PARQUET_ROWS_PER_TASK:
+                units.append(unit)
+                unit = None
+        if unit is not None:
+            units.append(unit)
         total += meta.num_rows
     if total == 0:
         raise SourceError(f"data.source: the Parquet files under {uri!r} hold no rows")
@@ -287,31 +303,48 @@ def _read_parquet_units(
     label_column: Optional[str],
     class_to_idx: Optional[dict[str, int]] = None,
 ) -> Iterator[pa.Table]:
-    """Read row-group slices -> ``{bytes, key, label}`` tables; runs in Ray tasks, never on the driver."""
+    """Read units (runs of row groups) -> ``{bytes, key, label}`` tables; runs in Ray tasks, never on the driver.
+
+    Each unit's row groups are streamed once (``iter_batches`` without pre-buffering, ``PARQUET_READ_BUFFER``-byte
+    reads), yielding ``PARQUET_ROWS_PER_TASK``-row tables, so a task never holds a whole large row group."""
     columns = [image_column] + ([label_column] if label_column else [])
-    for path, rg, start, length, first in zip(units["path"], units["row_group"], units["start"], units["length"],
-                                              units["first_row"]):
+    for path, rg, n_rg, first in zip(units["path"], units["row_group"], units["num_row_groups"], units["first_row"]):
         with fs.open_input_file(str(path)) as f:
-            table = pq.ParquetFile(f).read_row_group(int(rg), columns=columns).slice(int(start), int(length))
-        n = table.num_rows
-        if label_column and class_to_idx is not None:
-            lab = pa.array([class_to_idx.get(v, -1) for v in table.column(label_column).to_pylist()], pa.int64())
-        elif label_column:
-            lab = table.column(label_column).cast(pa.int64()).fill_null(-1)
-        else:
-            lab = pa.array(np.full(n, -1, dtype=np.int64))
-        keys = pa.array([f"{path}#{int(first) + i}" for i in range(n)], pa.string())
-        image = table.column(image_column)
-        if pa.types.is_large_binary(image.type):
-            image = image.cast(pa.binary())
-        yield pa.table({"bytes": image, "key": keys, "label": lab})
+            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=PARQUET_READ_BUFFER)
+            row = int(first)
+            groups = range(int(rg), int(rg) + int(n_rg))
+            for batch in pf.iter_batches(batch_size=PARQUET_ROWS_PER_TASK, row_groups=groups, columns=columns,
+                                         use_threads=False):
+                yield _parquet_rows(pa.Table.from_batches([batch]), str(path), row, image_column, label_column,
+                                    class_to_idx)
+                row += batch.num_rows
+
+
+def _parquet_rows(table: pa.Table, path: str, first: int, image_column: str, label_column: Optional[str],
+                  class_to_idx: Optional[dict[str, int]]) -> pa.Table:
+    """Rows ``first..`` of a Parquet file -> ``{bytes, key = "<path>#<row>", label}``."""
+    n = table.num_rows
+    if label_column and class_to_idx is not None:
+        lab = pa.array([class_to_idx.get(v, -1) for v in table.column(label_column).to_pylist()], pa.int64())
+    elif label_column:
+        lab = table.column(label_column).cast(pa.int64()).fill_null(-1)
+    else:
+        lab = pa.array(np.full(n, -1, dtype=np.int64))
+    keys = pa.array([f"{path}#{first + i}" for i in range(n)], pa.string())
+    image = table.column(image_column)
+    if pa.types.is_large_binary(image.type):
+        image = image.cast(pa.binary())
+    return pa.table({"bytes": image, "key": keys, "label": lab})
 
 
 def _parquet_dataset(info: SourceInfo, units: list[dict], fs: pafs.FileSystem, image_column: str,
                      label_column: Optional[str], class_to_idx: Optional[dict[str, int]],
                      seed: Optional[int]) -> ray.data.Dataset:
     import ray.data
+    from ray.data._internal.util import RetryingPyFileSystem
 
+    # What ray.data.read_parquet does: transient storage errors (DataContext.retried_io_errors) are retried
+    fs = RetryingPyFileSystem.wrap(fs, retryable_errors=ray.data.DataContext.get_current().retried_io_errors)
     ds = ray.data.from_items(units, override_num_blocks=min(len(units), 4096))
     if seed is not None:
         ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))

@@ -154,3 +154,136 @@ def test_parquet_string_labels_become_sorted_class_indices(ray_cluster, tmp_path
     rows = _rows(ds)
     expected = [-1 if n is None else sorted({"tulip", "rose", "daisy"}).index(n) for n in names]
     assert [rows[f"{tmp_path / 's.parquet'}#{i}"]["label"] for i in range(5)] == expected
+
+
+# ---- bytes actually read from a Parquet shard ------------------------------------------------------
+
+
+class _CountingFile:
+    """A read-only file that appends the size of every read to a log (one line per read, any process)."""
+
+    def __init__(self, path: str, log: str) -> None:
+        self._f = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._log = log
+        self.closed = False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        with open(self._log, "a") as f:
+            f.write(f"{len(data)}\n")
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._f.close()
+        self.closed = True
+
+
+def _counting_handler_base():
+    import pyarrow.fs as pafs
+
+    class CountingHandler(pafs.FileSystemHandler):
+        """A local file system whose input files count the bytes read into ``log``."""
+
+        def __init__(self, log: str) -> None:
+            self.log = log
+            self.fs = pafs.LocalFileSystem()
+
+        def __eq__(self, other):
+            return isinstance(other, CountingHandler) and other.log == self.log
+
+        def __ne__(self, other):
+            return not self == other
+
+        def __reduce__(self):
+            return _counting_handler, (self.log,)
+
+        def get_type_name(self):
+            return "counting"
+
+        def normalize_path(self, path):
+            return path
+
+        def get_file_info(self, paths):
+            return self.fs.get_file_info(paths)
+
+        def get_file_info_selector(self, selector):
+            return self.fs.get_file_info(selector)
+
+        def open_input_file(self, path):
+            import pyarrow as pa
+
+            return pa.PythonFile(_CountingFile(path, self.log), mode="r")
+
+        def open_input_stream(self, path):
+            return self.open_input_file(path)
+
+        def create_dir(self, path, recursive):
+            raise NotImplementedError
+
+        def delete_dir(self, path):
+            raise NotImplementedError
+
+        def delete_dir_contents(self, path, missing_dir_ok=False):
+            raise NotImplementedError
+
+        def delete_root_dir_contents(self):
+            raise NotImplementedError
+
+        def delete_file(self, path):
+            raise NotImplementedError
+
+        def move(self, src, dest):
+            raise NotImplementedError
+
+        def copy_file(self, src, dest):
+            raise NotImplementedError
+
+        def open_output_stream(self, path, metadata):
+            raise NotImplementedError
+
+        def open_append_stream(self, path, metadata):
+            raise NotImplementedError
+
+    return CountingHandler
+
+
+def _counting_handler(log: str):
+    return _counting_handler_base()(log)
+
+
+def _bytes_read(log: Path) -> int:
+    return sum(int(line) for line in log.read_text().split()) if log.exists() else 0
+
+
+def test_parquet_shard_is_read_once(ray_cluster, tmp_path, cfg, monkeypatch):
+    """A 2,560-row shard in one row group is read about once (not once per 256-row slice, ~10x), every row once."""
+    import pyarrow.fs as pafs
+
+    path = tmp_path / "shard.parquet"
+    write_parquet(path, 2560, kinds=["jpeg", "png"], size=(48, 64))
+    size = path.stat().st_size
+    log = tmp_path / "reads.log"
+    counting = pafs.PyFileSystem(_counting_handler(str(log)))
+    monkeypatch.setattr(sources, "resolve_uri", lambda uri: (counting, str(uri)))
+    ds, info = build_source_dataset(cfg, str(path), shuffle_seed=1)
+    listed = _bytes_read(log)  # the driver read the footer only
+    assert info.num_items == 2560 and listed < 0.05 * size
+    keys = [r["key"] for r in ds.select_columns(["key"]).take_all()]
+    assert sorted(keys) == sorted(f"{path}#{i}" for i in range(2560))
+    read = _bytes_read(log) - listed
+    assert 0.9 * size <= read <= 1.2 * size, f"read {read} bytes of a {size}-byte file ({read / size:.1f}x)"
