@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 
 from ibot_ray import crop_kernels
-from ibot_ray.config import CropsConfig
+from ibot_ray.config import AUTO, CropsConfig
 from ibot_ray.crop_kernels import BRIGHTNESS, CONTRAST, HUE, SATURATION  # the columns of CropParams.factors
+from ibot_ray.recipe import blur_sigma_for
 
 RRC_TRIES = 10
 BLUR_TAIL = 1e-3  # kernel tails lighter than this are cut (at most 0.26 grey levels on a 0/255 step edge)
@@ -151,9 +152,8 @@ class MultiCropAugmentation:
                 raise ValueError(f"crops.{name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
         if not 0 < c.crop_ratio[0] <= c.crop_ratio[1]:
             raise ValueError(f"crops.crop_ratio must satisfy 0 < min <= max, got {c.crop_ratio}")
-        if isinstance(c.blur_sigma, str):
-            raise ValueError(f"crops.blur_sigma is {c.blur_sigma!r}: derive it first (ibot_ray.recipe.derive_settings)")
-        if not 0 < c.blur_sigma[0] <= c.blur_sigma[1]:
+        self.blur_sigma = blur_sigma_for(c.global_crops_size) if c.blur_sigma == AUTO else tuple(c.blur_sigma)
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
             raise ValueError(f"crops.blur_sigma must satisfy 0 < min <= max, got {c.blur_sigma}")
         if not 0 <= c.hue <= 0.5:
             raise ValueError(f"crops.hue must be in [0, 0.5], got {c.hue}")
@@ -199,7 +199,7 @@ class MultiCropAugmentation:
         factors = self._factor_lo + (self._factor_hi - self._factor_lo) * rng.random((n, 4))
         order = np.argsort(rng.random((n, 4)), axis=1)
         c = self.cfg
-        s_lo, s_hi = c.blur_sigma
+        s_lo, s_hi = self.blur_sigma
         return CropParams(
             size=(int(width), int(height)),
             boxes=boxes,

@@ -125,7 +125,10 @@ class CollapseDetector:
 
 def grace_steps(cfg, steps_per_epoch: int) -> int:
     """Steps during which no alarm is raised: the learning-rate warm-up (at least one log interval)."""
-    return max(int(cfg.optim.warmup_epochs * steps_per_epoch), int(cfg.train.log_every_steps))
+    from ibot_ray.recipe import resolved
+
+    warmup = resolved(cfg, steps_per_epoch).optim.warmup_epochs
+    return max(int(warmup * steps_per_epoch), int(cfg.train.log_every_steps))
 
 
 __all__ = ["Alarm", "CollapseDetector", "HealthThresholds", "conditions", "grace_steps", "UNIFORM", "DOMINANT",

@@ -79,17 +79,32 @@ def derive_settings(cfg: IBOTConfig, steps_per_epoch: int | None = None) -> list
 
 def _momentum(cfg: IBOTConfig, total: int) -> Derived:
     m = min(0.996, max(0.9, 1.0 - 25.0 / total))
-    m = round(min(m, cfg.optim.momentum_teacher_end), 6)
+    m = round(min(m, cfg.optim.momentum_teacher_end), 4)
     return Derived("optim.momentum_teacher", m,
                    f"the teacher averages over ~{1 / (1 - m):.0f} steps, 4 % of the {total}-step run "
                    "(at most the paper's 250)")
 
 
-def _blur(cfg: IBOTConfig) -> Derived:
-    s = cfg.crops.global_crops_size / 224
+def blur_sigma_for(global_crops_size: int) -> tuple[float, float]:
+    """The paper's blur range (px at 224 px) scaled to ``global_crops_size``."""
+    s = global_crops_size / 224
     lo, hi = (round(max(0.01, v * s), 4) for v in PAPER_BLUR_SIGMA)
-    return Derived("crops.blur_sigma", (lo, hi),
+    return lo, hi
+
+
+def _blur(cfg: IBOTConfig) -> Derived:
+    return Derived("crops.blur_sigma", blur_sigma_for(cfg.crops.global_crops_size),
                    f"the paper's {PAPER_BLUR_SIGMA} px at 224 px, scaled to {cfg.crops.global_crops_size} px crops")
 
 
-__all__ = ["Derived", "derive_settings"]
+def resolved(cfg: IBOTConfig, steps_per_epoch: int) -> IBOTConfig:
+    """``cfg`` itself when nothing is ``auto``, else a copy with every ``auto`` field derived (for code that runs the
+    method outside ``ibot-ray pretrain``, which derives and prints them once for the whole run)."""
+    if not unresolved_auto(cfg):
+        return cfg
+    out = IBOTConfig.from_dict(cfg.to_dict(), validate=False)
+    derive_settings(out, steps_per_epoch)
+    return out
+
+
+__all__ = ["Derived", "blur_sigma_for", "derive_settings", "resolved"]

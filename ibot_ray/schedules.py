@@ -10,7 +10,8 @@ import math
 
 import numpy as np
 
-from ibot_ray.config import IBOTConfig, unresolved_auto
+from ibot_ray.config import IBOTConfig
+from ibot_ray.recipe import resolved
 
 
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
@@ -55,15 +56,12 @@ class Schedules:
     def __init__(self, cfg: IBOTConfig, steps_per_epoch: int) -> None:
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        cfg = resolved(cfg, steps_per_epoch)  # `auto` fields (ibot_ray/recipe.py) from this run's length
         o, lo = cfg.optim, cfg.loss
         self.steps_per_epoch = int(steps_per_epoch)
         self.epochs = int(o.epochs)
         self.total_steps: int = self.epochs * self.steps_per_epoch
         self.peak_lr = o.lr * o.batch_size / 256.0
-        unresolved = unresolved_auto(cfg)
-        if unresolved:
-            raise ValueError(f"{', '.join(unresolved)} still 'auto': derive them first "
-                             "(ibot_ray.recipe.derive_settings(cfg, steps_per_epoch))")
         self.lr = cosine_schedule(self.peak_lr, o.min_lr, self.total_steps, o.warmup_epochs * self.steps_per_epoch)
         self.wd = cosine_schedule(o.weight_decay, o.weight_decay_end, self.total_steps)
         if o.momentum_schedule == "linear":
