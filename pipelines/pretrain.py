@@ -86,6 +86,10 @@ def init_ray(cfg: IBOTConfig, address: str | None = None, *, num_cpus: float | N
         ray.init(address=address, **quiet)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token file in ~/.ray
+    # A run starts ~10 Python processes at once (Train controller and workers, Data coordinator and actors, the
+    # ingest monitor, the console mailbox). The raylet starts at most min(cores, CPUs) at a time and warns on the
+    # driver's stdout above 4x that (8 on a 2-core laptop): let a local Ray start them all without the warning.
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(8, os.cpu_count() or 1)))
     t, d = cfg.train, cfg.data
     needed = num_cpus or (t.num_workers[1] * max(1.0, t.cpus_per_worker) + d.actors[1] * d.cpus_per_actor + 1)
     # address="local": always a new private instance, even when another Ray runs on this machine
