@@ -102,6 +102,20 @@ def main(argv: list[str] | None = None) -> int:
 
             from .export import export_from_checkpoint
 
+            if "://" in args.checkpoint:  # a checkpoint in a bucket (s3://, gs://): fetch state.pt first
+                import tempfile
+
+                import pyarrow.fs as pafs
+
+                fs, path = pafs.FileSystem.from_uri(args.checkpoint)
+                if fs.get_file_info(path).type == pafs.FileType.Directory:
+                    path = f"{path.rstrip('/')}/state.pt"
+                with tempfile.TemporaryDirectory() as d:
+                    local = Path(d) / "state.pt"
+                    pafs.copy_files(path, str(local), source_filesystem=fs)
+                    out = export_from_checkpoint(local, args.out, which=args.which)
+                print(f"wrote {out}")
+                return 0
             ckpt = Path(args.checkpoint)
             if ckpt.is_dir():
                 ckpt = ckpt / "state.pt"

@@ -103,8 +103,22 @@ def _report(metrics: dict, *, step_runner: IBOTStep, cfg: IBOTConfig, data_epoch
         _sync_logs(local_log_dir)
 
 
+#: metrics.jsonl byte offsets already uploaded by this process (or present before it started), per local file
+_uploaded_offsets: dict[str, int] = {}
+
+
+def _mark_metrics_start(local_log_dir: Path) -> None:
+    """Rows already in the local metrics.jsonl when this process starts are not its to upload (an earlier worker
+    process on this node uploaded them at its checkpoints; rows after its last checkpoint are replayed anyway)."""
+    path = Path(local_log_dir) / "metrics.jsonl"
+    _uploaded_offsets[str(path)] = path.stat().st_size if path.exists() else 0
+
+
 def _sync_logs(local_log_dir: Path) -> None:
-    """Copy rank 0's metrics folder to remote storage (local storage already holds it)."""
+    """Upload rank 0's new metrics rows and its TensorBoard files to remote storage (local storage already holds
+    them). Metrics are append-only parts: each upload writes only the rows since this process's last upload, as
+    ``logs/metrics/part-<first step>-<pid>.jsonl`` (pipelines/metrics.py ``read_metrics_history`` joins them), so
+    no upload overwrites history written from another node or an earlier run, and every row is uploaded once."""
     storage = ray.train.get_context().get_storage()
     target = f"{storage.experiment_fs_path}/logs"
     if str(local_log_dir).startswith(str(storage.experiment_fs_path)):
@@ -112,7 +126,25 @@ def _sync_logs(local_log_dir: Path) -> None:
     try:
         import pyarrow.fs as pafs
 
-        pafs.copy_files(str(local_log_dir), target, destination_filesystem=storage.storage_filesystem)
+        from pipelines.metrics import metrics_part_name
+
+        path = Path(local_log_dir) / "metrics.jsonl"
+        start = _uploaded_offsets.get(str(path), 0)
+        if path.exists() and path.stat().st_size > start:
+            with open(path, "rb") as f:
+                f.seek(start)
+                new = f.read()
+            new = new[: new.rfind(b"\n") + 1]  # whole rows only
+            if new:
+                fs = storage.storage_filesystem
+                name = metrics_part_name(new, os.getpid())
+                fs.create_dir(f"{target}/metrics", recursive=True)
+                with fs.open_output_stream(f"{target}/metrics/{name}") as out:
+                    out.write(new)
+                _uploaded_offsets[str(path)] = start + len(new)
+        tb = Path(local_log_dir) / "tensorboard"
+        if tb.exists():  # one event file per writer process: each upload rewrites only this process's own files
+            pafs.copy_files(str(tb), f"{target}/tensorboard", destination_filesystem=storage.storage_filesystem)
     except Exception as e:  # metrics upload must never kill training
         log.warning("could not upload metrics to %s: %s", target, e)
 
@@ -169,6 +201,8 @@ def train_loop_per_worker(config: dict) -> dict:
     total = runner.total_steps
     read, share, weight = rank_batch(cfg.optim.batch_size, world, rank)
     writer = MetricsWriter(_local_log_dir()) if rank == 0 else None
+    if writer is not None:
+        _mark_metrics_start(writer.folder)
     if rank == 0:
         console.event("start", world=world, global_batch=cfg.optim.batch_size, per_rank_share=share,
                       step=runner.step, resumed_from=resumed_from)
