@@ -1,0 +1,77 @@
+"""Compare recipes quickly: the method trained in one process (no Ray), the k-NN of teacher and student per epoch.
+
+    python benchmarks/recipe_probe.py [--config demo] [--set key=value ...] [--epochs-per-eval 5] [--threads 1]
+
+The same step (``IBOTStep``), crops (``MultiCropTransform``), schedules and online k-NN (``KNNEvaluator`` on
+``data.eval_source``, the demo's splits by default) as ``ibot-ray pretrain``, without Ray Data and Ray Train: one
+thread trains while another probe runs on the other core, so two recipes compare side by side on a 2-core machine.
+Each evaluation prints one JSON line: epoch, step, seconds, [CLS] / MIM loss, the run-health means of the epoch
+(``teacher_entropy_frac``, ``prototypes_used``, ``feature_std``), and the teacher's and the student's k-NN top-1.
+The first line holds the random-init k-NN and the raw-pixel k-NN of the same split. ``benchmarks/quality.py`` is
+the judge of a recipe (the real pipeline, the linear probe); this is for choosing what to give it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="demo")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--epochs-per-eval", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+
+    from ibot_ray.config import load_config
+    from ibot_ray.model import build_student_teacher
+    from ibot_ray.multicrop import MultiCropTransform
+    from ibot_ray.step import IBOTStep
+    from pipelines.knn_eval import KNNEvaluator
+    from pipelines.sources import resolve_source
+
+    torch.set_num_threads(a.threads)
+    cfg = load_config(a.config, a.overrides)
+    table = pq.read_table(resolve_source(cfg.data.source, "train"), columns=[cfg.data.image_column])
+    images = table.column(cfg.data.image_column).to_pylist()
+    evaluator = KNNEvaluator(cfg)
+    torch.manual_seed(cfg.train.seed)
+    student, teacher = build_student_teacher(cfg)
+    b = cfg.optim.batch_size
+    steps_per_epoch = len(images) // b
+    runner = IBOTStep(cfg, student, teacher, steps_per_epoch=steps_per_epoch)
+    transform = MultiCropTransform(cfg)
+    rows = [{"overrides": a.overrides, "random_init_knn": evaluator.evaluate(teacher.backbone)["knn_top1"],
+             "pixel_knn": evaluator.pixel_baseline()["knn_top1"], "steps_per_epoch": steps_per_epoch}]
+    print(json.dumps(rows[0]), flush=True)
+    rng = np.random.default_rng(cfg.data.seed)
+    t0 = time.time()
+    keys = ("cls", "mim", "teacher_entropy_frac", "prototypes_used", "feature_std")
+    for epoch in range(cfg.optim.epochs):
+        sums = dict.fromkeys(keys, 0.0)
+        order = rng.permutation(len(images))
+        for s in range(steps_per_epoch):
+            idx = order[s * b:(s + 1) * b]
+            out, _ = transform([images[i] for i in idx], rng.integers(0, 2**62, len(idx)).tolist(), epoch)
+            m = runner({k: torch.from_numpy(v) for k, v in out.items() if k != "index"})
+            for k in keys:
+                sums[k] += m[k] / steps_per_epoch
+        if (epoch + 1) % a.epochs_per_eval == 0 or epoch + 1 == cfg.optim.epochs:
+            row = {"epoch": epoch + 1, "step": runner.step, "s": round(time.time() - t0),
+                   **{k: round(v, 3) for k, v in sums.items()},
+                   "teacher_knn": evaluator.evaluate(teacher.backbone)["knn_top1"],
+                   "student_knn": evaluator.evaluate(student.backbone)["knn_top1"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
