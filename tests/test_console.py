@@ -181,7 +181,9 @@ def test_cli_console_shows_the_run_and_no_ray_internals(tmp_path, image_writer):
     assert err == "", err
     lines = out.splitlines()
     assert lines[0].startswith("[ibot-ray] run 'quiet': 96 images, 6 steps/epoch, 6 steps")
-    assert lines[1] == "[ibot-ray] training started: 2 workers, global batch 16 (8 per rank), 6 steps"
+    derived = [ln for ln in lines if ln.startswith("[ibot-ray] derived ")]  # the preset's `auto` fields, one each
+    assert lines[1:1 + len(derived)] == derived and all("(set it to override)" in ln for ln in derived)
+    assert lines[1 + len(derived)] == "[ibot-ray] training started: 2 workers, global batch 16 (8 per rank), 6 steps"
     progress = [ln for ln in lines if ln.startswith("[ibot-ray] step ")]
     assert [ln.split()[2] for ln in progress] == ["2/6", "4/6", "6/6"]  # one line per log step (not a TTY)
     assert all(" img/s | loss " in ln and " | ETA " in ln for ln in progress)

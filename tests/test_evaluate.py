@@ -209,7 +209,8 @@ def test_cli_eval_checkpoint_run_folder(tiny_run, capsys):
     assert "step_00000012" in r["model"]["spec"] and r["model"]["kind"] == "checkpoint"  # the latest checkpoint
     assert r["train"]["images"] == 48 and r["train"]["skipped"] == 1 and "zz_broken.png" in r["train"][
         "skipped_examples"][0]
-    assert r["val"]["images"] == 24 and r["num_classes"] == 3 and r["feature_dim"] == 192
+    assert r["val"]["images"] == 24 and r["num_classes"] == 3
+    assert r["feature_dim"] == load_config("demo").model.embed_dim  # the run's (narrow) backbone
     assert r["pixel_knn"]["top1"] > 90.0 and r["pixel_knn"]["view"] == "as stored 16x16x1"
     for key in ("knn", "linear", "random_init_knn"):
         assert 0.0 <= r[key]["top1"] <= r[key]["top5"] <= 100.0
