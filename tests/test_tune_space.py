@@ -143,3 +143,18 @@ def test_momentum_schedule_shape_is_sweepable_and_checked():
     assert space is not None
     with pytest.raises(SpaceError, match="optim.momentum_schedule"):
         parse_space({"optim.momentum_schedule": {"type": "choice", "values": ["cosine", "exponential"]}})
+
+
+def test_recipe_levers_are_sweepable_with_tuple_and_bool_values(demo):
+    s = load_space("demo_recipe", demo)
+    assert {"optim.lr", "head.out_dim", "crops.local_crops_number", "crops.global_crops_scale"} <= set(s.names)
+    assert s.params["crops.global_crops_scale"].values[0] == (0.35, 1.0)  # lists coerced to the field's tuples
+    cfg = s.trial_config(demo, {"optim.lr": 0.01, "head.out_dim": 1024, "crops.local_crops_number": 0,
+                                "crops.global_crops_scale": (0.7, 1.0), "loss.teacher_temp": 0.06})
+    assert (cfg.head.out_dim, cfg.crops.local_crops_number, cfg.crops.global_crops_scale) == (1024, 0, (0.7, 1.0))
+    nl = parse_space({"head.norm_last_layer": {"type": "grid", "values": [True, False]}}, base=demo)
+    assert nl.params["head.norm_last_layer"].values == [True, False]
+    with pytest.raises(SpaceError, match=r"entry crops.global_crops_scale: value \[1.0, 0.5\] is invalid"):
+        parse_space({"crops.global_crops_scale": {"type": "choice", "values": [[0.5, 1.0], [1.0, 0.5]]}}, base=demo)
+    with pytest.raises(SpaceError, match="config field that cannot be swept"):  # steps per epoch stay fixed
+        parse_space({"optim.batch_size": {"type": "choice", "values": [32, 64]}}, base=demo)

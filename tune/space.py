@@ -32,8 +32,10 @@ from ibot_ray.config import ConfigError, IBOTConfig, merge_into
 
 SPACE_DIR = Path(__file__).parent / "spaces"
 
-#: Config fields a space may sweep, with what they control. Fields that change the number of steps per epoch (the
-#: batch size) or the model are left out on purpose: ASHA compares trials report by report.
+#: Config fields a space may sweep, with what they control: the method's temperatures and momentums, and the recipe
+#: levers that decide whether a short run on small data learns (head size, crops, masking, lr). Fields that change
+#: the number of steps per epoch (the batch size, the epochs) are left out on purpose: ASHA compares trials at the
+#: same step.
 SWEEPABLE: dict[str, str] = {
     "loss.teacher_temp": "teacher [CLS] temperature after warm-up",
     "loss.teacher_patch_temp": "teacher patch temperature after warm-up",
@@ -47,6 +49,15 @@ SWEEPABLE: dict[str, str] = {
     "optim.momentum_teacher_end": "teacher EMA momentum at the last step (cosine schedule end)",
     "optim.momentum_schedule": "shape of the teacher momentum schedule: cosine, linear or constant",
     "optim.lr": "peak learning rate per 256 images",
+    "optim.weight_decay": "weight decay at step 0 (cosine schedule start)",
+    "head.out_dim": "K, the number of [CLS] prototypes",
+    "head.patch_out_dim": "the number of patch prototypes (with shared_head false)",
+    "head.norm_last_layer": "freeze the prototype norms (weight norm g = 1)",
+    "crops.local_crops_number": "local crops per image",
+    "crops.global_crops_scale": "area range of the global crops, e.g. [0.5, 1.0]",
+    "crops.local_crops_scale": "area range of the local crops",
+    "masking.ratio": "masking ratios, one drawn per crop, e.g. [0.0, 0.3]",
+    "loss.lambda_mim": "weight of the masked-image-modelling loss",
 }
 
 TYPES = ("uniform", "loguniform", "randint", "choice", "grid")
