@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA reduction factor (default 2)")
     p.add_argument("--max-failures", type=int, default=1, help="Tune retries of a failed trial (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random-search seed (default 0)")
-    p.add_argument("--storage", default=None, help="sweep storage (local folder or s3://...); default ./ibot_sweeps")
+    p.add_argument("--storage", default=None,
+                   help="sweep storage (local folder or s3://...); default ./ibot_runs (the sweep: <storage>/<name>)")
     p.add_argument("--name", default=None, help="sweep name; the same storage + name resumes the sweep")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--out", default=None, help="folder for results.csv, best_config.yaml and the plot "

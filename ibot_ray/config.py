@@ -29,6 +29,8 @@ AUTO = "auto"
 #: The fields that may be ``auto``.
 AUTO_FIELDS = ("optim.momentum_teacher", "optim.warmup_epochs", "loss.warmup_teacher_temp_epochs",
                "optim.freeze_last_layer", "crops.blur_sigma")
+#: The fields that may be ``auto`` and are sized to the cluster when the run starts (pipelines/cluster_plan.py).
+CLUSTER_AUTO_FIELDS = ("train.num_workers", "data.actors", "optim.micro_batch_size")
 
 
 @dataclass
@@ -104,7 +106,9 @@ class LossConfig:
 class OptimConfig:
     epochs: int = 800
     batch_size: int = 1024  # global batch, over all workers
-    micro_batch_size: int = 0  # per-worker forward size for gradient accumulation (0: whole per-worker batch)
+    # per-worker forward size for gradient accumulation (0: whole per-worker batch; auto: the largest that keeps a
+    # rank at the elastic minimum world size within train.images_per_device, pipelines/cluster_plan.py)
+    micro_batch_size: int = 0
     lr: float = 5e-4  # per 256 images; the peak lr is lr * batch_size / 256
     min_lr: float = 1e-6
     warmup_epochs: int = 10
@@ -130,7 +134,8 @@ class DataConfig:
     eval_source: Optional[str] = None  # labelled split for online k-NN ("demo" uses the demo's test split)
     eval_train_source: Optional[str] = None  # labelled k-NN memory bank (default: the labelled training source)
     eval_max_images: int = 2000
-    actors: tuple[int, int] = (1, 4)  # autoscaling CPU actor pool (min, max) for decode + augment
+    actors: tuple[int, int] = (1, 4)  # autoscaling CPU actor pool (min, max) for decode + augment (auto: the CPU nodes)
+    actor_resource: Optional[str] = None  # custom resource the actors need (node pinning; auto-set on clusters)
     cpus_per_actor: float = 1.0
     actor_batch_size: int = 16
     prefetch_batches: int = 2
@@ -141,7 +146,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    num_workers: tuple[int, int] = (1, 1)  # (min, max); min < max makes the run elastic
+    num_workers: tuple[int, int] = (1, 1)  # (min, max); min < max makes the run elastic (auto: the GPUs the cluster
+    # has or can launch, pipelines/cluster_plan.py)
     use_gpu: str = "auto"  # "auto", "true" or "false"
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
@@ -151,6 +157,7 @@ class TrainConfig:
     max_failures: int = -1  # worker/node failures (not preemptions) before the run fails; -1: unlimited
     max_preemption_failures: int = -1
     worker_start_timeout_s: int = 30
+    images_per_device: int = 0  # images one forward pass may hold on a device (0: estimated on GPU, no limit on CPU)
     elastic_resize_interval_s: float = 60.0
     log_every_steps: int = 10
     knn_every_epochs: int = 1  # online k-NN on data.eval_source (0: off)
@@ -217,6 +224,9 @@ class IBOTConfig:
 
     @property
     def elastic(self) -> bool:
+        if self.train.num_workers == AUTO:
+            raise ConfigError("train.num_workers: 'auto' is sized to the cluster when the run starts "
+                              "(pipelines/cluster_plan.py)")
         lo, hi = self.train.num_workers
         return lo < hi
 
@@ -299,11 +309,11 @@ def merge_into(obj: Any, d: dict, prefix: str = "") -> None:
         current = getattr(obj, key)
         if is_dataclass(current):
             merge_into(current, value, prefix=f"{name}.")
-        elif name in AUTO_FIELDS and isinstance(value, str) and value.strip().lower() == AUTO:
+        elif name in AUTO_FIELDS + CLUSTER_AUTO_FIELDS and isinstance(value, str) and value.strip().lower() == AUTO:
             setattr(obj, key, AUTO)
         elif isinstance(value, str) and value.strip().lower() == AUTO \
                 and str not in (hints[key], *get_args(hints[key])):
-            raise ConfigError(f"{name}: 'auto' is only allowed for {', '.join(AUTO_FIELDS)}")
+            raise ConfigError(f"{name}: 'auto' is only allowed for {', '.join(AUTO_FIELDS + CLUSTER_AUTO_FIELDS)}")
         else:
             setattr(obj, key, _coerce(value, hints[key], name))
 
@@ -451,11 +461,12 @@ def validate(cfg: IBOTConfig) -> None:
 
     _check(o.epochs >= 1, "optim.epochs", "must be >= 1")
     _check(o.batch_size >= 1, "optim.batch_size", "must be >= 1")
-    wmin, wmax = t.num_workers
-    _check(1 <= wmin <= wmax, "train.num_workers", f"must satisfy 1 <= min <= max, got {(wmin, wmax)}")
-    _check(o.batch_size >= wmax, "optim.batch_size",
-           f"global batch {o.batch_size} is smaller than the maximum number of workers {wmax}")
-    _check(o.micro_batch_size >= 0, "optim.micro_batch_size", "must be >= 0")
+    if t.num_workers != AUTO:
+        wmin, wmax = t.num_workers
+        _check(1 <= wmin <= wmax, "train.num_workers", f"must satisfy 1 <= min <= max, got {(wmin, wmax)}")
+        _check(o.batch_size >= wmax, "optim.batch_size",
+               f"global batch {o.batch_size} is smaller than the maximum number of workers {wmax}")
+    _check(o.micro_batch_size == AUTO or o.micro_batch_size >= 0, "optim.micro_batch_size", "must be >= 0")
     _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "must be positive")
     _check(0 <= o.min_lr <= o.lr * o.batch_size / 256, "optim.min_lr", "must be in [0, peak lr]")
     _check(o.warmup_epochs == AUTO or 0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs",
@@ -473,7 +484,8 @@ def validate(cfg: IBOTConfig) -> None:
 
     _check(d.format in ("auto", "folder", "parquet"), "data.format", "must be auto, folder or parquet")
     _check(bool(d.source), "data.source", "must not be empty")
-    _check(1 <= d.actors[0] <= d.actors[1], "data.actors", f"must satisfy 1 <= min <= max, got {d.actors}")
+    _check(d.actors == AUTO or 1 <= d.actors[0] <= d.actors[1], "data.actors",
+           f"must satisfy 1 <= min <= max, got {d.actors}")
     _check(d.cpus_per_actor > 0, "data.cpus_per_actor", "must be positive")
     _check(d.actor_batch_size >= 1, "data.actor_batch_size", "must be >= 1")
     _check(d.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0")
@@ -488,6 +500,7 @@ def validate(cfg: IBOTConfig) -> None:
     _check(t.max_failures >= -1, "train.max_failures", "must be >= -1")
     _check(t.max_preemption_failures >= -1, "train.max_preemption_failures", "must be >= -1")
     _check(t.worker_start_timeout_s >= 1, "train.worker_start_timeout_s", "must be >= 1")
+    _check(t.images_per_device >= 0, "train.images_per_device", "must be >= 0")
     _check(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
     _check(t.knn_every_epochs >= 0, "train.knn_every_epochs", "must be >= 0")
 
@@ -524,6 +537,7 @@ def replace(cfg: IBOTConfig, **sections: dict) -> IBOTConfig:
 __all__ = [
     "AUTO",
     "AUTO_FIELDS",
+    "CLUSTER_AUTO_FIELDS",
     "ConfigError",
     "IBOTConfig",
     "ModelConfig",

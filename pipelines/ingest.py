@@ -338,6 +338,7 @@ def build_train_dataset(
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         num_cpus=d.cpus_per_actor,
+        resources={d.actor_resource: d.cpus_per_actor} if d.actor_resource else None,  # node pinning
     )
     logger.info("ingest: %s source %s with %d items listed in %.1fs", info.format, info.uri, info.num_items,
                 time.perf_counter() - t0)

@@ -18,6 +18,7 @@ from ibot_ray.config import ConfigError, IBOTConfig
 
 log = logging.getLogger(__name__)
 
+#: Where runs and sweeps live when no --storage is given (a sweep is the folder <storage>/<sweep name>).
 DEFAULT_STORAGE = "ibot_runs"
 
 
@@ -33,16 +34,6 @@ class PretrainResult:
     export_path: str | None = None
     wall_s: float = 0.0
     bad_images: dict = field(default_factory=dict)
-
-
-def _use_gpu(cfg: IBOTConfig) -> bool:
-    if cfg.train.use_gpu == "true":
-        return True
-    if cfg.train.use_gpu == "false":
-        return False
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def _state_api_available() -> bool:
@@ -72,7 +63,6 @@ def init_ray(cfg: IBOTConfig, address: str | None = None, *, num_cpus: float | N
     core count, Train reserves every CPU first and the Ray Data pipeline never starts (a deadlock on small machines)."""
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(cfg.train.worker_start_timeout_s))
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not twice
     if not verbose:
         from pipelines.console import quiet_driver_logging
@@ -90,6 +80,10 @@ def init_ray(cfg: IBOTConfig, address: str | None = None, *, num_cpus: float | N
     # ingest monitor, the console mailbox). The raylet starts at most min(cores, CPUs) at a time and warns on the
     # driver's stdout above 4x that (8 on a 2-core laptop): let a local Ray start them all without the warning.
     os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(8, os.cpu_count() or 1)))
+    from pipelines.cluster_plan import apply_plan, local_shape, needs_plan, plan_run
+
+    if needs_plan(cfg):  # size the local Ray for what the run will plan on this machine
+        cfg = apply_plan(IBOTConfig.from_dict(cfg.to_dict(), validate=False), plan_run(cfg, local_shape()))
     t, d = cfg.train, cfg.data
     needed = num_cpus or (t.num_workers[1] * max(1.0, t.cpus_per_worker) + d.actors[1] * d.cpus_per_actor + 1)
     # address="local": always a new private instance, even when another Ray runs on this machine
@@ -97,14 +91,19 @@ def init_ray(cfg: IBOTConfig, address: str | None = None, *, num_cpus: float | N
              include_dashboard=_state_api_available(), **quiet)
 
 
-def _storage_path(storage: str | None) -> str:
+def resolve_storage(storage: str | None) -> str:
+    """Where a run or sweep lives: an absolute local path, or the URI (s3://, gs://) unchanged."""
     storage = storage or DEFAULT_STORAGE
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
 def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks: list | None = None,
-                  console_name: str | None = None, verbose: bool = False):
-    """The TorchTrainer of a run (also used by the Tune trial driver). Returns (trainer, info dict).
+                  console_name: str | None = None, verbose: bool = False, per_trial: bool = False):
+    """The TorchTrainer of a run (also used by the Tune trial driver, ``per_trial``). Returns (trainer, info dict).
+
+    The run's ``auto`` cluster fields are sized to the connected cluster first (pipelines/cluster_plan.py); the
+    plan's choices and reasons come back in ``info["derived"]`` and ``info["warnings"]``, before any Train or Data
+    resource is requested.
 
     ``console_name``: the run's console mailbox (pipelines/console.py) that rank 0 posts progress and events to;
     without one rank 0 prints its progress lines (worker log forwarding). ``verbose`` keeps Ray Train's INFO logs."""
@@ -122,8 +121,15 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
         ray.data.DataContext.get_current().print_on_execution_start = False
         quiet_driver_logging()
     from ibot_ray.recipe import derive_settings
+    from pipelines.cluster_plan import apply_plan, describe_cluster, plan_run
 
     derived = derive_settings(cfg)  # the `auto` fields the data pipeline needs (crop blur) ...
+    plan = plan_run(cfg, describe_cluster(), per_trial=per_trial)  # ... and what the run asks of the cluster
+    apply_plan(cfg, plan)
+    derived += plan.derived
+    # Ray Train's controller reads it from the process that calls fit() (propagated to the controller): set here,
+    # it also reaches the controllers of sweep trials, whose actors do not inherit the sweep driver's environment.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.train.worker_start_timeout_s)
     monitor_name = create_monitor(name)
     dataset, info = build_train_dataset(cfg, monitor_name=monitor_name)
     g = cfg.optim.batch_size
@@ -133,7 +139,7 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
     derived += derive_settings(cfg, steps_per_epoch)  # ... and those that need the run's length
     cfg.validate()
     t = cfg.train
-    use_gpu = _use_gpu(cfg)
+    use_gpu = cfg.train.use_gpu == "true"
     resources = {"CPU": t.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = t.gpus_per_worker
@@ -148,7 +154,7 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
     )
     run_config = ray.train.RunConfig(
         name=name,
-        storage_path=_storage_path(storage),
+        storage_path=resolve_storage(storage),
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures,
                                                max_preemption_failures=t.max_preemption_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
@@ -163,7 +169,7 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
         run_config=run_config,
         datasets={"train": dataset},
     )
-    return trainer, {"derived": derived,
+    return trainer, {"derived": derived, "warnings": plan.warnings,
                      "steps_per_epoch": steps_per_epoch, "num_items": info.num_items, "monitor_name": monitor_name,
                      "total_steps": steps_per_epoch * cfg.optim.epochs}
 
@@ -211,9 +217,11 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
 
     trainer, info = build_trainer(cfg, storage=storage, name=name, console_name=mailbox_name(name), verbose=verbose)
     print(f"[ibot-ray] run '{name}': {info['num_items']} images, {info['steps_per_epoch']} steps/epoch, "
-          f"{info['total_steps']} steps, storage {_storage_path(storage)}", flush=True)
+          f"{info['total_steps']} steps, storage {resolve_storage(storage)}", flush=True)
     for d in info["derived"]:
         print(f"[ibot-ray] derived {d} (set it to override)", flush=True)
+    for w in info["warnings"]:
+        print(f"[ibot-ray] warning: {w}", flush=True)
     console = ConsoleRenderer(total_steps=info["total_steps"], steps_per_epoch=info["steps_per_epoch"], name=name)
     t_fit = time.time()
     with ConsolePoller(name, console):  # rank 0 -> mailbox actor -> this thread -> the terminal
@@ -235,7 +243,7 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
         if export:
             # the run folder from storage + name: Train V2's Result.path has no scheme (s3://...), and a
             # schemeless path would be written on the head's disk and lost at `ray down`
-            out.export_path = _export(teacher, cfg, f"{_storage_path(storage).rstrip('/')}/{name}")
+            out.export_path = _export(teacher, cfg, f"{resolve_storage(storage).rstrip('/')}/{name}")
     out.wall_s = time.time() - t_start
     print(format_summary(name=name, steps=out.steps, total_steps=info["total_steps"], wall_s=out.wall_s,
                          train_s=train_s, metrics=out.metrics, run_path=out.run_path, checkpoint_path=ckpt_path,

@@ -212,7 +212,8 @@ def train_loop_per_worker(config: dict) -> dict:
                   flush=True)
         if writer is not None:
             writer.write({"event": "start", "world_size": world, "step": runner.step, "pid": os.getpid(),
-                          "per_rank_read": read, "per_rank_share": [rank_batch(cfg.optim.batch_size, world, r)[1]
+                          "per_rank_read": read, "micro_batch_size": cfg.optim.micro_batch_size or share,
+                          "per_rank_share": [rank_batch(cfg.optim.batch_size, world, r)[1]
                                                                     for r in range(world)],
                           "resumed_from": resumed_from if resumed_from is not None else -1}, runner.step)
 

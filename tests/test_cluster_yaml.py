@@ -8,8 +8,11 @@
    ``data.cpus_per_actor`` CPUs, spot/preemptible workers and an on-demand head, ray pinned to the installed version,
    the spot watcher started on workers with flags its parser accepts, the project synced and installed, and an
    explicit /dev/shm size for the object store, and worker nodes that run with their own cloud identity (not the
-   head's) which the guide lets the head pass to them (AWS: iam:PassRole on exactly the workers' role). Each check
-   is a function that the negative tests also run on broken copies.
+   head's) which the guide lets the head pass to them (AWS: iam:PassRole on exactly the workers' role).
+3. Placement, through the run planner fed with the prepared file (what the head's ~/ray_bootstrap_config.yaml
+   holds): the head offers no CPU and no GPU to Train or Data, Data's crop actors are pinned to the CPU-only node
+   type (its DATA_CPU resource, which neither the head nor a GPU type has), and the GPU preset trains on the GPU
+   nodes although they start at zero. Each check is a function that the negative tests also run on broken copies.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from ibot_ray.config import load_config
+from pipelines.cluster_plan import DATA_RESOURCE, plan_run, shape_from_autoscaler_config
 from pipelines.spot_watcher import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +168,26 @@ def check_shm(cfg: dict) -> None:
         assert shm_bytes(shared + opts) >= 2**30, f"{k}: no --shm-size >= 1 GiB"
 
 
+def check_placement(cfg: dict, preset) -> None:
+    """Train workers on the GPU nodes (GPU training planned from the node types, though they start at zero), Data's
+    crop actors pinned to the CPU-only type, nothing schedulable on the head."""
+    res = head(cfg)["resources"]
+    assert res.get("CPU", None) == 0, f"the head offers {res.get('CPU', 'all its')} CPUs to Data and Train"
+    assert DATA_RESOURCE not in res, f"the head offers {DATA_RESOURCE}: crop actors could land beside the drivers"
+    for k, v in workers(cfg).items():
+        if v["resources"].get("GPU", 0) > 0:
+            assert DATA_RESOURCE not in v["resources"], f"{k}: crop actors could fill the GPU nodes' CPUs"
+    plan = plan_run(preset, shape_from_autoscaler_config(cfg))
+    assert plan.use_gpu, "the GPU preset would train on CPU"
+    gpus = sum(v["max_workers"] * v["resources"].get("GPU", 0) for v in workers(cfg).values())
+    assert plan.num_workers[1] == gpus // preset.train.gpus_per_worker, f"{plan.num_workers} for {gpus} GPUs"
+    assert plan.actor_resource == DATA_RESOURCE, "Data's crop actors are not pinned to a CPU node type"
+    pinned = [k for k, v in workers(cfg).items() if v["resources"].get(DATA_RESOURCE)]
+    assert pinned and all(workers(cfg)[k]["resources"].get("GPU", 0) == 0 for k in pinned)
+    share = -(-preset.optim.batch_size // plan.num_workers[0])
+    assert (plan.micro_batch_size or share) <= plan.images_per_device, "a rank's batch does not fit a GPU"
+
+
 def _guide_policies(text: str) -> dict[str, dict]:
     """The IAM policy documents the guide shows: ``{file name: JSON}`` for "`name.json` ... ```json ...```"."""
     found = re.findall(r"`([\w.-]+\.json)`[^`]*?```json\n(.*?)```", text, flags=re.S)
@@ -283,6 +307,7 @@ def test_cluster_matches_the_training_config(path, train_cfg):
     check_spot_watcher(cfg)
     check_project_install(cfg)
     check_shm(cfg)
+    check_placement(cfg, train_cfg)
 
 
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
@@ -402,6 +427,17 @@ def test_checks_reject_broken_variants(aws, train_cfg):
         f"{GCP_DEFAULT_HEAD_ACCOUNT}@YOUR-PROJECT-ID.iam.gserviceaccount.com"
     with pytest.raises(AssertionError, match="head's service account"):
         check_worker_identity(prepared(gcp), guide)
+    with pytest.raises(AssertionError, match="head offers 8 CPUs"):
+        check_placement(broken(lambda r: r["available_node_types"]["head"]["resources"].update(CPU=8)), train_cfg)
+    with pytest.raises(AssertionError, match="fill the GPU nodes' CPUs"):
+        check_placement(broken(lambda r: r["available_node_types"][gpu]["resources"].update(DATA_CPU=8)), train_cfg)
+    with pytest.raises(AssertionError, match="not pinned"):
+        check_placement(broken(lambda r: r["available_node_types"]["cpu_spot"]["resources"].pop("DATA_CPU")),
+                        train_cfg)
+    with pytest.raises(AssertionError, match="would train on CPU"):
+        check_placement(prepared(aws), load_config("vit_small_16", ["train.use_gpu=false"]))
+    with pytest.raises(AssertionError, match="does not fit a GPU"):
+        check_placement(prepared(aws), load_config("vit_small_16", ["optim.micro_batch_size=0"]))
     with pytest.raises(AssertionError, match="shm-size"):
         check_shm(broken(lambda r: r["available_node_types"][gpu]["docker"].update(worker_run_options=[])))
 

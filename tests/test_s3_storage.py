@@ -99,3 +99,42 @@ def test_pretrain_to_a_bucket_resume_history_and_export(s3_server, tmp_path, mon
     _cli(["export", "s3://bucket/runs/r/step_00000006", str(out)], env, work, timeout=120)
     meta = exported_metadata(out)
     assert int(meta["step"]) == 6
+
+
+def test_sweep_keeps_its_state_in_the_bucket_and_resumes(s3_server, tmp_path, monkeypatch):
+    """``ibot-ray tune --storage s3://...``: Tune's experiment state, the sweep spec (ASHA counting steps) and the
+    trial's Train run land in the bucket; the same command resumes the sweep from there (the finished trial is kept)."""
+    import pyarrow.fs as pafs
+    import yaml
+    from ray.tune import Tuner
+    from test_tune_sweep import TINY as SWEEP_TINY
+    from test_tune_sweep import _small_source
+
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, **s3_server, "HOME": str(home)}
+    work = tmp_path / "cwd"
+    work.mkdir()
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"parameters": {"loss.teacher_temp": {"type": "grid", "values": [0.04]}}}))
+    args = ["tune", "--space", str(space), "--config", "demo", "--objective", "loss", "--storage", "s3://bucket/sw",
+            "--name", "s"]
+    for o in [*SWEEP_TINY, f"data.source={_small_source(tmp_path)}"]:
+        args += ["--set", o]
+    first = _cli(args, env, work)
+    assert "1 completed" in first.stdout, first.stdout[-3000:]
+
+    fs, _ = pafs.FileSystem.from_uri("s3://bucket/sw")
+    listing = {i.path for i in fs.get_file_info(pafs.FileSelector("bucket/sw/s", recursive=True))}
+    assert "bucket/sw/s/sweep_spec.yaml" in listing and "bucket/sw/s/tuner.pkl" in listing
+    assert any(p.startswith("bucket/sw/s/experiment_state-") for p in listing), sorted(listing)
+    assert any(p.startswith("bucket/sw/s/train_runs/s_") and p.endswith("/state.pt") for p in listing)
+    with fs.open_input_stream("bucket/sw/s/sweep_spec.yaml") as f:
+        assert yaml.safe_load(f.read())["asha"]["time_attr"] == "step"
+    assert not (work / "ibot_runs").exists()  # nothing of the sweep went to a local default folder
+    assert Tuner.can_restore("s3://bucket/sw/s")
+
+    again = _cli(args, env, work)  # the same command: restored from the bucket, nothing left to run
+    assert "resuming sweep s3://bucket/sw/s" in again.stdout and "1 completed" in again.stdout, again.stdout[-3000:]

@@ -121,7 +121,7 @@ def test_asha_sweep_is_interrupted_resumes_and_reports(ray_cluster, tmp_path):
     stopped = [r for r in res.rows if r.status == "stopped"]
     assert stopped, res.table  # ASHA stopped at least one trial early ...
     for r in stopped:  # ... before its last step, at a rung
-        assert r.step < r.total_steps and r.stopped_at_iteration is not None and r.iterations < 2
+        assert r.step < r.total_steps and r.stopped_at_step is not None and r.iterations < 2
     assert by_temp[0.2].status == "stopped"  # the worst temperature never arrives first at the rung
     # ASHA ended the stopped trials' Train controllers abruptly; their worker bundles were still released.
     deadline = time.time() + 60
@@ -189,17 +189,19 @@ def test_refusals_before_any_cluster_work(tmp_path, capsys):
 
 def test_report_arithmetic_matches_the_worker_loop():
     """Reports happen at multiples of log_every_steps and checkpoint_every_steps, at epoch ends and the last step;
-    ASHA's rungs are counted in those reports."""
-    from tune.sweep import asha_rungs, report_steps
+    ASHA's rungs are counted in optimiser steps (a restarted trial replays steps; Tune's training_iteration would
+    count the replayed reports again) and fall on report steps."""
+    from tune.sweep import ASHA_TIME_ATTR, asha_rungs, report_steps
 
     cfg = load_config("demo", ["optim.epochs=2", "train.log_every_steps=2", "train.checkpoint_every_steps=3",
                                "train.knn_every_epochs=2"])
     spe = 5
     expected = sorted(set(range(2, 11, 2)) | set(range(3, 11, 3)) | {5, 10})
     assert report_steps(cfg, spe) == expected == [2, 3, 4, 5, 6, 8, 9, 10]
-    assert asha_rungs(cfg, spe, "loss", 1) == (4, 8)  # steps 2, 3, 4, 5 fall in epoch 1
-    assert asha_rungs(cfg, spe, "loss", 0.5) == (1, 8)  # step 2 <= 2.5
-    assert asha_rungs(cfg, spe, "knn_top1", 1) == (8, 8)  # k-NN every 2 epochs: the first rung needs epoch 2
+    assert asha_rungs(cfg, spe, "loss", 1) == (5, 10)  # the last report of epoch 1 is step 5; the run ends at 10
+    assert asha_rungs(cfg, spe, "loss", 0.5) == (2, 10)  # step 2 <= 2.5
+    assert asha_rungs(cfg, spe, "knn_top1", 1) == (10, 10)  # k-NN every 2 epochs: the first rung needs epoch 2
+    assert ASHA_TIME_ATTR == "step"
 
 
 def test_best_trial_table_and_plot(tmp_path):
@@ -207,7 +209,7 @@ def test_best_trial_table_and_plot(tmp_path):
 
     rows = [TrialRow("t0", "completed", {"loss.teacher_temp": 0.04}, objective=61.0, step=10, total_steps=10),
             TrialRow("t1", "stopped", {"loss.teacher_temp": 0.07}, objective=70.0, step=5, total_steps=10,
-                     stopped_at_iteration=2),
+                     stopped_at_step=2),
             TrialRow("t2", "completed", {"loss.teacher_temp": 0.02}, objective=64.5, step=10, total_steps=10),
             TrialRow("t3", "error", {"loss.teacher_temp": 0.03}, error="ConfigError: boom")]
     assert best_row(rows, "max").trial_id == "t2"  # a stopped trial's early value does not compete
@@ -217,6 +219,6 @@ def test_best_trial_table_and_plot(tmp_path):
     table = format_table(rows, ["loss.teacher_temp"], "knn_top1", best=rows[2])
     lines = table.splitlines()
     assert len(lines) == 2 + len(rows) and lines[4].startswith("*") and "t2" in lines[4]
-    assert "ASHA stop at iteration 2" in lines[3] and "ConfigError: boom" in lines[5]
+    assert "ASHA stop at step 2" in lines[3] and "ConfigError: boom" in lines[5]
     png = plot_objective(rows, ["loss.teacher_temp"], "knn_top1", "max", tmp_path / "p.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -35,7 +35,7 @@ class TrialRow:
     iterations: int = 0  # Tune training_iteration reached (one per worker report)
     step: int = 0  # last optimiser step reported
     total_steps: Optional[int] = None  # steps of a full run
-    stopped_at_iteration: Optional[int] = None  # ASHA's stop decision, when it stopped the trial
+    stopped_at_step: Optional[int] = None  # ASHA's stop decision, when it stopped the trial
     error: str = ""
     path: str = ""
     extra: dict = field(default_factory=dict)
@@ -45,7 +45,7 @@ class TrialRow:
         d.update({n: self.params.get(n) for n in names})
         d.update({objective: self.objective, "objective_step": self.objective_step, "iterations": self.iterations,
                   "step": self.step, "total_steps": self.total_steps, "stopped_early": self.status == "stopped",
-                  "stopped_at_iteration": self.stopped_at_iteration, "error": self.error})
+                  "stopped_at_step": self.stopped_at_step, "error": self.error})
         return d
 
 
@@ -93,7 +93,7 @@ def trial_row(result: Any, *, names: list[str], objective: str, early_stopped: d
     else:
         status, err = "unfinished", ""
     return TrialRow(trial_id=trial_id, status=status, params=params, objective=obj, objective_step=obj_step,
-                    iterations=iters, step=step, total_steps=total, stopped_at_iteration=early_stopped.get(trial_id),
+                    iterations=iters, step=step, total_steps=total, stopped_at_step=early_stopped.get(trial_id),
                     error=err, path=path)
 
 
@@ -123,7 +123,7 @@ def format_table(rows: list[TrialRow], names: list[str], objective: str, *, best
     lines = []
     for r in rows:
         note = r.error if r.status == "error" else (
-            f"ASHA stop at iteration {r.stopped_at_iteration}" if r.status == "stopped" else "")
+            f"ASHA stop at step {r.stopped_at_step}" if r.status == "stopped" else "")
         lines.append(["*" if best is not None and r.trial_id == best.trial_id else "", r.trial_id, r.status,
                       *[_fmt(r.params.get(n)) for n in names], _fmt(r.objective), _fmt(r.objective_step),
                       str(r.iterations), f"{r.step}/{_fmt(r.total_steps)}", note])

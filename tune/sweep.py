@@ -10,10 +10,10 @@
 * **Trial drivers** need a Ray resource: ``cfg.train.driver_resource`` (``TRAIN_DRIVER``, only the on-demand head of
   ``cluster.yaml`` has it) when set, else a small CPU fraction (``{"CPU": 0}`` is rejected by Ray).
 * **Objective.** ``knn_top1`` (online k-NN top-1 on ``data.eval_source``, mode max; measured at epoch ends) or
-  ``loss`` (mode min; every report). ASHA (``time_attr=training_iteration``) compares trials at rungs placed from
-  the number of reports a full run makes; its grace period covers ``grace_epochs`` epochs and at least the first
-  k-NN evaluation. ASHA's rung records are kept in ``<sweep>/asha_state.yaml`` (Tune itself does not save scheduler
-  state) so a resumed sweep still stops bad trials.
+  ``loss`` (mode min; every report). ASHA counts the run's global optimiser step (``time_attr=step``), not Tune's
+  ``training_iteration``, which a restarted trial inflates by replaying reports; its grace period covers
+  ``grace_epochs`` epochs and at least the first k-NN evaluation. ASHA's rung records are kept in
+  ``<sweep>/asha_state.yaml`` (Tune itself does not save scheduler state) so a resumed sweep still stops bad trials.
 * **State and faults.** Tune's experiment state lives in ``<storage>/<sweep>``. Running the same sweep again
   (same storage and name) restores it: finished trials are kept, unfinished ones resume, errored ones restart. A
   failing trial (even after ``max_failures`` retries) never ends the sweep.
@@ -39,6 +39,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from ibot_ray.config import ConfigError, IBOTConfig, load_config
+from pipelines.pretrain import resolve_storage
 from tune.report import (
     TrialRow,
     best_row,
@@ -50,13 +51,13 @@ from tune.report import (
 )
 from tune.space import SearchSpace, SpaceError, load_space, with_values
 
-DEFAULT_STORAGE = "ibot_sweeps"
 OBJECTIVES = {"knn_top1": "max", "loss": "min"}
 SCHEDULERS = ("asha", "fifo", "pbt")
 SPEC_FILE = "sweep_spec.yaml"
 # Not *.json / *.pkl: Tune copies those from storage to its driver staging folder on restore and uploads them back
 # later, which would overwrite a newer record with the restored copy.
 ASHA_STATE_FILE = "asha_state.yaml"
+ASHA_TIME_ATTR = "step"  # the run's global step: a restarted trial replays steps, never counts them twice
 TRAIN_RUNS_DIR = "train_runs"
 DRIVER_CPU = 0.1  # a trial driver's CPU share when no driver resource is configured
 DRIVER_RESOURCE_SHARE = 0.01  # of cfg.train.driver_resource per trial driver (concurrency is capped separately)
@@ -79,12 +80,6 @@ class SweepError(RuntimeError):
 
 def _is_uri(path: str) -> bool:
     return "://" in path
-
-
-def resolve_storage(storage: Optional[str]) -> str:
-    """An absolute local path, or the URI unchanged."""
-    storage = storage or DEFAULT_STORAGE
-    return storage if _is_uri(storage) else str(Path(storage).expanduser().resolve())
 
 
 def _fs(path: str):
@@ -136,9 +131,9 @@ def report_steps(cfg: IBOTConfig, steps_per_epoch: int) -> list[int]:
 
 
 def asha_rungs(cfg: IBOTConfig, steps_per_epoch: int, objective: str, grace_epochs: float) -> tuple[int, int]:
-    """(grace_period, max_t) in reports: max_t is a full run's reports, the grace period the reports through
-    ``grace_epochs`` epochs (fractions allowed), rounded up to the first epoch with a k-NN evaluation for the k-NN
-    objective (a rung needs the objective)."""
+    """(grace_period, max_t) in optimiser steps (ASHA's ``time_attr`` is the step): max_t is the run's last step,
+    the grace period the last report step within ``grace_epochs`` epochs (fractions allowed), rounded up to the first
+    epoch with a k-NN evaluation for the k-NN objective (a rung needs the objective)."""
     if grace_epochs <= 0:
         raise SweepError(f"grace_epochs must be > 0, got {grace_epochs}")
     steps = report_steps(cfg, steps_per_epoch)
@@ -147,8 +142,8 @@ def asha_rungs(cfg: IBOTConfig, steps_per_epoch: int, objective: str, grace_epoc
         every = max(1, cfg.train.knn_every_epochs)
         epochs = math.ceil(epochs / every) * every
     epochs = min(epochs, cfg.optim.epochs)
-    grace = sum(1 for s in steps if s <= epochs * steps_per_epoch)
-    return max(1, grace), max(1, len(steps))
+    within = [s for s in steps if s <= epochs * steps_per_epoch]
+    return (within[-1] if within else steps[0]), steps[-1]
 
 
 # ---- the trial driver ------------------------------------------------------------------------------
@@ -278,7 +273,9 @@ def sweep_trial(config: dict, spec: Optional[dict] = None) -> None:
     name = train_run_name(spec["name"], trial_id)
     callback = _report_callback({"train_run": name})
     trainer, info = build_trainer(cfg, storage=spec["train_storage"], name=name,
-                                  callbacks=[callback, _pg_reaper_callback()])
+                                  callbacks=[callback, _pg_reaper_callback()], per_trial=True)
+    for line in [*info["derived"], *(f"warning: {w}" for w in info["warnings"])]:
+        print(f"[ibot-ray tune] trial {ray.tune.get_context().get_trial_id()}: {line}", flush=True)
     total = int(info["total_steps"])
     callback.extra.update(total_steps=total, steps_per_epoch=int(info["steps_per_epoch"]))
     print(f"[ibot-ray tune] trial {trial_id}: {', '.join(f'{k}={v}' for k, v in config.items())}; "
@@ -433,22 +430,32 @@ def _per_trial_resources(cfg: IBOTConfig, use_gpu: bool) -> dict[str, float]:
     return res
 
 
-def default_max_concurrent(cfg: IBOTConfig) -> int:
-    """Trials that fit the cluster at once: GPUs // (workers x GPUs per worker) on GPU clusters, else CPUs // the
-    CPUs one trial reserves (Train workers, Data actors, driver). At least 1."""
-    import ray
+def _trial_plan(cfg: IBOTConfig, shape):
+    """(a trial's config with its cluster fields planned, the plan): what every trial will ask for."""
+    from pipelines.cluster_plan import apply_plan, plan_run
 
-    total = ray.cluster_resources()
-    use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and total.get("GPU", 0) > 0)
-    need = _per_trial_resources(cfg, use_gpu)
-    fits = [int(total.get(k, 0) // v) for k, v in need.items() if v > 0]
-    return max(1, min(fits) if fits else 1)
+    plan = plan_run(cfg, shape, per_trial=True)
+    return apply_plan(IBOTConfig.from_dict(cfg.to_dict(), validate=False), plan), plan
+
+
+def default_max_concurrent(cfg: IBOTConfig, shape=None) -> int:
+    """Trials that fit the cluster at its maximum size (the node types it has or can launch,
+    :func:`pipelines.cluster_plan.describe_cluster`): GPU worker slots // a trial's workers when trials train on
+    GPU, else CPUs // the CPUs one trial reserves (Train workers, Data actors, driver). At least 1."""
+    from pipelines.cluster_plan import describe_cluster, max_concurrent_trials
+
+    shape = shape or describe_cluster()
+    planned, plan = _trial_plan(cfg, shape)
+    return max_concurrent_trials(planned, shape, plan, _per_trial_resources(planned, plan.use_gpu)["CPU"])
 
 
 def _init_ray(cfg: IBOTConfig, address: Optional[str], concurrent: int, verbose: bool = False) -> None:
+    from pipelines.cluster_plan import local_shape
     from pipelines.pretrain import init_ray
 
-    init_ray(cfg, address, num_cpus=_per_trial_resources(cfg, False)["CPU"] * max(1, concurrent), verbose=verbose)
+    planned, _ = _trial_plan(cfg, local_shape())  # sizes a local Ray only (a cluster is planned after connecting)
+    init_ray(planned, address, num_cpus=_per_trial_resources(planned, False)["CPU"] * max(1, concurrent),
+             verbose=verbose)
 
 
 def _prepare_base(config: Union[str, IBOTConfig, None], overrides: Optional[list[str]], objective: str
@@ -585,8 +592,8 @@ def run_sweep(
             grace, max_t = asha_rungs(base, steps_per_epoch, objective, grace_epochs)
             grace = min(grace, max_t)
             asha_info = {"grace_period": grace, "max_t": max_t, "reduction_factor": reduction_factor,
-                         "time_attr": "training_iteration"}
-            sched = _asha_class()(state_path=f"{exp_path}/{ASHA_STATE_FILE}", time_attr="training_iteration",
+                         "time_attr": ASHA_TIME_ATTR}
+            sched = _asha_class()(state_path=f"{exp_path}/{ASHA_STATE_FILE}", time_attr=ASHA_TIME_ATTR,
                                   max_t=max_t, grace_period=grace,
                                   reduction_factor=reduction_factor, stop_last_trials=False)
         spec["asha"] = asha_info
@@ -655,9 +662,9 @@ def _report(results: Any, *, spec: dict, space: SearchSpace, base: IBOTConfig, e
                        table=table, resumed=resumed)
 
 
-__all__ = ["DEFAULT_STORAGE", "OBJECTIVES", "PBT_UNSUPPORTED", "SCHEDULERS", "SweepError", "SweepResult",
+__all__ = ["ASHA_TIME_ATTR", "OBJECTIVES", "PBT_UNSUPPORTED", "SCHEDULERS", "SweepError", "SweepResult",
            "asha_rungs", "default_max_concurrent", "read_asha_state", "read_trial_statuses", "report_steps",
-           "resolve_storage", "run_sweep", "sweep_trial", "train_run_name"]
+           "run_sweep", "sweep_trial", "train_run_name"]
 
 # ConfigError and SpaceError are what callers catch for bad input; re-exported for them.
 __all__ += ["ConfigError", "SpaceError"]
