@@ -150,6 +150,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_failures: int = -1  # worker/node failures (not preemptions) before the run fails; -1: unlimited
     max_preemption_failures: int = -1
+    max_repeated_errors: int = 3  # the same worker exception this many restarts in a row, no progress: end (0: off)
     worker_start_timeout_s: int = 30
     elastic_resize_interval_s: float = 60.0
     log_every_steps: int = 10
@@ -487,6 +488,7 @@ def validate(cfg: IBOTConfig) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(t.max_failures >= -1, "train.max_failures", "must be >= -1")
     _check(t.max_preemption_failures >= -1, "train.max_preemption_failures", "must be >= -1")
+    _check(t.max_repeated_errors >= 0, "train.max_repeated_errors", "must be >= 0")
     _check(t.worker_start_timeout_s >= 1, "train.worker_start_timeout_s", "must be >= 1")
     _check(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
     _check(t.knn_every_epochs >= 0, "train.knn_every_epochs", "must be >= 0")
