@@ -109,13 +109,17 @@ def fatal_error(e: BaseException, *, world: int, min_world: int) -> Optional[Fat
 
 
 def _user_exception(error: BaseException) -> Optional[BaseException]:
-    """The exception a training function raised, if ``error`` is one (Ray Train wraps it with its traceback text);
-    None for a system error: a dead worker actor, a failed or hung health check."""
-    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    """The exception a training function raised, if ``error`` is one; None for a system error: a dead worker actor,
+    a failed or hung health check. (``after_exception`` gets the training function's own exception, which Ray
+    Train unwraps from its ``UserExceptionWithTraceback``; a still-wrapped one is unwrapped here.)"""
+    from ray.exceptions import RayError
+    from ray.train.v2._internal.exceptions import RayTrainError, UserExceptionWithTraceback
 
     if isinstance(error, UserExceptionWithTraceback):
         return getattr(error, "_base_exc", error)
-    return None
+    if isinstance(error, (RayTrainError, RayError)):
+        return None
+    return error
 
 
 def fingerprint(e: BaseException) -> str:

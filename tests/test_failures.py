@@ -57,8 +57,9 @@ def test_deterministic_errors_are_fatal_with_the_setting_to_change():
     assert fatal_error(RuntimeError("Connection closed by peer [127.0.0.1]:1234"), world=2, min_world=2) is None
 
 
-def _user(e: BaseException) -> UserExceptionWithTraceback:
-    return UserExceptionWithTraceback(e, traceback_str=f"Traceback (most recent call last):\n{type(e).__name__}: {e}")
+def _user(e: BaseException) -> BaseException:
+    """A training function's exception as ``after_exception`` receives it (Ray Train unwraps its own wrapper)."""
+    return e
 
 
 def _lost_worker() -> WorkerHealthCheckFailedError:
@@ -87,6 +88,13 @@ def test_failure_budget_ends_on_fatal_errors_and_on_a_repeated_error_without_pro
     with pytest.raises(FatalTrainingError, match=r"same error ended 3 attempts in a row without progress") as info:
         budget.after_exception(None, flaky)  # numbers differ, the error is the same: the third in a row
     assert "OSError: read timed out" in str(info.value) and "train.max_repeated_errors" in str(info.value)
+
+    # a training function's exception still in Ray's traceback wrapper counts as the same error
+    wrapped = UserExceptionWithTraceback(OSError("read timed out after 9 s on shard 1"), traceback_str="...")
+    budget = FailureBudget(max_repeated=2)
+    budget.after_exception(None, flaky)
+    with pytest.raises(FatalTrainingError, match="2 attempts"):
+        budget.after_exception(None, {0: wrapped})
 
     off = FailureBudget(max_repeated=0)
     for _ in range(10):
