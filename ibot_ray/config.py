@@ -150,7 +150,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_failures: int = -1  # worker/node failures (not preemptions) before the run fails; -1: unlimited
     max_preemption_failures: int = -1
-    max_repeated_errors: int = 3  # the same worker exception this many restarts in a row, no progress: end (0: off)
+    max_repeated_errors: int = 3  # the same worker exception ending this many attempts without progress: end (0: off)
     worker_start_timeout_s: int = 30
     elastic_resize_interval_s: float = 60.0
     log_every_steps: int = 10

@@ -19,7 +19,7 @@ How, with Ray Train V2's own mechanisms:
    never retries, so ``fit()`` raises at once (``train/v2/_internal/execution/controller/controller.py``
    ``_run_control_loop_iteration``; ``failure_handling/default.py``).
 3. Fallback for deterministic errors nobody classified (a bug in user code, a new exception type): the same worker
-   exception (type and message, numbers ignored) ``train.max_repeated_errors`` attempts in a row, with no new
+   exception (type and message, numbers ignored) ending ``train.max_repeated_errors`` attempts with no new
    highest step reported in between, ends the run the same way.
 4. :func:`fit_or_raise_fatal` turns such a ``ControllerError`` back into the ``FatalTrainingError`` for the driver:
    ``ibot-ray pretrain`` prints it as one block and exits with :data:`EXIT_FATAL`; a Tune trial ends as an error.
@@ -130,7 +130,7 @@ def fingerprint(e: BaseException) -> str:
 class FailureBudget(UserCallback):
     """A ``ray.train`` callback on the Train controller that ends the run on deterministic errors (module doc).
 
-    ``max_repeated``: the same unclassified worker exception this many attempts in a row without progress (a new
+    ``max_repeated``: the same unclassified worker exception ending this many attempts without progress (a new
     highest reported step) ends the run; 0 turns that fallback off. A typed :class:`FatalTrainingError` always ends
     it. Attempts that lost a worker (system errors) are not counted: Ray's failure budgets handle them."""
 
@@ -157,10 +157,10 @@ class FailureBudget(UserCallback):
             if self.repeats[key] >= self.max_repeated:
                 e = next(e for e in user.values() if fingerprint(e) == key)
                 raise FatalTrainingError(
-                    f"the same error ended {self.repeats[key]} attempts in a row without progress",
+                    f"the same error ended {self.repeats[key]} attempts with no progress in between",
                     f"{type(e).__name__}: {_first_line(e)}",
-                    "fix the error above; train.max_repeated_errors sets how many identical failures in a row "
-                    "end a run (0: retry within train.max_failures only)")
+                    "fix the error above; train.max_repeated_errors sets how many identical failures without "
+                    "progress end a run (0: retry within train.max_failures only)")
 
 
 def fatal_cause(error: BaseException) -> Optional[FatalTrainingError]:
