@@ -7,7 +7,9 @@ string, and RNG states as tensors and ints.
 
 Unlike the reference implementation (which saves no RNG state and resumes only at epoch boundaries, with non-strict
 loads that merely print missing keys), :func:`training_state` captures the RNG streams and arbitrary ``extra`` counters
-(e.g. the position inside the data epoch), and :func:`restore_training_state` loads everything strictly.
+(e.g. the position inside the data epoch), and :func:`restore_training_state` loads everything strictly. A
+distributed loop whose ranks need distinct streams can instead derive them with :func:`seed_stream` (the Ray worker
+seeds every step from ``(train.seed, rank, step)``), which no saved state is needed to reproduce.
 """
 
 from __future__ import annotations
@@ -165,6 +167,18 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
+
+
+def seed_stream(seed: int, *keys: int) -> None:
+    """Seed Python ``random``, NumPy's global RNG and torch (CPU and every CUDA device) with a stream derived from
+    ``seed`` and ``keys``: distinct key tuples (e.g. ``(rank, step)``) get independent streams, the same tuple the
+    same stream, in any process. Seeding each step from ``(rank, step)`` makes a step's randomness independent of
+    restarts, so a resumed run needs no saved RNG state to continue exactly as an uninterrupted one."""
+    words = np.random.SeedSequence([int(seed) % 2**64, *(int(k) % 2**64 for k in keys)]).generate_state(2)
+    full = (int(words[0]) << 32) | int(words[1])
+    random.seed(full)
+    np.random.seed(int(words[0]))
+    torch.manual_seed(full)  # also every CUDA device
 
 
 def set_rng_state(state: dict) -> None:

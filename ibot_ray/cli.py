@@ -138,12 +138,15 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:
                 from ray.train import TrainingFailedError
 
-                if not isinstance(e, TrainingFailedError):
+                from pipelines.failures import EXIT_FATAL, FatalTrainingError
+
+                if not isinstance(e, (TrainingFailedError, FatalTrainingError)):
                     raise
                 from pipelines.console import format_failure, ray_log_dir
 
                 print(format_failure(e, ray_log_dir()), file=sys.stderr, flush=True)
-                return 1
+                # EXIT_FATAL (5): an error every restart would raise again ended the run (pipelines/failures.py)
+                return EXIT_FATAL if isinstance(e, FatalTrainingError) else 1
             return 4 if result.metrics.get("stopped_on_collapse") else 0  # 4: train.stop_on_collapse ended it
         if args.command == "tune":
             from tune.space import SpaceError

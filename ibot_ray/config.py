@@ -156,6 +156,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_failures: int = -1  # worker/node failures (not preemptions) before the run fails; -1: unlimited
     max_preemption_failures: int = -1
+    max_repeated_errors: int = 3  # the same worker exception ending this many attempts without progress: end (0: off)
     worker_start_timeout_s: int = 30
     images_per_device: int = 0  # images one forward pass may hold on a device (0: estimated on GPU, no limit on CPU)
     elastic_resize_interval_s: float = 60.0
@@ -499,6 +500,7 @@ def validate(cfg: IBOTConfig) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(t.max_failures >= -1, "train.max_failures", "must be >= -1")
     _check(t.max_preemption_failures >= -1, "train.max_preemption_failures", "must be >= -1")
+    _check(t.max_repeated_errors >= 0, "train.max_repeated_errors", "must be >= 0")
     _check(t.worker_start_timeout_s >= 1, "train.worker_start_timeout_s", "must be >= 1")
     _check(t.images_per_device >= 0, "train.images_per_device", "must be >= 0")
     _check(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")

@@ -295,14 +295,3 @@ class IBOTStep:
             coefs = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
             torch._foreach_mul_(grads, coefs)
         return total
-
-    # ------------------------------------------------------------------------------------------
-    def state(self) -> dict:
-        """What a checkpoint needs besides the models and the config (see :mod:`ibot_ray.checkpoint`)."""
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "loss": self.loss.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.counters.step,
-            "skipped_steps": self.counters.skipped_steps,
-        }

@@ -111,6 +111,7 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pipelines.failures import FailureBudget
     from pipelines.ingest import build_train_dataset, create_monitor
     from pipelines.train_worker import train_loop_per_worker
 
@@ -158,13 +159,13 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures,
                                                max_preemption_failures=t.max_preemption_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), FailureBudget(t.max_repeated_errors)],  # pipelines/failures.py
         logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "monitor_name": monitor_name,
-                           "console_name": console_name, "verbose": verbose},
+                           "console_name": console_name, "verbose": verbose, "num_items": info.num_items},
         scaling_config=scaling,
         run_config=run_config,
         datasets={"train": dataset},
@@ -191,8 +192,10 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
     """Run (or resume) a pretraining run; prints progress, the k-NN before/after, and where the outputs are.
 
     The terminal gets a progress bar (a line per log step when stdout is not a TTY), one line per event and a
-    closing summary (pipelines/console.py); Ray's own logs stay in Ray's log folder unless ``verbose``. A failed
-    run raises Ray Train's ``TrainingFailedError`` (the CLI prints it as one block)."""
+    closing summary (pipelines/console.py); Ray's own logs stay in Ray's log folder unless ``verbose``. A run ended
+    by an error that every restart would raise again (divergence, a config or source error on a worker, out of memory
+    at the minimum world size) raises :class:`~pipelines.failures.FatalTrainingError` without restarting; other
+    failures past Ray Train's budgets raise its ``TrainingFailedError`` (the CLI prints either as one block)."""
     import torch
 
     from ibot_ray.model import build_student_teacher
@@ -224,8 +227,10 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
         print(f"[ibot-ray] warning: {w}", flush=True)
     console = ConsoleRenderer(total_steps=info["total_steps"], steps_per_epoch=info["steps_per_epoch"], name=name)
     t_fit = time.time()
+    from pipelines.failures import fit_or_raise_fatal
+
     with ConsolePoller(name, console):  # rank 0 -> mailbox actor -> this thread -> the terminal
-        result = trainer.fit()
+        result = fit_or_raise_fatal(trainer)  # a deterministic error raises FatalTrainingError, once
     train_s = time.time() - t_fit
     from pipelines.ingest import get_bad_input_stats
 

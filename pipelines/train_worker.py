@@ -12,6 +12,12 @@ Every (re)start of the worker group, whether first start, failure, resize or dri
   interrupted data epoch from its beginning (Ray Data cannot seek) and stops it at the epoch boundary.
 * Checkpoints (rank 0 writes, every rank reports) every ``train.checkpoint_every_steps`` steps, at each epoch end,
   at the last step, and just in time when Ray Train reports that a node is being drained for preemption.
+* Randomness: every rank builds the same initial weights from ``train.seed``; each step then runs on its own stream,
+  seeded from ``(train.seed, rank, step)``, so ranks differ (drop-path masks) and a resumed step draws exactly what it
+  would have drawn without the restart. A checkpoint therefore needs no RNG state restored.
+* Errors a restart would raise again (divergence, a config or source error, a checkpoint that does not fit the
+  config or the epoch length, out of memory at the minimum world size) are raised as
+  :class:`~pipelines.failures.FatalTrainingError`, which ends the run once (pipelines/failures.py).
 """
 
 from __future__ import annotations
@@ -29,13 +35,14 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from ibot_ray.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
+from ibot_ray.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, seed_stream, training_state
 from ibot_ray.config import IBOTConfig
 from ibot_ray.health import CollapseDetector, grace_steps
 from ibot_ray.model import build_student_teacher
 from ibot_ray.step import IBOTStep, unwrap
 from pipelines.collate import iter_train_batches
 from pipelines.console import ConsoleClient, quiet_train_reports
+from pipelines.failures import FatalTrainingError, fatal_error
 from pipelines.ingest import get_bad_input_stats, set_epoch
 from pipelines.metrics import MetricsWriter
 
@@ -82,7 +89,7 @@ def _checkpoint_dir_name(step: int) -> str:
 
 
 def _report(metrics: dict, *, step_runner: IBOTStep, cfg: IBOTConfig, data_epoch: int, rank: int,
-            with_checkpoint: bool, local_log_dir: Path) -> None:
+            with_checkpoint: bool, local_log_dir: Path, epoch_length: dict) -> None:
     if not with_checkpoint:
         ray.train.report(metrics)
         return
@@ -93,7 +100,8 @@ def _report(metrics: dict, *, step_runner: IBOTStep, cfg: IBOTConfig, data_epoch
                 student=unwrap(step_runner.student), teacher=step_runner.teacher, optimizer=step_runner.optimizer,
                 loss=step_runner.loss, scaler=step_runner.scaler, epoch=int(metrics["epoch"]), step=step_runner.step,
                 config=cfg.to_dict(),
-                extra={"data_epoch": data_epoch, "skipped_steps": step_runner.counters.skipped_steps},
+                extra={"data_epoch": data_epoch, "skipped_steps": step_runner.counters.skipped_steps,
+                       **epoch_length},
             )
             save_checkpoint(Path(d) / STATE_FILE, state)
             cfg.save(Path(d) / "config.yaml")
@@ -162,7 +170,40 @@ def _local_log_dir() -> Path:
     return Path(os.path.expanduser("~/ibot_runs")) / storage.experiment_dir_name / "logs"
 
 
+def check_epoch_length(saved: dict, now: dict, checkpoint: str) -> None:
+    """Refuse to resume when the checkpoint's steps per epoch differ from this invocation's.
+
+    Steps index the epochs and every schedule (lr, teacher temperature and momentum, freeze): resuming step s with
+    another epoch length would silently move every epoch boundary and the rest of each schedule. Raised as a
+    :class:`FatalTrainingError` (ends the run once); checkpoints written before the length was recorded pass."""
+    if saved.get("steps_per_epoch") is None or int(saved["steps_per_epoch"]) == now["steps_per_epoch"]:
+        return
+    def what(d):
+        parts = [f"{d['steps_per_epoch']} steps per epoch"]
+        if d.get("num_items") is not None:
+            parts.append(f"{d['num_items']} images / optim.batch_size {d.get('batch_size')}")
+        return " = ".join(parts)
+    raise FatalTrainingError(
+        "the epoch length changed since the run's last checkpoint",
+        f"{checkpoint} was written with {what(saved)}; this invocation has {what(now)}. Steps index the epochs and "
+        "every schedule, so resuming would silently shift them",
+        "resume with the same training source and optim.batch_size, or start a new run (--name)")
+
+
 def train_loop_per_worker(config: dict) -> dict:
+    """The Ray Train loop of one rank (:func:`_train_loop`); an error a restart would raise again is re-raised as a
+    :class:`FatalTrainingError` (pipelines/failures.py), which ends the run instead of restarting it."""
+    try:
+        return _train_loop(config)
+    except Exception as e:
+        min_world = int((config["cfg"].get("train") or {}).get("num_workers", (1, 1))[0])
+        fatal = fatal_error(e, world=ray.train.get_context().get_world_size(), min_world=min_world)
+        if fatal is None or fatal is e:
+            raise
+        raise fatal from e
+
+
+def _train_loop(config: dict) -> dict:
     cfg = IBOTConfig.from_dict(config["cfg"])
     steps_per_epoch: int = config["steps_per_epoch"]
     monitor_name: str | None = config.get("monitor_name")
@@ -187,10 +228,14 @@ def train_loop_per_worker(config: dict) -> dict:
 
     data_epoch = 0
     resumed_from = None
+    epoch_length = {"steps_per_epoch": steps_per_epoch, "num_items": config.get("num_items"),
+                    "batch_size": cfg.optim.batch_size}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(Path(d) / STATE_FILE, map_location=device)
+        check_epoch_length(state.get("extra") or {}, epoch_length, Path(checkpoint.path).name)
+        # restore_rng=False: the saved state is rank 0's, and every step reseeds from (seed, rank, step) anyway
         info = restore_training_state(state, student=student, teacher=teacher, optimizer=runner.optimizer,
                                       loss=runner.loss, scaler=runner.scaler, restore_rng=False)
         runner.counters.step = int(info["step"])
@@ -244,6 +289,7 @@ def train_loop_per_worker(config: dict) -> dict:
             wait_s += t1 - t0
             if share < read:
                 batch = {k: v[:share] for k, v in batch.items()}
+            seed_stream(cfg.train.seed, rank, runner.step)  # this rank's stream for this step (module doc)
             metrics = runner(batch, loss_weight=weight)
             stepped = True
             images_seen += share
@@ -306,12 +352,17 @@ def train_loop_per_worker(config: dict) -> dict:
                 next_data_epoch = data_epoch + 1 if (epoch_end or done) else data_epoch
                 report = {k: v for k, v in metrics.items() if not isinstance(v, list)}
                 _report(report, step_runner=runner, cfg=cfg, data_epoch=next_data_epoch, rank=rank,
-                        with_checkpoint=do_ckpt, local_log_dir=writer.folder if writer else Path("."))
+                        with_checkpoint=do_ckpt, local_log_dir=writer.folder if writer else Path("."),
+                        epoch_length=epoch_length)
                 if do_ckpt:
                     console.event("checkpoint", name=_checkpoint_dir_name(step), step=step,
                                   epoch=step // steps_per_epoch)
                 if new_notice:
                     console.event("preempted", step=step)
+                    if writer is not None:  # the run's history records which checkpoint answered which notice
+                        writer.write({"event": "preemption_checkpoint", "step": step,
+                                      "checkpoint": _checkpoint_dir_name(step), "deadline_ms": info.deadline_ms,
+                                      "nodes": sorted(map(str, info.preempted_node_to_ranks))}, step)
                 if stop_on_collapse:
                     console.event("stopped", step=step, reason=f"collapse ({health.status}), train.stop_on_collapse")
                 last = report

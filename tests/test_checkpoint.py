@@ -324,3 +324,56 @@ def test_missing_file(tmp_path):
         load_checkpoint(tmp_path / "nope.pt")
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+
+def test_each_rank_and_step_draw_their_own_stream_and_a_resumed_step_draws_the_same(tmp_path):
+    """The Ray worker seeds every step from (train.seed, rank, step) (pipelines/train_worker.py): ranks with
+    identical initial weights draw different drop-path masks, and a run resumed from a checkpoint, in a process
+    whose RNGs are elsewhere, continues bit-identically to the uninterrupted run, with no RNG state restored."""
+    from test_step import make_batch, make_images, tiny_cfg
+
+    from ibot_ray.checkpoint import seed_stream
+    from ibot_ray.model import build_student_teacher
+    from ibot_ray.step import IBOTStep
+
+    cfg = tiny_cfg("model.drop_path_rate=0.5", "optim.warmup_epochs=0", "optim.freeze_last_layer=0",
+                   "head.out_dim=64", "head.patch_out_dim=64", "head.hidden_dim=64", "head.bottleneck_dim=32")
+    g = torch.Generator().manual_seed(3)
+    images = make_images(4)
+    batches = [make_batch(cfg, images, g) for _ in range(2)]
+
+    def runner():
+        torch.manual_seed(cfg.train.seed)  # as the worker: the same initial weights on every rank
+        student, teacher = build_student_teacher(cfg)
+        return IBOTStep(cfg, student, teacher, steps_per_epoch=10)
+
+    def step(r, rank, batch):
+        seed_stream(cfg.train.seed, rank, r.step)
+        return r(batch)
+
+    rank0, rank1 = runner(), runner()
+    assert_same(rank0.student.state_dict(), rank1.student.state_dict(), "initial weights")
+    m0, m1 = step(rank0, 0, batches[0]), step(rank1, 1, batches[0])
+    assert m0["loss"] != m1["loss"]  # same weights, same images: only the ranks' drop-path draws differ
+    seed_stream(cfg.train.seed, 1, 0)
+    first = torch.rand(4)
+    seed_stream(cfg.train.seed, 1, 0)
+    assert torch.equal(torch.rand(4), first) and not torch.equal(torch.rand(4), first)
+
+    r = rank0  # checkpointed after step 0, then runs on uninterrupted
+    save_checkpoint(tmp_path / "state.pt", training_state(
+        student=r.student, teacher=r.teacher, optimizer=r.optimizer, loss=r.loss, scaler=r.scaler, epoch=0,
+        step=r.step, config=cfg))
+    step(rank0, 0, batches[1])
+    torch.manual_seed(1234)  # the restarted process's RNGs are anywhere
+    resumed = runner()
+    info = restore_training_state(load_checkpoint(tmp_path / "state.pt"), student=resumed.student,
+                                  teacher=resumed.teacher, optimizer=resumed.optimizer, loss=resumed.loss,
+                                  scaler=resumed.scaler, restore_rng=False)
+    resumed.counters.step = info["step"]
+    torch.rand(7)
+    step(resumed, 0, batches[1])
+    assert_same(resumed.student.state_dict(), rank0.student.state_dict(), "student after the resumed step")
+    assert_same(resumed.teacher.state_dict(), rank0.teacher.state_dict(), "teacher after the resumed step")
+    assert not hasattr(IBOTStep, "state")  # the checkpoint module is the one description of the resumable state

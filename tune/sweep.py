@@ -285,7 +285,9 @@ def sweep_trial(config: dict, spec: Optional[dict] = None) -> None:
     from pipelines.train_worker import _checkpoint_dir_name
 
     finished_before = _exists(f"{spec['train_storage']}/{name}/{_checkpoint_dir_name(total)}")
-    result = trainer.fit()
+    from pipelines.failures import fit_or_raise_fatal
+
+    result = fit_or_raise_fatal(trainer)  # a diverged or misconfigured trial ends as an error at once
     if finished_before and result.metrics:
         ray.tune.report({k: v for k, v in {**result.metrics, **callback.extra}.items() if not isinstance(v, list)})
 
