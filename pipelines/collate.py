@@ -8,7 +8,7 @@ wraps the Arrow buffers as tensors, Ray's ``iter_torch_batches`` moves the dict 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
@@ -56,12 +56,15 @@ def iter_train_batches(
     *,
     normalize: bool = False,
     pin_memory: bool = False,
+    shuffle_rows: Optional[int] = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Fixed-size batches of one pass over a Dataset or DataIterator (e.g. ``ray.train.get_dataset_shard``): for
     the training stream, every data epoch it holds, in one execution.
 
     Yields ``{"global_crops", "local_crops", "masks", "label", "epoch", "key_id"}`` on ``device`` (uint8 crops;
     float32 normalised with ImageNet statistics when ``normalize``). A partial last batch is dropped.
+    ``shuffle_rows`` overrides ``data.local_shuffle_buffer_size`` (the trainer caps it to a quarter of a rank's epoch,
+    so that the local shuffle mixes only the rows near an epoch boundary, never whole epochs of a small dataset).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -70,7 +73,7 @@ def iter_train_batches(
         batch_size=batch_size,
         drop_last=True,
         prefetch_batches=d.prefetch_batches,
-        local_shuffle_buffer_size=d.local_shuffle_buffer_size or None,
+        local_shuffle_buffer_size=(d.local_shuffle_buffer_size if shuffle_rows is None else shuffle_rows) or None,
         local_shuffle_seed=None,
         collate_fn=MultiCropCollateFn(),
         device=device,

@@ -369,9 +369,22 @@ def build_train_dataset(
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         num_cpus=d.cpus_per_actor,
     )
+    # Read tasks of adjacent epochs run at the same time (small epochs are a single task): rows must still leave in
+    # epoch order, else epochs interleave. Ray Train sets its own options: see ingest_execution_options.
+    ds.context.execution_options.preserve_order = True
     logger.info("ingest: %s source %s with %d items, data epochs %d..%d, built in %.1fs", info.format, info.uri,
                 info.num_items, start_epoch, start_epoch + num_epochs - 1, time.perf_counter() - t0)
     return ds, info
+
+
+def ingest_execution_options():
+    """Ray Train's ingest options (``DataConfig.default_ingest_options``) with ``preserve_order``: the training stream
+    must deliver its data epochs in order (pass as ``DataConfig(execution_options=...)``)."""
+    import ray.train
+
+    opts = ray.train.DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return opts
 
 
 def resume_data_epoch(run_path: str) -> int:
@@ -401,10 +414,19 @@ class TrainStream:
 
     def __init__(self, cfg: IBOTConfig, listing: SourceListing, monitor_name: str, run_path: str,
                  total_epochs: int) -> None:
+        import copy
+
+        import ray.data
+
         self.cfg, self.listing, self.monitor_name = cfg, listing, monitor_name
         self.run_path, self.total_epochs = run_path, int(total_epochs)
+        # the driver's Data settings: a Dataset keeps the DataContext current where it is built (the controller)
+        self.data_context = copy.deepcopy(ray.data.DataContext.get_current())
 
     def __call__(self) -> ray.data.Dataset:
+        import ray.data
+
+        ray.data.DataContext._set_current(self.data_context)
         start = resume_data_epoch(self.run_path)
         remaining = max(1, self.total_epochs - start)
         ds, _ = build_train_dataset(self.cfg, listing=self.listing, monitor_name=self.monitor_name,
@@ -426,6 +448,7 @@ __all__ = [
     "get_bad_input_stats",
     "get_or_create_monitor",
     "image_seed",
+    "ingest_execution_options",
     "key_id",
     "kill_monitor",
     "merge_bad_input",

@@ -115,7 +115,7 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines.ingest import TrainStream, create_monitor
+    from pipelines.ingest import TrainStream, create_monitor, ingest_execution_options
     from pipelines.sources import list_source
     from pipelines.train_worker import TRAINED_KEYS_ENV, train_loop_per_worker
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -166,6 +166,7 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
                            "trained_keys_dir": os.environ.get(TRAINED_KEYS_ENV)},
         scaling_config=scaling,
         run_config=run_config,
+        dataset_config=ray.train.DataConfig(execution_options=ingest_execution_options()),
         # a factory: Train calls it at every worker-group start, and it streams from the checkpoint's data epoch
         datasets={"train": TrainStream(cfg, listing, monitor_name, f"{_storage_path(storage).rstrip('/')}/{name}",
                                        cfg.optim.epochs)},

@@ -292,7 +292,9 @@ def train_loop_per_worker(config: dict) -> dict:
     notices = PreemptionNotices()
     last: dict = {}
     # One pass over the shard for the whole life of this worker group: the stream holds every data epoch.
-    rows = RowCarry(iter_train_batches(shard, cfg, read, device))
+    # the local shuffle mixes rows near epoch boundaries only: at most a quarter of this rank's rows of an epoch
+    shuffle_rows = min(cfg.data.local_shuffle_buffer_size, steps_per_epoch * cfg.optim.batch_size // world // 4)
+    rows = RowCarry(iter_train_batches(shard, cfg, read, device, shuffle_rows=shuffle_rows))
     keys_log = _trained_keys_log(rank, config.get("trained_keys_dir"))
     trained_epoch = data_epoch  # the highest data epoch this rank has trained on
     while runner.step < total and not stop_on_collapse:

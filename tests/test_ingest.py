@@ -179,7 +179,8 @@ def folder_run(ray_cluster, tmp_path_factory):
     ds, info = build_train_dataset(cfg, source=str(root), monitor_name=name, num_epochs=2)
     rows = ds.take_all()
     epochs = [_by_key([r for r in rows if r["epoch"] == e]) for e in (0, 1)]
-    assert {r["epoch"] for r in rows} == {0, 1}
+    order = [r["epoch"] for r in rows]
+    assert order == sorted(order) and set(order) == {0, 1}  # epoch 0, then epoch 1: epochs do not interleave
     return {"w": w, "cfg": cfg, "name": name, "info": info, "epochs": epochs, "root": root}
 
 
@@ -352,9 +353,12 @@ def test_run_streams_all_epochs_in_one_execution(ray_cluster, tmp_path, monkeypa
     assert len(executions) == 1, executions  # not one per epoch, and no second one inside an epoch
     keys = per_epoch_keys(trained_rows(tmp_path / "keys"))
     good = sorted(key_id(k) for k in w["good"])
-    for e in (0, 1, 2):  # 96 rows trained: data epochs 0-2 whole (30 each), then 6 rows of epoch 3
-        assert sorted(keys[e]) == good, e
-    assert len(keys[3]) == 6 and len(set(keys[3])) == 6 and set(keys[3]) <= set(good)
+    # 96 rows trained: data epochs 0-2 (30 each), then epoch 3; the local shuffle (capped at 8 rows here) may hold
+    # back a few rows of epoch 2 at the end
+    assert sorted(keys[0]) == sorted(keys[1]) == good and sum(map(len, keys.values())) == 96
+    assert set(keys) <= {0, 1, 2, 3} and len(keys[2]) >= 30 - 8
+    for e, ids in keys.items():
+        assert len(ids) == len(set(ids)) and set(ids) <= set(good), e
     bad = res.bad_images
     assert bad["count"] == 6 and {k for k, _ in bad["examples"]} == set(w["bad"])
     assert all(bad["per_epoch"][e] == 6 for e in (0, 1, 2)), bad["per_epoch"]
