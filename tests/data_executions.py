@@ -41,7 +41,11 @@ class CountIngestExecutions(ExecutionCallback):
 
 
 def start_execution_log():
-    return ExecutionLog.options(name=LOG_NAME, get_if_exists=True).remote()
+    """The log actor, on this process's node (a multi-node test may kill any other node)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ExecutionLog.options(name=LOG_NAME, get_if_exists=True, scheduling_strategy=here).remote()
 
 
 @contextlib.contextmanager
