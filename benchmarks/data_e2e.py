@@ -1,21 +1,28 @@
 #!/usr/bin/env python3
-"""End-to-end throughput of the Ray Data ingest: images/s delivered to a consumer, per augmenting-actor count.
+"""End-to-end throughput of the Ray Data ingest: images/s delivered to a consumer, and the cost of epoch boundaries.
 
-For each K in ``--actors`` the script builds the training Dataset (``data.actors=[K, K]``), runs ``--epochs``
-executions through ``iter_train_batches`` on the CPU (the consumer only touches each batch), and prints one JSON
-line per (K, epoch) with:
+For each K in ``--actors`` the script builds the training Dataset (``data.actors=[K, K]``) from one listing and reads
+``--epochs`` data epochs on the CPU (the consumer only touches each batch) in two ways, in the same run:
 
-* ``images_per_s``: good images delivered / wall time from the first request to the last batch (actor start
-  included for epoch 0, so later epochs show the steady state; Ray re-creates the actors each execution),
-* ``first_batch_s``: latency to the first batch (actor start, imports, the first actor batch), and
-  ``steady_images_per_s``: the rate after the first batch,
-* ``object_store_bytes_per_sample``: bytes of one output row in the object store (uint8 crops, uint8 masks,
-  label, key), measured from the delivered batches, and ``float32_bytes_per_sample`` for comparison,
-* ``input_bytes_per_sample``: mean encoded image size read by the source.
+* ``per_epoch``: a fresh Ray Data execution per epoch, as the trainer did before issue #12 (a new actor pool per
+  epoch, warmed up from ``min_size``),
+* ``stream``: ONE execution over all epochs, as the trainer does now (``pipelines/ingest.py``: ``TrainStream``); an
+  epoch ends after ``listed // batch`` batches, as in training.
+
+It prints one JSON line per (mode, K, epoch) with:
+
+* ``boundary_s``: from the end of the previous epoch (its last batch; the request for epoch 0) to the first batch of
+  this epoch, the time a trainer waits at each epoch start,
+* ``images_per_s``: images / wall time of the epoch, boundary included, and ``steady_images_per_s`` after the
+  first batch,
+* ``object_store_bytes_per_sample`` (uint8 crops, uint8 masks, label), ``float32_bytes_per_sample`` for comparison,
+  and ``input_bytes_per_sample`` (mean encoded image size),
+
+and a ``summary`` line per K: the mean boundary after the first epoch in both modes and their ratio.
 
 Not a test: numbers depend on the machine. Example (2-core box):
 
-    .venv/bin/python benchmarks/data_e2e.py --images 256 --actors 1 2 --epochs 2
+    .venv/bin/python benchmarks/data_e2e.py --images 400 --actors 1 --epochs 3
     .venv/bin/python benchmarks/data_e2e.py --source demo --config demo --actors 1 2
     .venv/bin/python benchmarks/data_e2e.py --config vit_small_16 --size 480 360 --images 128
 """
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from ibot_ray.config import load_config
     from pipelines.collate import iter_train_batches
     from pipelines.ingest import build_train_dataset, get_bad_input_stats, kill_monitor
-    from pipelines.sources import describe_source
+    from pipelines.sources import list_source
 
     tmp = None
     input_bytes = None
@@ -103,44 +110,67 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for k in a.actors:
             cfg = load_config(a.config, [*a.set, f"data.actors=[{k},{k}]", f"data.source={source}"])
+            listing = list_source(cfg)  # one listing for both modes
             if input_bytes is None:
-                info = describe_source(cfg)
-                input_bytes = _mean_input_bytes(cfg, info)
-            name = f"bench_ingest_{k}"
-            ds, info = build_train_dataset(cfg, monitor_name=name)
-            for epoch in range(a.epochs):
-                t0 = time.perf_counter()
-                first = None
-                n = 0
-                n_first = 0
-                sizes = None
-                for batch in iter_train_batches(ds, cfg, a.batch_size, "cpu", epoch=epoch, epoch_clock_name=name):
-                    if first is None:
-                        first = time.perf_counter() - t0
-                        sizes = row_bytes(batch)
-                        n_first = batch["global_crops"].shape[0]
-                    n += batch["global_crops"].shape[0]
-                    _ = batch["global_crops"][:, 0, 0, 0, 0].sum()  # touch the data
-                dt = time.perf_counter() - t0
-                print(json.dumps({
-                    "actors": k, "epoch": epoch, "images": n, "listed": info.num_items, "wall_s": round(dt, 2),
-                    "images_per_s": round(n / dt, 1), "first_batch_s": round(first or dt, 2),
-                    "steady_images_per_s": round((n - n_first) / (dt - first), 1) if first and dt > first else None,
-                    "steady_vs_k_x_baseline": round((n - n_first) / (dt - first) / (k * baseline), 2)
-                    if first and dt > first else None,
-                    "object_store_bytes_per_sample": sizes[0] if sizes else None,
-                    "float32_bytes_per_sample": sizes[1] if sizes else None,
-                    "input_bytes_per_sample": round(input_bytes or 0),
-                    "bad_images": get_bad_input_stats(name, epoch)["count"],
-                    "crops": f"{cfg.crops.global_crops_number}x{cfg.crops.global_crops_size}+"
-                             f"{cfg.crops.local_crops_number}x{cfg.crops.local_crops_size}",
-                }), flush=True)
-            kill_monitor(name)
+                input_bytes = _mean_input_bytes(cfg, listing.info)
+            spe = listing.info.num_items // a.batch_size
+            gaps = {}
+            for mode in ("per_epoch", "stream"):
+                name = f"bench_ingest_{k}_{mode}"
+                if mode == "stream":
+                    ds, _ = build_train_dataset(cfg, listing=listing, monitor_name=name, num_epochs=a.epochs + 1)
+                    batches = iter_train_batches(ds, cfg, a.batch_size, "cpu")
+                    epochs = ((e, (next(batches, None) for _ in range(spe))) for e in range(a.epochs))
+                else:
+                    epochs = ((e, iter_train_batches(build_train_dataset(
+                        cfg, listing=listing, monitor_name=name, start_epoch=e)[0], cfg, a.batch_size, "cpu"))
+                        for e in range(a.epochs))
+                gaps[mode] = []
+                for epoch, it in epochs:
+                    row = _measure(it, mode, k, epoch, a.batch_size)
+                    gaps[mode].append(row["boundary_s"])
+                    row.update({"listed": listing.info.num_items,
+                                "steady_vs_k_x_baseline": round(row["steady_images_per_s"] / (k * baseline), 2)
+                                if row["steady_images_per_s"] else None,
+                                "input_bytes_per_sample": round(input_bytes or 0),
+                                "bad_images": get_bad_input_stats(name, epoch)["count"],
+                                "crops": f"{cfg.crops.global_crops_number}x{cfg.crops.global_crops_size}+"
+                                         f"{cfg.crops.local_crops_number}x{cfg.crops.local_crops_size}"})
+                    print(json.dumps(row), flush=True)
+                kill_monitor(name)
+            later = {m: sum(g[1:]) / max(1, len(g) - 1) for m, g in gaps.items()}
+            print(json.dumps({"summary": "mean boundary after the first epoch", "actors": k,
+                              "per_epoch_boundary_s": round(later["per_epoch"], 3),
+                              "stream_boundary_s": round(later["stream"], 3),
+                              "ratio": round(later["per_epoch"] / max(1e-9, later["stream"]), 1)}), flush=True)
     finally:
         ray.shutdown()
         if tmp is not None:
             tmp.cleanup()
     return 0
+
+
+def _measure(batches, mode: str, k: int, epoch: int, batch_size: int) -> dict:
+    """Consume one epoch's batches; the clock starts at the end of the previous epoch (now)."""
+    t0 = time.perf_counter()
+    first = None
+    n = n_first = 0
+    sizes = None
+    for batch in batches:
+        if batch is None:  # the stream ended early (should not happen: it holds one spare epoch)
+            break
+        if first is None:
+            first = time.perf_counter() - t0
+            sizes = row_bytes(batch)
+            n_first = batch["global_crops"].shape[0]
+        n += batch["global_crops"].shape[0]
+        _ = batch["global_crops"][:, 0, 0, 0, 0].sum()  # touch the data
+    dt = time.perf_counter() - t0
+    return {"mode": mode, "actors": k, "epoch": epoch, "images": n, "wall_s": round(dt, 2),
+            "boundary_s": round(first if first is not None else dt, 3), "images_per_s": round(n / dt, 1),
+            "steady_images_per_s": round((n - n_first) / (dt - first), 1) if first and dt > first else None,
+            "object_store_bytes_per_sample": sizes[0] if sizes else None,
+            "float32_bytes_per_sample": sizes[1] if sizes else None}
 
 
 def in_process_rate(cfg, source: str, limit: int = 96) -> float:

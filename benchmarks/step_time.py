@@ -18,8 +18,9 @@ import time
 import torch
 
 from ibot_ray.config import load_config
+from ibot_ray.knn import normalize_images as normalize
 from ibot_ray.model import build_student_teacher
-from ibot_ray.step import IBOTStep, normalize
+from ibot_ray.step import IBOTStep
 
 
 def make_batch(cfg, b: int, device) -> dict:

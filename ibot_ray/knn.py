@@ -25,6 +25,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_FRACTION = 0.875  # 224 / 256: resize to size / 0.875, then centre crop `size`
 
 
+def normalize_images(images: Tensor, mean: Sequence[float] | Tensor = IMAGENET_MEAN,
+                     std: Sequence[float] | Tensor = IMAGENET_STD) -> Tensor:
+    """uint8 images ``(..., C, H, W)`` -> float32 ``(x / 255 - mean) / std`` per channel, on the images' device.
+
+    The one normaliser of the project: the training step, the k-NN features and the ingest's collate use it."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize_images expects uint8 images, got {images.dtype}")
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).reshape(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).reshape(-1, 1, 1)
+    if images.dim() < 3 or images.shape[-3] != m.shape[0] or m.shape != s.shape:
+        raise ValueError(f"normalize_images: images of shape {tuple(images.shape)} do not have {m.shape[0]} channels "
+                         f"at dim -3 (mean {tuple(m.flatten().tolist())}, std {tuple(s.flatten().tolist())})")
+    return images.float().div_(255.0).sub_(m).div_(s)
+
+
 def _as_tensor(x, name: str) -> Tensor:
     try:
         return torch.as_tensor(x)
@@ -166,18 +181,18 @@ def extract_features(
     backbone runs in eval mode (no drop path) and its previous mode is restored afterwards.
     """
     device = torch.device(device)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device)
     was_training = backbone.training
     backbone.eval()
     feats: list[Tensor] = []
     try:
         for i, batch in enumerate(images):
             x = _as_tensor(batch, f"images[{i}]")
-            if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != mean_t.shape[1]:
-                raise ValueError(f"images[{i}]: expected a uint8 (B, {mean_t.shape[1]}, H, W) batch, "
+            if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != mean_t.shape[0]:
+                raise ValueError(f"images[{i}]: expected a uint8 (B, {mean_t.shape[0]}, H, W) batch, "
                                  f"got {x.dtype} {tuple(x.shape)}")
-            x = x.to(device, non_blocking=True).float().div_(255.0).sub_(mean_t).div_(std_t)
+            x = normalize_images(x.to(device, non_blocking=True), mean_t, std_t)
             out = backbone(x)
             cls = out[:, 0] if out.ndim == 3 else out
             feats.append(cls.float().cpu())

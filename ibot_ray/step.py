@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from .config import IBOTConfig
 from .ema import TeacherEMA
-from .knn import IMAGENET_MEAN, IMAGENET_STD
+from .knn import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from .loss import IBOTLoss, health_metrics
 from .schedules import Schedules
 
@@ -66,11 +66,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
             raise ValueError("optim.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
         return torch.float16
     return torch.bfloat16
-
-
-def normalize(crops: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """uint8 (..., 3, H, W) -> float32, scaled to [0, 1] and normalised per channel, on the crops' device."""
-    return crops.float().div_(255.0).sub_(mean).div_(std)
 
 
 @torch.no_grad()
@@ -197,7 +192,7 @@ class IBOTStep:
         chunks = self._micro_batches(b)
         for ci, sl in enumerate(chunks):
             share = (sl.stop - sl.start) / b
-            g = normalize(self._crop_major(globals_u8[sl]), self.mean, self.std)
+            g = normalize_images(self._crop_major(globals_u8[sl]), self.mean, self.std)
             m = self._crop_major(masks[sl].unsqueeze(2)).squeeze(1)  # (G*b, h, w)
             sync = ci == len(chunks) - 1 or not hasattr(self.student, "no_sync")
             ctx = contextlib.nullcontext() if sync else self.student.no_sync()
@@ -208,7 +203,7 @@ class IBOTStep:
                     s_cls, s_patch = self.student(g, mask=m)
                     s_local = None
                     if n_local:
-                        lc = normalize(self._crop_major(locals_u8[sl]), self.mean, self.std)
+                        lc = normalize_images(self._crop_major(locals_u8[sl]), self.mean, self.std)
                         s_local, _ = self.student(lc, patches=False)
                 parts = self.loss(
                     s_cls, s_patch, s_local, t_cls, t_patch, m.flatten(1),

@@ -416,7 +416,7 @@ def format_summary(*, name: str, steps: int, total_steps: int, wall_s: float, tr
     if incidents:
         lines.append(f"  incidents       {', '.join(incidents)}")
     if bad_images:
-        lines.append(f"  skipped images  {bad_images} unreadable (examples in the metrics)")
+        lines.append(f"  skipped images  {bad_images} distinct unreadable files (keys in the metrics)")
     if checkpoint_path:
         lines.append(f"  checkpoint      {checkpoint_path}")
     if export_path:

@@ -1,34 +1,40 @@
 """Training ingest: raw image bytes -> decode + iBOT multi-crop + masks on an autoscaling CPU actor pool -> uint8 rows.
 
-    source rows {bytes, key, label}                          (pipelines/sources.py, read by Ray tasks)
+    source rows {bytes, key, label, epoch}         (pipelines/sources.py: one stream over many data epochs)
       -> repartition(target_num_rows_per_block=actor_batch_size)   (streaming: one actor batch per block)
       -> map_batches(MultiCropBatcher, ActorPoolStrategy(min, max), num_cpus=cfg.data.cpus_per_actor)
-      -> rows {global_crops (G,3,S,S) uint8, local_crops (L,3,s,s) uint8, masks (G,h,w) uint8, label int64, key str}
+      -> rows {global_crops (G,3,S,S) uint8, local_crops (L,3,s,s) uint8, masks (G,h,w) uint8, label int64,
+               epoch int64, key_id int64, key str}
 
 Crops stay uint8 in the object store (4x smaller than float32); ``pipelines/collate.py`` turns them into tensors
 and normalises them on the training device.
 
-Randomness: every image gets its own seed ``blake2b(data.seed, epoch, key)``, so a run is reproducible (same seed,
-same crops) yet every epoch draws fresh crops. Ray Data re-executes the plan, and re-creates the actor pool, on every
-epoch (checked on Ray 2.60), but an actor cannot see the epoch by itself: the trainer sets it on the run's named
-:class:`IngestMonitor` actor (``set_epoch``) before iterating, and the UDF reads it for every batch (one cheap actor
-call), so the value is right even if an actor outlived an execution; a fixed ``epoch=`` skips the clock.
+One execution, many epochs: the training Dataset is a single stream of data epochs ``start .. start + n - 1``
+(:func:`pipelines.sources.epoch_stream`), so the actor pool starts once per worker-group start and stays warm
+across epoch boundaries; the trainer ends epochs by step count. Every row carries its data epoch, and every image
+gets its own seed ``blake2b(data.seed, row epoch, key)``: a run is reproducible (same seed, same crops) yet every
+epoch draws fresh crops, with no clock to read. :class:`TrainStream` is the trainer's dataset factory: Ray Train V2
+calls it at every worker-group start (first start, failure, resize, driver resume) and it starts the stream at the
+data epoch of the checkpoint that the workers will resume from.
 
-Bad input (unreadable, truncated, zero-byte, non-image) is dropped, never fatal, and counted exactly on the same
-monitor actor (one call per UDF batch that had failures): :func:`get_bad_input_stats`.
+Bad input (unreadable, truncated, zero-byte, non-image) is dropped, never fatal, and recorded in the run's
+:class:`IngestMonitor` actor, a ledger of *distinct* bad files per data epoch and in total (key + reason): a Data
+task retry, a replayed epoch after a restart or a resize reports the same (epoch, key) again, which changes
+nothing. The ledger travels with each checkpoint (:meth:`IngestMonitor.snapshot` / ``merge``), so a resumed driver
+continues the counts. :func:`get_bad_input_stats` reads it.
 
 Usage (driver, then every Train worker)::
 
-    name = create_monitor(run_name)                       # keeps the actor alive as long as the driver
-    ds, info = build_train_dataset(cfg, monitor_name=name)  # TorchTrainer(datasets={"train": ds})
-    ...
-    set_epoch(name, epoch)                                # before each epoch's iteration (rank 0 + barrier)
+    listing = list_source(cfg)                                    # the only listing of the run
+    name = create_monitor(run_name)                               # keeps the actor alive as long as the driver
+    TorchTrainer(..., datasets={"train": TrainStream(cfg, listing, name, run_path, total_epochs)})
     for batch in iter_train_batches(ray.train.get_dataset_shard("train"), cfg, per_rank_batch, device): ...
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sys
 import time
@@ -38,7 +44,7 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipelines.sources import SourceInfo, build_source_dataset
+from pipelines.sources import EPOCH_COLUMN, SourceInfo, SourceListing, build_source_dataset, resolve_uri
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -47,14 +53,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-#: Monitor (epoch clock + bad-input ledger) used when no name is given. Give every concurrent run its own name.
+#: Monitor (bad-input ledger) used when no name is given. Give every concurrent run its own name.
 DEFAULT_MONITOR_NAME = "ibot_ingest_monitor"
-#: How many (key, reason) examples of bad input the monitor keeps (overall and per epoch).
+#: How many (key, reason) examples of bad input the ledger lists (overall and per epoch); the counts are complete.
 MAX_BAD_EXAMPLES = 10
 #: At most one bad-input warning per this many seconds per process (the counts are always exact).
 WARN_INTERVAL_S = 30.0
 #: Output columns of the ingest, in order.
-OUTPUT_COLUMNS = ("global_crops", "local_crops", "masks", "label", "key")
+OUTPUT_COLUMNS = ("global_crops", "local_crops", "masks", "label", EPOCH_COLUMN, "key_id", "key")
+#: Metric of a checkpoint report that holds the data epoch a restart from that checkpoint streams first.
+RESUME_EPOCH_METRIC = "resume_data_epoch"
+#: Train V2's record of the run's checkpoints (``ray.train.v2._internal.constants``), in the run folder.
+CHECKPOINT_MANAGER_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def image_seed(seed: int, epoch: int, key: str) -> int:
@@ -63,78 +73,91 @@ def image_seed(seed: int, epoch: int, key: str) -> int:
     return int.from_bytes(h.digest(), "little") & (2**63 - 1)
 
 
-# ---- the monitor actor: epoch clock + bad-input ledger -----------------------------------------
+def key_id(key: str) -> int:
+    """Stable 63-bit id of an image key (blake2b): the ``key_id`` column, the key as a tensor-friendly number."""
+    h = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8, person=b"ibot-key")
+    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
+
+
+# ---- the monitor actor: the bad-input ledger -----------------------------------------------------
 
 
 class IngestMonitor:
-    """Epoch clock and bad-input ledger shared by the driver, the augmenting actors and the Train workers.
+    """The run's bad-input ledger, shared by the augmenting actors, the Train workers and the driver.
 
-    Runs as a named Ray actor with ``num_cpus=0`` (see :func:`get_or_create_monitor`). The counts are exact: every
-    dropped image of every execution is reported once, so a bad file read in 3 epochs counts 3 times in ``count``
-    and once in ``unique_count``.
+    Runs as a named Ray actor with ``num_cpus=0`` (see :func:`get_or_create_monitor`). It records *distinct* bad
+    files: a file is counted once per data epoch it was read in, however often it was read (Data task retries,
+    epochs replayed after a restart or a resize), and once in the total.
     """
 
     def __init__(self) -> None:
-        self._epoch = 0
-        self._count = 0
-        self._per_epoch: dict[int, int] = {}
-        self._examples: list[tuple[str, str]] = []
-        self._epoch_examples: dict[int, list[tuple[str, str]]] = {}
-        self._unique: set[str] = set()
+        self._index: dict[str, int] = {}  # key -> index into _keys / _reasons (first report order)
+        self._keys: list[str] = []
+        self._reasons: list[str] = []
+        self._per_epoch: dict[int, set[int]] = {}
         self._log = logging.getLogger("pipelines.ingest.monitor")
         self._last_warn = float("-inf")
         self._unwarned = 0
 
-    # epoch clock
-    def set_epoch(self, epoch: int) -> int:
-        self._epoch = int(epoch)
-        return self._epoch
+    def _add(self, epoch: int, key: str, reason: str) -> bool:
+        i = self._index.get(key)
+        if i is None:
+            i = self._index[key] = len(self._keys)
+            self._keys.append(key)
+            self._reasons.append(reason)
+        seen = self._per_epoch.setdefault(int(epoch), set())
+        if i in seen:
+            return False
+        seen.add(i)
+        return True
 
-    def get_epoch(self) -> int:
-        return self._epoch
-
-    # ledger
-    def report_bad(self, epoch: int, items: list[tuple[str, str]]) -> int:
-        """Record dropped images ``[(key, reason), ...]`` of one UDF batch; returns the new total."""
-        epoch = int(epoch)
-        self._count += len(items)
-        self._per_epoch[epoch] = self._per_epoch.get(epoch, 0) + len(items)
-        ex = self._epoch_examples.setdefault(epoch, [])
-        for key, reason in items:
-            self._unique.add(key)
-            if len(self._examples) < MAX_BAD_EXAMPLES:
-                self._examples.append((key, reason))
-            if len(ex) < MAX_BAD_EXAMPLES:
-                ex.append((key, reason))
-        self._unwarned += len(items)
+    def report_bad(self, items: list[tuple[int, str, str]]) -> int:
+        """Record dropped images ``[(data epoch, key, reason), ...]``; returns the distinct total."""
+        new = [(e, k, r) for e, k, r in items if self._add(e, k, r)]
+        self._unwarned += len(new)
         now = time.monotonic()
-        if items and now - self._last_warn >= WARN_INTERVAL_S:
-            key, reason = items[0]
+        if new and now - self._last_warn >= WARN_INTERVAL_S:
+            epoch, key, reason = new[0]
             self._log.warning(
-                "ingest: dropped %d unreadable image(s) since the last warning (epoch %d, e.g. %s: %s); %d in total",
-                self._unwarned, epoch, key, reason, self._count,
+                "ingest: %d more unreadable image(s) dropped since the last warning (epoch %d, e.g. %s: %s); "
+                "%d distinct in total", self._unwarned, epoch, key, reason, len(self._keys),
             )
             self._last_warn, self._unwarned = now, 0
-        return self._count
+        return len(self._keys)
 
-    def stats(self, epoch: Optional[int] = None) -> dict[str, Any]:
-        """``{"count", "examples", "per_epoch", "unique_count"}``; with ``epoch`` count/examples are that epoch's."""
-        if epoch is None:
-            count, examples = self._count, list(self._examples)
+    def stats(self, epoch: Optional[int] = None, through_epoch: Optional[int] = None) -> dict[str, Any]:
+        """``{"count", "examples", "per_epoch"}``: distinct bad files (all epochs, or only ``epoch``), the first
+        :data:`MAX_BAD_EXAMPLES` ``(key, reason)``, and the distinct count per data epoch. ``through_epoch`` leaves
+        out later epochs (a stream reads ahead of the training)."""
+        epochs = {e: s for e, s in self._per_epoch.items() if through_epoch is None or e <= through_epoch}
+        if epoch is not None:
+            chosen = epochs.get(int(epoch), set())
         else:
-            count, examples = self._per_epoch.get(int(epoch), 0), list(self._epoch_examples.get(int(epoch), []))
-        return {"count": count, "examples": examples, "per_epoch": dict(self._per_epoch),
-                "unique_count": len(self._unique)}
+            chosen = set().union(*epochs.values()) if epochs else set()
+        first = sorted(chosen)[:MAX_BAD_EXAMPLES]
+        return {"count": len(chosen), "examples": [(self._keys[i], self._reasons[i]) for i in first],
+                "per_epoch": {e: len(s) for e, s in sorted(epochs.items())}}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole ledger as JSON-friendly data (saved with each checkpoint)."""
+        return {"keys": [[k, r] for k, r in zip(self._keys, self._reasons)],
+                "per_epoch": {str(e): sorted(s) for e, s in self._per_epoch.items()}}
+
+    def merge(self, snapshot: Optional[dict[str, Any]]) -> int:
+        """Add a :meth:`snapshot` (e.g. of the checkpoint a run resumes from): a union, so merging twice, or merging
+        what this ledger already holds, changes nothing. Returns the distinct total."""
+        if snapshot:
+            keys = snapshot.get("keys", [])
+            for e, idx in snapshot.get("per_epoch", {}).items():
+                for i in idx:
+                    self._add(int(e), *keys[i])
+        return len(self._keys)
 
     def reset(self) -> None:
         self.__init__()
 
 
-#: The epoch clock is the monitor (one actor per run for both jobs).
-EpochClock = IngestMonitor
-BadInputLedger = IngestMonitor
-
-_MonitorActor = ray.remote(num_cpus=0)(IngestMonitor)  # one call at a time: the counts stay exact
+_MonitorActor = ray.remote(num_cpus=0)(IngestMonitor)  # one call at a time: the ledger stays consistent
 
 
 # Handles of the monitors this process created: a named non-detached actor dies with its owner's last handle.
@@ -147,7 +170,7 @@ def get_or_create_monitor(name: str = DEFAULT_MONITOR_NAME) -> ray.actor.ActorHa
     It is owned by the calling process and lives as long as it (this module keeps the handle), so create it on the
     driver (``build_train_dataset`` / :func:`create_monitor` do). :func:`kill_monitor` ends it early. It is placed
     on the calling process's node: anywhere else, losing that node (a preempted spot worker) would take the run's
-    epoch clock and bad-input counts with it, and every restarted worker group would fail on the dead actor.
+    bad-input counts with it, and every restarted worker group would fail on the dead actor.
     """
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     handle = _MonitorActor.options(name=name, get_if_exists=True, scheduling_strategy=here).remote()
@@ -171,21 +194,23 @@ def _get_monitor(name: str) -> ray.actor.ActorHandle:
         raise ValueError(f"no ingest monitor actor named {name!r}; build_train_dataset creates it") from None
 
 
-def set_epoch(name: str, epoch: int) -> None:
-    """Tell the ingest of monitor ``name`` that the next execution is ``epoch`` (call before iterating it)."""
-    ray.get(_get_monitor(name).set_epoch.remote(epoch))
+def get_bad_input_stats(name: str = DEFAULT_MONITOR_NAME, epoch: Optional[int] = None,
+                        through_epoch: Optional[int] = None) -> dict[str, Any]:
+    """``{"count": distinct bad files, "examples": [(key, reason), ...first 10], "per_epoch": {epoch: count}}``.
+
+    ``count``/``examples`` cover all data epochs, or only ``epoch`` when given; ``through_epoch`` leaves out later
+    epochs."""
+    return ray.get(_get_monitor(name).stats.remote(epoch, through_epoch))
 
 
-def get_epoch(name: str) -> int:
-    return ray.get(_get_monitor(name).get_epoch.remote())
+def bad_input_snapshot(name: str) -> dict[str, Any]:
+    """The ledger of monitor ``name`` as JSON-friendly data (:meth:`IngestMonitor.snapshot`)."""
+    return ray.get(_get_monitor(name).snapshot.remote())
 
 
-def get_bad_input_stats(name: str = DEFAULT_MONITOR_NAME, epoch: Optional[int] = None) -> dict[str, Any]:
-    """``{"count": int, "examples": [(key, reason), ...first 10], "per_epoch": {epoch: count}, "unique_count": int}``.
-
-    ``count``/``examples`` cover all epochs, or only ``epoch`` when given.
-    """
-    return ray.get(_get_monitor(name).stats.remote(epoch))
+def merge_bad_input(name: str, snapshot: Optional[dict[str, Any]]) -> int:
+    """Merge a saved ledger into monitor ``name`` (idempotent); returns the distinct total."""
+    return ray.get(_get_monitor(name).merge.remote(snapshot))
 
 
 def reset_bad_input_stats(name: str = DEFAULT_MONITOR_NAME) -> None:
@@ -198,11 +223,12 @@ def reset_bad_input_stats(name: str = DEFAULT_MONITOR_NAME) -> None:
 class MultiCropBatcher:
     """Ray Data UDF (one instance per actor): decode + multi-crop + masks for a batch of raw rows.
 
-    Input batch (numpy format): ``bytes`` (object array of bytes), ``key`` (str), ``label`` (int64). Output: the
-    :data:`OUTPUT_COLUMNS`, with the bad images dropped and reported to the monitor.
+    Input batch (numpy format): ``bytes`` (object array of bytes), ``key`` (str), ``label`` (int64), ``epoch``
+    (int64, the row's data epoch; a batch may straddle an epoch boundary). Output: the :data:`OUTPUT_COLUMNS`, with
+    the bad images dropped and reported to the monitor.
     """
 
-    def __init__(self, cfg: IBOTConfig, *, monitor_name: Optional[str] = None, epoch: Optional[int] = None) -> None:
+    def __init__(self, cfg: IBOTConfig, *, monitor_name: Optional[str] = None) -> None:
         from ibot_ray import crop_kernels
         from ibot_ray.multicrop import MultiCropTransform
 
@@ -211,9 +237,6 @@ class MultiCropBatcher:
         self.seed = int(cfg.data.seed)
         self.transform = MultiCropTransform(cfg)
         self.monitor = _get_monitor(monitor_name) if monitor_name else None
-        if epoch is None and self.monitor is None:
-            raise ValueError("MultiCropBatcher needs a fixed epoch or a monitor_name to read the epoch from")
-        self.fixed_epoch = None if epoch is None else int(epoch)
         self._last_warn = float("-inf")
         if "torch" in sys.modules:  # the augmentation runs torch ops: one thread per reserved CPU, no oversubscription
             sys.modules["torch"].set_num_threads(max(1, int(round(cfg.data.cpus_per_actor))))
@@ -224,12 +247,6 @@ class MultiCropBatcher:
             "local_crops": np.zeros((0, c.local_crops_number, 3, c.local_crops_size, c.local_crops_size), np.uint8),
             "masks": np.zeros((0, c.global_crops_number, h, w), np.uint8),
         }
-
-    def current_epoch(self) -> int:
-        """The fixed epoch, else the monitor's clock (read per batch: about a millisecond per call)."""
-        if self.fixed_epoch is not None:
-            return self.fixed_epoch
-        return int(ray.get(self.monitor.get_epoch.remote()))
 
     def _transform_each(self, blobs: list[bytes], seeds: list[int], epoch: int):
         """Fallback when the batch transform raised: run image by image so one bad input cannot sink the batch.
@@ -257,31 +274,42 @@ class MultiCropBatcher:
             return dict(self._empty, index=np.zeros(0, np.int64)), bad
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, bad
 
+    def _one_epoch(self, blobs: list[bytes], keys: list[str], epoch: int):
+        seeds = [image_seed(self.seed, epoch, k) for k in keys]
+        try:
+            return self.transform(blobs, seeds, epoch)
+        except Exception:  # noqa: BLE001
+            logger.exception("ingest: multi-crop failed on a batch of %d; retrying image by image", len(keys))
+            return self._transform_each(blobs, seeds, epoch)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = [str(k) for k in batch["key"]]
         blobs = [b if isinstance(b, bytes) else bytes(b) for b in batch["bytes"]]
         labels = np.asarray(batch["label"], dtype=np.int64)
-        epoch = self.current_epoch()
-        seeds = [image_seed(self.seed, epoch, k) for k in keys]
-        try:
-            out, bad = self.transform(blobs, seeds, epoch)
-        except Exception:  # noqa: BLE001
-            logger.exception("ingest: multi-crop failed on a batch of %d; retrying image by image", len(keys))
-            out, bad = self._transform_each(blobs, seeds, epoch)
-        if bad:
-            items = [(keys[i], str(reason)) for i, reason in bad]
+        epochs = np.asarray(batch[EPOCH_COLUMN], dtype=np.int64)
+        parts: list[dict[str, np.ndarray]] = []
+        items: list[tuple[int, str, str]] = []
+        for epoch in np.unique(epochs):  # crops and mask ratios follow each row's own data epoch
+            rows = np.flatnonzero(epochs == epoch)
+            out, bad = self._one_epoch([blobs[i] for i in rows], [keys[i] for i in rows], int(epoch))
+            items += [(int(epoch), keys[rows[i]], str(reason)) for i, reason in bad]
+            parts.append(dict(out, index=rows[np.asarray(out["index"], dtype=np.int64)]))
+        if items:
             if time.monotonic() - self._last_warn >= WARN_INTERVAL_S:
-                logger.warning("ingest: dropped %d bad image(s) in a batch of %d, e.g. %s: %s", len(items),
-                               len(keys), *items[0])
+                logger.warning("ingest: dropped %d bad image(s) in a batch of %d, e.g. %s (epoch %d): %s",
+                               len(items), len(keys), items[0][1], items[0][0], items[0][2])
                 self._last_warn = time.monotonic()
             if self.monitor is not None:
-                ray.get(self.monitor.report_bad.remote(epoch, items))
-        idx = np.asarray(out["index"], dtype=np.int64)
+                ray.get(self.monitor.report_bad.remote(items))
+        out = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        idx = out["index"]
         return {
             "global_crops": np.ascontiguousarray(out["global_crops"], dtype=np.uint8),
             "local_crops": np.ascontiguousarray(out["local_crops"], dtype=np.uint8),
             "masks": np.ascontiguousarray(out["masks"]).astype(np.uint8, copy=False),
             "label": labels[idx],
+            EPOCH_COLUMN: epochs[idx],
+            "key_id": np.array([key_id(keys[i]) for i in idx], dtype=np.int64),
             "key": np.array([keys[i] for i in idx], dtype=object),
         }
 
@@ -295,36 +323,38 @@ def create_monitor(run_name: str) -> str:
     Concurrent runs in one Ray cluster (Tune trials) must use different run names.
     """
     name = f"ibot_ingest:{run_name}"
-    ray.get(get_or_create_monitor(name).get_epoch.remote())
+    ray.get(get_or_create_monitor(name).stats.remote())
     return name
 
 
 def build_train_dataset(
     cfg: IBOTConfig,
     *,
-    epoch_clock_name: Optional[str] = None,
+    listing: Optional[SourceListing] = None,
     source: Optional[str] = None,
-    epoch: Optional[int] = None,
     monitor_name: Optional[str] = None,
+    start_epoch: int = 0,
+    num_epochs: int = 1,
     shuffle_files: bool = True,
 ) -> tuple[ray.data.Dataset, SourceInfo]:
-    """The lazy training Dataset (rows of fixed-shape uint8 multi-crops, masks, label, key) and its SourceInfo.
+    """The lazy training Dataset (rows of fixed-shape uint8 multi-crops, masks, label, epoch, key) and its SourceInfo.
 
     Args:
         cfg: the run config (``cfg.data`` for the source and actor pool, ``cfg.crops``/``cfg.masking`` for crops).
-        epoch_clock_name / monitor_name: the :class:`IngestMonitor` actor (created here if missing) that is the
-            epoch clock and counts bad inputs; the two names are aliases (``monitor_name`` wins), default
-            :data:`DEFAULT_MONITOR_NAME`. The trainer calls :func:`set_epoch` before each epoch.
-        source: overrides ``cfg.data.source``.
-        epoch: a fixed epoch for every execution (no clock reads), e.g. for a benchmark; ``None`` reads the clock.
-        shuffle_files: reshuffle file / row-group order on every execution (seeded by ``cfg.data.seed``).
+        listing: the source's :class:`~pipelines.sources.SourceListing` (listed here from ``source`` /
+            ``cfg.data.source`` when not given).
+        monitor_name: the :class:`IngestMonitor` actor (created here if missing) that records bad inputs, default
+            :data:`DEFAULT_MONITOR_NAME`.
+        start_epoch, num_epochs: the data epochs the one execution streams, in order.
+        shuffle_files: each epoch reads in its own order, seeded by ``(cfg.data.seed, epoch)``.
 
     The SourceInfo's ``num_items`` counts listed files/rows, bad ones included (they are only found when decoded).
     """
     t0 = time.perf_counter()
-    name = monitor_name or epoch_clock_name or DEFAULT_MONITOR_NAME
-    ray.get(get_or_create_monitor(name).get_epoch.remote())  # exists and answers before any actor needs it
-    ds, info = build_source_dataset(cfg, source, shuffle_seed=cfg.data.seed if shuffle_files else None)
+    name = monitor_name or DEFAULT_MONITOR_NAME
+    ray.get(get_or_create_monitor(name).stats.remote())  # exists and answers before any actor needs it
+    ds, info = build_source_dataset(cfg, source, shuffle_seed=cfg.data.seed if shuffle_files else None,
+                                    start_epoch=start_epoch, num_epochs=num_epochs, listing=listing)
     d = cfg.data
     lo, hi = d.actors
     # Blocks of one actor batch: an actor task then emits its crops after every batch (streaming) instead of
@@ -333,32 +363,96 @@ def build_train_dataset(
     ds = ds.map_batches(
         MultiCropBatcher,
         fn_constructor_args=(cfg,),
-        fn_constructor_kwargs={"monitor_name": name, "epoch": epoch},
+        fn_constructor_kwargs={"monitor_name": name},
         batch_size=d.actor_batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         num_cpus=d.cpus_per_actor,
         resources={d.actor_resource: d.cpus_per_actor} if d.actor_resource else None,  # node pinning
     )
-    logger.info("ingest: %s source %s with %d items listed in %.1fs", info.format, info.uri, info.num_items,
-                time.perf_counter() - t0)
+    # Read tasks of adjacent epochs run at the same time (small epochs are a single task): rows must still leave in
+    # epoch order, else epochs interleave. Ray Train sets its own options: see ingest_execution_options.
+    ds.context.execution_options.preserve_order = True
+    logger.info("ingest: %s source %s with %d items, data epochs %d..%d, built in %.1fs", info.format, info.uri,
+                info.num_items, start_epoch, start_epoch + num_epochs - 1, time.perf_counter() - t0)
     return ds, info
 
 
+def ingest_execution_options():
+    """Ray Train's ingest options (``DataConfig.default_ingest_options``) with ``preserve_order``: the training stream
+    must deliver its data epochs in order (pass as ``DataConfig(execution_options=...)``)."""
+    import ray.train
+
+    opts = ray.train.DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return opts
+
+
+def resume_data_epoch(run_path: str) -> int:
+    """The data epoch that a (re)start of run ``run_path`` streams first: :data:`RESUME_EPOCH_METRIC` of the latest
+    checkpoint in Ray Train's checkpoint-manager snapshot (the checkpoint the workers resume from), 0 without one."""
+    fs, path = resolve_uri(run_path)
+    try:
+        with fs.open_input_stream(f"{path}/{CHECKPOINT_MANAGER_SNAPSHOT}") as f:
+            snap = json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return 0
+    latest = snap.get("latest_checkpoint_result") or {}
+    return int((latest.get("metrics") or {}).get(RESUME_EPOCH_METRIC, 0))
+
+
+class TrainStream:
+    """The training Dataset factory handed to ``TorchTrainer(datasets={"train": TrainStream(...)})``.
+
+    Ray Train V2 calls it at every worker-group start, on the driver's node (``DatasetsCallback``), and splits the
+    Dataset it returns over the new workers. It streams, in ONE execution, every data epoch the rest of the run can
+    need, starting at the checkpoint's data epoch (:func:`resume_data_epoch`), so a restart, a resize or a driver
+    resume continues the data where the checkpoint left it, and no epoch starts a new execution. The stream holds
+    twice the remaining epochs (plus one): bad images make an epoch shorter than ``steps_per_epoch`` batches, so the
+    data epochs run ahead of the training epochs; the workers stop when the run's steps are done and the rest of
+    the stream is never produced.
+    """
+
+    def __init__(self, cfg: IBOTConfig, listing: SourceListing, monitor_name: str, run_path: str,
+                 total_epochs: int) -> None:
+        import copy
+
+        import ray.data
+
+        self.cfg, self.listing, self.monitor_name = cfg, listing, monitor_name
+        self.run_path, self.total_epochs = run_path, int(total_epochs)
+        # the driver's Data settings: a Dataset keeps the DataContext current where it is built (the controller)
+        self.data_context = copy.deepcopy(ray.data.DataContext.get_current())
+
+    def __call__(self) -> ray.data.Dataset:
+        import ray.data
+
+        ray.data.DataContext._set_current(self.data_context)
+        start = resume_data_epoch(self.run_path)
+        remaining = max(1, self.total_epochs - start)
+        ds, _ = build_train_dataset(self.cfg, listing=self.listing, monitor_name=self.monitor_name,
+                                    start_epoch=start, num_epochs=2 * remaining + 1)
+        return ds
+
+
 __all__ = [
-    "BadInputLedger",
+    "CHECKPOINT_MANAGER_SNAPSHOT",
     "DEFAULT_MONITOR_NAME",
-    "EpochClock",
     "IngestMonitor",
     "MultiCropBatcher",
     "OUTPUT_COLUMNS",
+    "RESUME_EPOCH_METRIC",
+    "TrainStream",
+    "bad_input_snapshot",
     "build_train_dataset",
     "create_monitor",
     "get_bad_input_stats",
-    "get_epoch",
     "get_or_create_monitor",
     "image_seed",
+    "ingest_execution_options",
+    "key_id",
     "kill_monitor",
+    "merge_bad_input",
     "reset_bad_input_stats",
-    "set_epoch",
+    "resume_data_epoch",
 ]

@@ -98,12 +98,15 @@ def resolve_storage(storage: str | None) -> str:
 
 
 def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks: list | None = None,
-                  console_name: str | None = None, verbose: bool = False, per_trial: bool = False):
+                  console_name: str | None = None, verbose: bool = False, per_trial: bool = False, listing=None):
     """The TorchTrainer of a run (also used by the Tune trial driver, ``per_trial``). Returns (trainer, info dict).
 
     The run's ``auto`` cluster fields are sized to the connected cluster first (pipelines/cluster_plan.py); the
     plan's choices and reasons come back in ``info["derived"]`` and ``info["warnings"]``, before any Train or Data
     resource is requested.
+
+    ``listing``: the source's ``pipelines.sources.SourceListing`` when the caller listed it already (a sweep lists
+    once for all its trials); else the source is listed here, once for the whole run (restarts included).
 
     ``console_name``: the run's console mailbox (pipelines/console.py) that rank 0 posts progress and events to;
     without one rank 0 prints its progress lines (worker log forwarding). ``verbose`` keeps Ray Train's INFO logs."""
@@ -112,8 +115,9 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
     from ray.train.torch import TorchTrainer
 
     from pipelines.failures import FailureBudget
-    from pipelines.ingest import build_train_dataset, create_monitor
-    from pipelines.train_worker import train_loop_per_worker
+    from pipelines.ingest import TrainStream, create_monitor, ingest_execution_options
+    from pipelines.sources import list_source
+    from pipelines.train_worker import TRAINED_KEYS_ENV, train_loop_per_worker
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     if not verbose:
@@ -132,7 +136,8 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
     # it also reaches the controllers of sweep trials, whose actors do not inherit the sweep driver's environment.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.train.worker_start_timeout_s)
     monitor_name = create_monitor(name)
-    dataset, info = build_train_dataset(cfg, monitor_name=monitor_name)
+    listing = listing if listing is not None else list_source(cfg)
+    info = listing.info
     g = cfg.optim.batch_size
     if info.num_items < g:
         raise ConfigError(f"optim.batch_size: global batch {g} is larger than the dataset ({info.num_items} images)")
@@ -165,10 +170,14 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "monitor_name": monitor_name,
-                           "console_name": console_name, "verbose": verbose, "num_items": info.num_items},
+                           "console_name": console_name, "verbose": verbose, "num_items": info.num_items,
+                           "trained_keys_dir": os.environ.get(TRAINED_KEYS_ENV)},
         scaling_config=scaling,
         run_config=run_config,
-        datasets={"train": dataset},
+        dataset_config=ray.train.DataConfig(execution_options=ingest_execution_options()),
+        # a factory: Train calls it at every worker-group start, and it streams from the checkpoint's data epoch
+        datasets={"train": TrainStream(cfg, listing, monitor_name, f"{resolve_storage(storage).rstrip('/')}/{name}",
+                                       cfg.optim.epochs)},
     )
     return trainer, {"derived": derived, "warnings": plan.warnings,
                      "steps_per_epoch": steps_per_epoch, "num_items": info.num_items, "monitor_name": monitor_name,
@@ -234,9 +243,12 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
     train_s = time.time() - t_fit
     from pipelines.ingest import get_bad_input_stats
 
-    bad = get_bad_input_stats(info["monitor_name"])
+    # distinct bad files, through the last data epoch trained (the stream reads ahead of the training)
+    last_epoch = (result.metrics or {}).get("data_epoch")
+    bad = get_bad_input_stats(info["monitor_name"], through_epoch=None if last_epoch is None else int(last_epoch))
     if bad["count"]:
-        print(f"[ibot-ray] skipped {bad['count']} unreadable images, e.g. {bad['examples'][:3]}", flush=True)
+        print(f"[ibot-ray] skipped {bad['count']} distinct unreadable images (per data epoch "
+              f"{bad['per_epoch']}), e.g. {bad['examples'][:3]}", flush=True)
     ckpt_path = result.checkpoint.path if result.checkpoint else None
     out = PretrainResult(run_path=str(result.path), checkpoint_path=ckpt_path,
                          metrics=dict(result.metrics or {}), steps=int((result.metrics or {}).get("step", 0)),

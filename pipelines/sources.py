@@ -2,26 +2,31 @@
 
 Every source becomes a lazy ``ray.data.Dataset`` of raw, *undecoded* rows
 
-    {"bytes": binary, "key": str, "label": int64}
+    {"bytes": binary, "key": str, "label": int64, "epoch": int64}
 
 ``key`` names the image stably across runs (the file path for a folder, ``"<parquet path>#<row>"`` for Parquet), so
-that per-image augmentation seeds and bad-input reports can refer to it; ``label`` is -1 when the source has none.
+that per-image augmentation seeds and bad-input reports can refer to it; ``label`` is -1 when the source has none;
+``epoch`` is the row's data epoch.
 
-The driver only *lists*: a folder is listed with ``pyarrow.fs.FileSelector(recursive=True)`` and a Parquet source
-only has its footers read, which gives :class:`SourceInfo` (item count, labels, class names) without touching any
-image. The bytes are read by Ray tasks (``read_binary_files`` for folders; for Parquet, one task per read unit, a
-whole row group or a run of consecutive small ones, streamed once in ``PARQUET_ROWS_PER_TASK``-row batches) and decoded
-later, in the augmenting actors (``pipelines/ingest.py``). Any URI that ``pyarrow.fs.FileSystem.from_uri``
-understands works: a local path, ``file://``, ``s3://``, ``gs://``.
+The driver lists a source once (:func:`list_source`): a folder is listed with ``pyarrow.fs.FileSelector(recursive=
+True)`` and a Parquet source only has its footers read, which gives :class:`SourceInfo` (item count, labels, class
+names) without touching any image, and a picklable :class:`SourceListing` that the run (every restart) and a sweep
+(every trial) reuse. :func:`epoch_stream` turns a listing into one Dataset for many data epochs: its read tasks
+(``FOLDER_FILES_PER_UNIT`` images, or a Parquet read unit: a whole row group or a run of consecutive small ones,
+streamed once in ``PARQUET_ROWS_PER_TASK``-row batches) run in epoch order, each epoch in its own order seeded by
+``(data.seed, epoch)``. The bytes are decoded later, in the augmenting actors (``pipelines/ingest.py``). Any URI that
+``pyarrow.fs.FileSystem.from_uri`` understands works: a local path, ``file://``, ``s3://``, ``gs://``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -68,7 +73,7 @@ class SourceInfo:
     num_items: int  # number of files (folder) or rows (Parquet); bad images are still counted here
     has_labels: bool
     class_names: Optional[list[str]] = None  # label -> name, when known
-    files: list[str] = field(default_factory=list, repr=False)  # Parquet files, or the folder root
+    files: list[str] = field(default_factory=list, repr=False)  # Parquet files, or the folder's images (sorted)
 
 
 # ---- URIs and filesystems ---------------------------------------------------------------------
@@ -119,42 +124,51 @@ def _list_files(fs: pafs.FileSystem, root: str) -> list[tuple[str, int]]:
 
 def detect_format(uri: str, fmt: str = "auto") -> str:
     """``"folder"`` or ``"parquet"`` for a source URI (``fmt`` other than ``"auto"`` is returned as is)."""
+    return _detect(uri, fmt)[0]
+
+
+def _detect(uri: str, fmt: str = "auto") -> tuple[str, Optional[list[tuple[str, int]]]]:
+    """(format, the folder's recursive listing or None): a folder is listed once, here, and the listing reused."""
     if fmt != "auto":
         if fmt not in ("folder", "parquet"):
             raise SourceError(f"data.format: must be auto, folder or parquet, got {fmt!r}")
-        return fmt
+        return fmt, None
     fs, path = resolve_uri(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise SourceError(f"data.source: {uri!r} does not exist")
     if info.type == pafs.FileType.File:
         if path.lower().endswith(".parquet"):
-            return "parquet"
+            return "parquet", None
         raise SourceError(f"data.source: {uri!r} is a single file that is not .parquet; give a folder of images")
     files = _list_files(fs, path)
     n_parquet = sum(p.lower().endswith(".parquet") for p, _ in files)
     n_images = sum(_has_image_extension(p) for p, _ in files)
     if n_parquet and not n_images:
-        return "parquet"
+        return "parquet", files
     if n_images:
-        return "folder"
+        return "folder", files
     raise SourceError(f"data.source: {uri!r} holds neither images ({', '.join(IMAGE_EXTENSIONS)}) nor .parquet files")
 
 
 # ---- folder source -----------------------------------------------------------------------------
 
 
-def list_image_folder(uri: str) -> tuple[SourceInfo, str, pafs.FileSystem]:
+def list_image_folder(uri: str, files: Optional[list[tuple[str, int]]] = None
+                      ) -> tuple[SourceInfo, str, pafs.FileSystem]:
     """List an image folder: flat (no labels) or ImageFolder (``root/<class>/.../img``, sorted class names -> 0..C-1).
 
     The folder counts as ImageFolder when every image sits below a first-level subfolder; images directly in the
-    root make it flat (labels -1). Only names with an image extension are listed; nothing is opened.
+    root make it flat (labels -1). Only names with an image extension are listed; nothing is opened. ``files``: the
+    folder's listing when the caller already has it (``SourceInfo.files`` then holds the image paths, sorted).
     """
     fs, root = resolve_uri(uri)
-    info = fs.get_file_info(root)
-    if info.type != pafs.FileType.Directory:
-        raise SourceError(f"data.source: {uri!r} is not a folder")
-    images = [p for p, _ in _list_files(fs, root) if _has_image_extension(p)]
+    if files is None:
+        info = fs.get_file_info(root)
+        if info.type != pafs.FileType.Directory:
+            raise SourceError(f"data.source: {uri!r} is not a folder")
+        files = _list_files(fs, root)
+    images = [p for p, _ in files if _has_image_extension(p)]
     if not images:
         raise SourceError(f"data.source: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {uri!r}")
     rels = [p[len(root):].lstrip("/") for p in images]
@@ -162,49 +176,39 @@ def list_image_folder(uri: str) -> tuple[SourceInfo, str, pafs.FileSystem]:
     class_names = sorted({r.split("/", 1)[0] for r in rels}) if nested else None
     return (
         SourceInfo(uri=uri, format="folder", num_items=len(images), has_labels=nested, class_names=class_names,
-                   files=[root]),
+                   files=images),
         root,
         fs,
     )
 
 
-def _folder_rows(batch: pa.Table, root: str, class_to_idx: Optional[dict[str, int]]) -> pa.Table:
-    """read_binary_files rows ``{bytes, path}`` -> ``{bytes, key, label}`` (label from the class subfolder)."""
-    paths = batch.column("path").to_pylist()
+def _folder_labels(paths: list[str], root: str, class_to_idx: Optional[dict[str, int]]) -> np.ndarray:
+    """Labels of folder images from their first-level class subfolder (-1 without classes)."""
     if class_to_idx is None:
-        labels = np.full(len(paths), -1, dtype=np.int64)
-    else:
-        base = root.rstrip("/")
-        labels = np.array(
-            [class_to_idx.get(p[len(base):].lstrip("/").split("/", 1)[0], -1) for p in paths], dtype=np.int64
-        )
-    return pa.table({"bytes": batch.column("bytes"), "key": pa.array(paths, pa.string()), "label": labels})
+        return np.full(len(paths), -1, dtype=np.int64)
+    base = root.rstrip("/")
+    return np.array([class_to_idx.get(p[len(base):].lstrip("/").split("/", 1)[0], -1) for p in paths],
+                    dtype=np.int64)
 
 
-def _folder_dataset(info: SourceInfo, root: str, fs: pafs.FileSystem, seed: Optional[int]) -> ray.data.Dataset:
-    import ray.data
-
-    shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if seed is not None else None
-    ds = ray.data.read_binary_files(
-        root, filesystem=fs, include_paths=True, file_extensions=list(IMAGE_EXTENSIONS), shuffle=shuffle
-    )
-    class_to_idx = {c: i for i, c in enumerate(info.class_names)} if info.class_names else None
-    return ds.map_batches(
-        _folder_rows, batch_format="pyarrow", batch_size=None, fn_kwargs={"root": root, "class_to_idx": class_to_idx}
-    )
+def _read_whole(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
 
 
 # ---- Parquet source ----------------------------------------------------------------------------
 
 
-def _parquet_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
+def _parquet_files(uri: str, listed: Optional[list[tuple[str, int]]] = None) -> tuple[pafs.FileSystem, list[str]]:
     fs, path = resolve_uri(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise SourceError(f"data.source: {uri!r} does not exist")
-    if info.type == pafs.FileType.File:
-        return fs, [path]
-    files = [p for p, _ in _list_files(fs, path) if p.lower().endswith(".parquet")]
+    if listed is None:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise SourceError(f"data.source: {uri!r} does not exist")
+        if info.type == pafs.FileType.File:
+            return fs, [path]
+        listed = _list_files(fs, path)
+    files = [p for p, _ in listed if p.lower().endswith(".parquet")]
     if not files:
         raise SourceError(f"data.source: no .parquet files under {uri!r}")
     return fs, files
@@ -229,7 +233,7 @@ def _string_label_names(fs: pafs.FileSystem, files: list[str], label_column: str
 
 
 def list_parquet(
-    uri: str, image_column: str, label_column: Optional[str]
+    uri: str, image_column: str, label_column: Optional[str], files: Optional[list[tuple[str, int]]] = None
 ) -> tuple[SourceInfo, list[dict], Any, Optional[dict[str, int]]]:
     """Read only the Parquet footers: row counts, the columns present and the read units.
 
@@ -240,8 +244,9 @@ def list_parquet(
     Every file must have ``image_column`` (binary); labels are used only when *every* file has ``label_column``.
     Integer labels are used as they are (class names from the ``class_names`` schema metadata, if any); string
     labels become sorted class names -> 0..C-1 (the last return value maps them; only this column is read).
+    ``files``: the folder's listing when the caller already has it.
     """
-    fs, files = _parquet_files(uri)
+    fs, files = _parquet_files(uri, files)
     with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
         footers = list(pool.map(lambda p: _read_footer(fs, p), files))
     units: list[dict] = []
@@ -296,28 +301,26 @@ def list_parquet(
     return info, units, fs, class_to_idx
 
 
-def _read_parquet_units(
-    units: dict[str, np.ndarray],
+def _read_parquet_unit(
+    unit: dict,
     fs: pafs.FileSystem,
     image_column: str,
     label_column: Optional[str],
     class_to_idx: Optional[dict[str, int]] = None,
 ) -> Iterator[pa.Table]:
-    """Read units (runs of row groups) -> ``{bytes, key, label}`` tables; runs in Ray tasks, never on the driver.
+    """One read unit (a run of row groups) -> ``{bytes, key, label}`` tables; runs in Ray tasks, never on the driver.
 
-    Each unit's row groups are streamed once (``iter_batches`` without pre-buffering, ``PARQUET_READ_BUFFER``-byte
+    The unit's row groups are streamed once (``iter_batches`` without pre-buffering, ``PARQUET_READ_BUFFER``-byte
     reads), yielding ``PARQUET_ROWS_PER_TASK``-row tables, so a task never holds a whole large row group."""
     columns = [image_column] + ([label_column] if label_column else [])
-    for path, rg, n_rg, first in zip(units["path"], units["row_group"], units["num_row_groups"], units["first_row"]):
-        with fs.open_input_file(str(path)) as f:
-            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=PARQUET_READ_BUFFER)
-            row = int(first)
-            groups = range(int(rg), int(rg) + int(n_rg))
-            for batch in pf.iter_batches(batch_size=PARQUET_ROWS_PER_TASK, row_groups=groups, columns=columns,
-                                         use_threads=False):
-                yield _parquet_rows(pa.Table.from_batches([batch]), str(path), row, image_column, label_column,
-                                    class_to_idx)
-                row += batch.num_rows
+    path, rg, n_rg = str(unit["path"]), int(unit["row_group"]), int(unit["num_row_groups"])
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=PARQUET_READ_BUFFER)
+        row = int(unit["first_row"])
+        for batch in pf.iter_batches(batch_size=PARQUET_ROWS_PER_TASK, row_groups=range(rg, rg + n_rg),
+                                     columns=columns, use_threads=False):
+            yield _parquet_rows(pa.Table.from_batches([batch]), path, row, image_column, label_column, class_to_idx)
+            row += batch.num_rows
 
 
 def _parquet_rows(table: pa.Table, path: str, first: int, image_column: str, label_column: Optional[str],
@@ -337,76 +340,164 @@ def _parquet_rows(table: pa.Table, path: str, first: int, image_column: str, lab
     return pa.table({"bytes": image, "key": keys, "label": lab})
 
 
-def _parquet_dataset(info: SourceInfo, units: list[dict], fs: pafs.FileSystem, image_column: str,
-                     label_column: Optional[str], class_to_idx: Optional[dict[str, int]],
-                     seed: Optional[int]) -> ray.data.Dataset:
-    import ray.data
-    from ray.data._internal.util import RetryingPyFileSystem
-
-    # What ray.data.read_parquet does: transient storage errors (DataContext.retried_io_errors) are retried
-    fs = RetryingPyFileSystem.wrap(fs, retryable_errors=ray.data.DataContext.get_current().retried_io_errors)
-    ds = ray.data.from_items(units, override_num_blocks=min(len(units), 4096))
-    if seed is not None:
-        ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    return ds.map_batches(
-        _read_parquet_units, batch_size=1, batch_format="numpy",
-        fn_kwargs={"fs": fs, "image_column": image_column, "label_column": label_column if info.has_labels else None,
-                   "class_to_idx": class_to_idx},
-    )
 
 
-# ---- entry point -------------------------------------------------------------------------------
+# ---- the listing and the epoch stream ------------------------------------------------------------
+
+#: Folder images per read unit; a unit's files are fetched by ``FOLDER_READ_THREADS`` threads (object stores answer
+#: each request in tens of milliseconds, so one request at a time would starve the augmenting actors).
+FOLDER_FILES_PER_UNIT = 64
+FOLDER_READ_THREADS = 8
+#: At most this many read tasks per stream: a very long run (units x epochs above it) reads several consecutive
+#: units of an epoch per task (each task still emits its rows as it reads them).
+MAX_STREAM_TASKS = 50_000
+#: Column holding each row's data epoch (from the source to the training batch).
+EPOCH_COLUMN = "epoch"
 
 
-def describe_source(cfg: IBOTConfig, source: Optional[str] = None, *, split: str = "train") -> SourceInfo:
-    """:class:`SourceInfo` of a source (default ``cfg.data.source``) from listing / footers only."""
-    return _plan(cfg, source, split)[0]
+@dataclass
+class SourceListing:
+    """A source, listed once on the driver: its :class:`SourceInfo` and what every data epoch reads.
+
+    Picklable (paths or Parquet read units, a pyarrow filesystem): the one listing of a run serves the dataset of
+    every worker-group start (first start, restarts, resizes), and a sweep lists once for all its trials."""
+
+    info: SourceInfo
+    fs: pafs.FileSystem
+    root: Optional[str] = None  # folder root
+    paths: list[str] = field(default_factory=list, repr=False)  # folder: image paths, sorted
+    units: list[dict] = field(default_factory=list, repr=False)  # Parquet: read units (see list_parquet)
+    class_to_idx: Optional[dict[str, int]] = None  # folder class names / Parquet string labels -> index
+    image_column: str = "image"
+    label_column: Optional[str] = None  # None: no labels (-1)
+
+    @property
+    def num_units(self) -> int:
+        """Read units per data epoch (folder: chunks of ``FOLDER_FILES_PER_UNIT`` images)."""
+        if self.info.format == "parquet":
+            return len(self.units)
+        return math.ceil(len(self.paths) / FOLDER_FILES_PER_UNIT)
 
 
-def _plan(cfg: IBOTConfig, source: Optional[str], split: str) -> tuple[SourceInfo, Any]:
+def list_source(cfg: IBOTConfig, source: Optional[str] = None, *, split: str = "train") -> SourceListing:
+    """List a source (default ``cfg.data.source``) once: a folder's files or the Parquet footers, no image."""
     d = cfg.data
     raw = source if source is not None else d.source
     if not raw:
         raise SourceError("data.source: must not be empty")
     uri = resolve_source(raw, split)
-    fmt = "parquet" if raw == "demo" else detect_format(uri, d.format)
+    fmt, files = ("parquet", None) if raw == "demo" else _detect(uri, d.format)
     if fmt == "folder":
-        info, root, fs = list_image_folder(uri)
-        return info, ("folder", root, fs)
-    info, units, fs, class_to_idx = list_parquet(uri, d.image_column, d.label_column or None)
+        info, root, fs = list_image_folder(uri, files)
+        class_to_idx = {c: i for i, c in enumerate(info.class_names)} if info.class_names else None
+        return SourceListing(info=info, fs=fs, root=root, paths=list(info.files), class_to_idx=class_to_idx)
+    info, units, fs, class_to_idx = list_parquet(uri, d.image_column, d.label_column or None, files)
     if raw == "demo" and info.class_names is None and info.has_labels:
         info.class_names = list(DEMO_CLASS_NAMES)
-    return info, ("parquet", units, fs, class_to_idx)
+    return SourceListing(info=info, fs=fs, units=units, class_to_idx=class_to_idx, image_column=d.image_column,
+                         label_column=d.label_column if info.has_labels else None)
+
+
+def describe_source(cfg: IBOTConfig, source: Optional[str] = None, *, split: str = "train") -> SourceInfo:
+    """:class:`SourceInfo` of a source (default ``cfg.data.source``) from listing / footers only."""
+    return list_source(cfg, source, split=split).info
+
+
+@lru_cache(maxsize=4)
+def epoch_order(n: int, seed: Optional[int], epoch: int) -> np.ndarray:
+    """The read order of ``n`` items (folder images, Parquet units) in data epoch ``epoch``: a permutation seeded by
+    ``(seed, epoch)``, so every epoch has its own order and a restart at epoch E reads E's order again; identity
+    without a seed. Cached: every read task of an epoch in a worker process shares one permutation."""
+    if seed is None:
+        out = np.arange(n)
+    else:
+        out = np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+    out.flags.writeable = False
+    return out
+
+
+def _read_unit(listing: SourceListing, fs: pafs.FileSystem, seed: Optional[int], epoch: int,
+               position: int) -> Iterator[pa.Table]:
+    """The ``position``-th read unit of data epoch ``epoch`` -> ``{bytes, key, label}`` tables."""
+    if listing.info.format == "parquet":
+        unit = listing.units[int(epoch_order(len(listing.units), seed, epoch)[position])]
+        yield from _read_parquet_unit(unit, fs, listing.image_column, listing.label_column, listing.class_to_idx)
+        return
+    order = epoch_order(len(listing.paths), seed, epoch)
+    paths = [listing.paths[i] for i in order[position * FOLDER_FILES_PER_UNIT:(position + 1) * FOLDER_FILES_PER_UNIT]]
+    with ThreadPoolExecutor(max_workers=min(FOLDER_READ_THREADS, len(paths))) as pool:
+        blobs = list(pool.map(lambda p: _read_whole(fs, p), paths))
+    yield pa.table({"bytes": pa.array(blobs, pa.binary()), "key": pa.array(paths, pa.string()),
+                    "label": _folder_labels(paths, listing.root or "", listing.class_to_idx)})
+
+
+def _read_stream_tasks(batch: dict[str, np.ndarray], listing: SourceListing, fs: pafs.FileSystem,
+                       seed: Optional[int], start_epoch: int, units_per_task: int) -> Iterator[pa.Table]:
+    """Stream task ids -> raw rows of their data epoch, each row tagged with its epoch (runs in Ray tasks)."""
+    n_units = listing.num_units
+    tasks_per_epoch = math.ceil(n_units / units_per_task)
+    for t in batch["id"]:
+        epoch = start_epoch + int(t) // tasks_per_epoch
+        first = (int(t) % tasks_per_epoch) * units_per_task
+        for position in range(first, min(first + units_per_task, n_units)):
+            for table in _read_unit(listing, fs, seed, epoch, position):
+                yield table.append_column(EPOCH_COLUMN, pa.array(np.full(table.num_rows, epoch, np.int64)))
+
+
+def epoch_stream(listing: SourceListing, *, seed: Optional[int], start_epoch: int = 0,
+                 num_epochs: int = 1) -> ray.data.Dataset:
+    """One lazy Dataset for data epochs ``start_epoch .. start_epoch + num_epochs - 1``, in order: raw rows
+    ``{bytes, key, label, epoch}``, every item once per epoch, each epoch in its own :func:`epoch_order`.
+
+    A single execution streams every epoch: the consumer sees epoch boundaries only in the ``epoch`` column (a few
+    rows of adjacent epochs may interleave there), and nothing downstream (the augmenting actor pool) restarts."""
+    import ray.data
+    from ray.data._internal.util import RetryingPyFileSystem
+
+    if num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
+    n_units = listing.num_units
+    units_per_task = max(1, math.ceil(n_units * num_epochs / MAX_STREAM_TASKS))
+    tasks = math.ceil(n_units / units_per_task) * num_epochs
+    # What ray.data.read_* do: transient storage errors (DataContext.retried_io_errors) are retried
+    fs = RetryingPyFileSystem.wrap(listing.fs, retryable_errors=ray.data.DataContext.get_current().retried_io_errors)
+    return ray.data.range(tasks, override_num_blocks=tasks).map_batches(
+        _read_stream_tasks, batch_size=1, batch_format="numpy",
+        fn_kwargs={"listing": listing, "fs": fs, "seed": seed, "start_epoch": int(start_epoch),
+                   "units_per_task": units_per_task},
+    )
 
 
 def build_source_dataset(
-    cfg: IBOTConfig, source: Optional[str] = None, *, split: str = "train", shuffle_seed: Optional[int] = None
+    cfg: IBOTConfig, source: Optional[str] = None, *, split: str = "train", shuffle_seed: Optional[int] = None,
+    start_epoch: int = 0, num_epochs: int = 1, listing: Optional[SourceListing] = None,
 ) -> tuple[ray.data.Dataset, SourceInfo]:
-    """A lazy Dataset of raw ``{"bytes", "key", "label"}`` rows and the :class:`SourceInfo` of the source.
+    """A lazy Dataset of raw ``{"bytes", "key", "label", "epoch"}`` rows and the :class:`SourceInfo` of the source.
 
-    ``source`` overrides ``cfg.data.source`` (e.g. for the eval split; ``"demo"`` picks ``split``). With
-    ``shuffle_seed`` the file (folder) or row-group (Parquet) order is reshuffled on every execution, reproducibly.
+    ``source`` overrides ``cfg.data.source`` (e.g. for the eval split; ``"demo"`` picks ``split``); ``listing``
+    skips the listing. With ``shuffle_seed`` the file (folder) or read-unit (Parquet) order of every data epoch
+    follows ``(shuffle_seed, epoch)``: see :func:`epoch_stream`.
     """
-    info, plan = _plan(cfg, source, split)
-    if plan[0] == "folder":
-        _, root, fs = plan
-        return _folder_dataset(info, root, fs, shuffle_seed), info
-    _, units, fs, class_to_idx = plan
-    ds = _parquet_dataset(info, units, fs, cfg.data.image_column, cfg.data.label_column, class_to_idx, shuffle_seed)
-    return ds, info
+    listing = listing if listing is not None else list_source(cfg, source, split=split)
+    return epoch_stream(listing, seed=shuffle_seed, start_epoch=start_epoch, num_epochs=num_epochs), listing.info
 
 
 __all__ = [
     "DEMO_CLASS_NAMES",
     "DEMO_DIR",
+    "EPOCH_COLUMN",
     "IMAGE_EXTENSIONS",
     "SourceError",
     "SourceInfo",
+    "SourceListing",
     "build_source_dataset",
     "describe_source",
     "detect_format",
+    "epoch_order",
+    "epoch_stream",
     "list_image_folder",
     "list_parquet",
+    "list_source",
     "resolve_source",
     "resolve_uri",
 ]

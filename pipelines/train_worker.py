@@ -7,9 +7,14 @@ Every (re)start of the worker group, whether first start, failure, resize or dri
   its share ``G // W`` (+1 on the first ``G % W`` ranks); its loss is weighted by ``share * W / G``, so DDP's
   gradient average is exactly the mean over G images whatever W is. Schedules are indexed by the global step, so
   the optimisation does not depend on how many workers survived a resize.
-* Steps, not data epochs, drive the run: ``epoch = step // steps_per_epoch``. Each training epoch iterates the data
-  shard once (a fresh Ray Data execution with the data epoch's seeds); a resumed mid-epoch run restarts the
-  interrupted data epoch from its beginning (Ray Data cannot seek) and stops it at the epoch boundary.
+* Steps, not data epochs, drive the run: ``epoch = step // steps_per_epoch``. A worker group iterates its data shard
+  ONCE: a single Ray Data execution streams every data epoch (``pipelines/ingest.py``: ``TrainStream``), each row
+  tagged with its data epoch, so an epoch boundary is only a step count (no new execution, no actor-pool warm-up).
+  The rank that gets the ``G % W`` extra rows rotates with the step, so every rank consumes ``G / W`` rows per step
+  on average, and rows a step does not use wait for the next step (:class:`RowCarry`): no row is read and dropped,
+  and every image is used once per data epoch. A restart streams from the checkpoint's data epoch (the highest data
+  epoch trained so far, or the next training epoch's if higher), replaying that data epoch from its beginning (Ray
+  Data cannot seek).
 * Checkpoints (rank 0 writes, every rank reports) every ``train.checkpoint_every_steps`` steps, at each epoch end,
   at the last step, and just in time when Ray Train reports that a node is being drained for preemption.
 * Randomness: every rank builds the same initial weights from ``train.seed``; each step then runs on its own stream,
@@ -22,6 +27,7 @@ Every (re)start of the worker group, whether first start, failure, resize or dri
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -43,7 +49,7 @@ from ibot_ray.step import IBOTStep, unwrap
 from pipelines.collate import iter_train_batches
 from pipelines.console import ConsoleClient, quiet_train_reports
 from pipelines.failures import FatalTrainingError, fatal_error
-from pipelines.ingest import get_bad_input_stats, set_epoch
+from pipelines.ingest import RESUME_EPOCH_METRIC, bad_input_snapshot, get_bad_input_stats, merge_bad_input
 from pipelines.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,42 @@ def rank_batch(global_batch: int, world: int, rank: int) -> tuple[int, int, floa
     read = math.ceil(global_batch / world)
     share = global_batch // world + (1 if rank < global_batch % world else 0)
     return read, share, share * world / global_batch
+
+
+def rotated_rank(rank: int, step: int, world: int) -> int:
+    """The rank whose :func:`rank_batch` share ``rank`` takes at ``step``: the ``G % W`` extra rows rotate over the
+    ranks, so all ranks consume rows at the same average rate (their shards are split equally)."""
+    return (rank - step) % world
+
+
+class RowCarry:
+    """Batches of exactly ``n`` rows (``n`` may change from step to step) cut from a stream of batches: the rows a
+    step does not use are kept, on the device, for the next step, so no row that was read is dropped."""
+
+    def __init__(self, batches) -> None:
+        self._it = iter(batches)
+        self._rows: dict | None = None
+
+    def take(self, n: int) -> dict | None:
+        """The next ``n`` rows, or None when the stream ends first."""
+        while self._rows is None or len(self._rows["label"]) < n:
+            try:
+                b = next(self._it)
+            except StopIteration:
+                return None
+            self._rows = b if self._rows is None else {k: torch.cat([self._rows[k], b[k]]) for k in b}
+        rows = self._rows
+        if len(rows["label"]) == n:
+            self._rows = None
+            return rows
+        self._rows = {k: v[n:] for k, v in rows.items()}
+        return {k: v[:n] for k, v in rows.items()}
+
+
+#: Test and debugging hook: when set on the driver, every rank appends the ``(data epoch, key_id)`` of the rows it
+#: trained on, one JSON line per step, to ``<dir>/rank<rank>_<pid>.jsonl`` (``pipelines.ingest.key_id`` maps keys to
+#: ids); ``build_trainer`` hands the folder to the workers as ``trained_keys_dir``.
+TRAINED_KEYS_ENV = "IBOT_TRAINED_KEYS_DIR"
 
 
 class PreemptionNotices:
@@ -88,8 +130,25 @@ def _checkpoint_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _report(metrics: dict, *, step_runner: IBOTStep, cfg: IBOTConfig, data_epoch: int, rank: int,
-            with_checkpoint: bool, local_log_dir: Path, epoch_length: dict) -> None:
+def _all_ranks_max(value: int, world: int, device: torch.device) -> int:
+    """``max(value)`` over the ranks (a collective: every rank calls it at the same step)."""
+    if world == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _trained_keys_log(rank: int, folder: str | None):
+    if not folder:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return open(Path(folder) / f"rank{rank}_{os.getpid()}.jsonl", "a")
+
+
+def _report(metrics: dict, *, step_runner: IBOTStep, cfg: IBOTConfig, data_epoch: int | None, rank: int,
+            with_checkpoint: bool, local_log_dir: Path, epoch_length: dict,
+            monitor_name: str | None = None) -> None:
     if not with_checkpoint:
         ray.train.report(metrics)
         return
@@ -101,7 +160,8 @@ def _report(metrics: dict, *, step_runner: IBOTStep, cfg: IBOTConfig, data_epoch
                 loss=step_runner.loss, scaler=step_runner.scaler, epoch=int(metrics["epoch"]), step=step_runner.step,
                 config=cfg.to_dict(),
                 extra={"data_epoch": data_epoch, "skipped_steps": step_runner.counters.skipped_steps,
-                       **epoch_length},
+                       **epoch_length,
+                       "bad_inputs": bad_input_snapshot(monitor_name) if monitor_name else None},
             )
             save_checkpoint(Path(d) / STATE_FILE, state)
             cfg.save(Path(d) / "config.yaml")
@@ -242,6 +302,8 @@ def _train_loop(config: dict) -> dict:
         runner.counters.skipped_steps = int(info["extra"].get("skipped_steps", 0))
         data_epoch = int(info["extra"].get("data_epoch", info["epoch"]))
         resumed_from = runner.step
+        if rank == 0 and monitor_name:  # the ledger continues from the checkpoint (a union: exact after a resume)
+            merge_bad_input(monitor_name, info["extra"].get("bad_inputs"))
 
     total = runner.total_steps
     read, share, weight = rank_batch(cfg.optim.batch_size, world, rank)
@@ -276,104 +338,113 @@ def _train_loop(config: dict) -> dict:
     t_window = time.perf_counter()
     notices = PreemptionNotices()
     last: dict = {}
+    # One pass over the shard for the whole life of this worker group: the stream holds every data epoch.
+    # the local shuffle mixes rows near epoch boundaries only: at most a quarter of this rank's rows of an epoch
+    shuffle_rows = min(cfg.data.local_shuffle_buffer_size, steps_per_epoch * cfg.optim.batch_size // world // 4)
+    rows = RowCarry(iter_train_batches(shard, cfg, read, device, shuffle_rows=shuffle_rows))
+    keys_log = _trained_keys_log(rank, config.get("trained_keys_dir"))
+    trained_epoch = data_epoch  # the highest data epoch this rank has trained on
     while runner.step < total and not stop_on_collapse:
-        epoch_at_start = runner.step // steps_per_epoch
-        if rank == 0 and monitor_name:
-            set_epoch(monitor_name, data_epoch)
-        if world > 1:
-            dist.barrier()
-        stepped = False
+        _, share, weight = rank_batch(cfg.optim.batch_size, world, rotated_rank(rank, runner.step, world))
         t0 = time.perf_counter()
-        for batch in iter_train_batches(shard, cfg, read, device):
-            t1 = time.perf_counter()
-            wait_s += t1 - t0
-            if share < read:
-                batch = {k: v[:share] for k, v in batch.items()}
-            seed_stream(cfg.train.seed, rank, runner.step)  # this rank's stream for this step (module doc)
-            metrics = runner(batch, loss_weight=weight)
-            stepped = True
-            images_seen += share
-            t0 = time.perf_counter()
-            busy_s += t0 - t1
-            step = runner.step
-            epoch_end = step % steps_per_epoch == 0
-            done = step >= total
-            do_ckpt = done or epoch_end or step % cfg.train.checkpoint_every_steps == 0
-            do_log = do_ckpt or step % cfg.train.log_every_steps == 0
-            preempted = new_notice = False
-            if do_log and cfg.train.check_preemption:
-                info = ray.train.get_preemption_info()  # a barrier: every rank calls it
-                preempted = info is not None
-                new_notice = notices.is_new(info)  # one just-in-time checkpoint per notice, not per log step
-                do_ckpt = do_ckpt or new_notice
-            if do_log:
-                elapsed = max(1e-9, time.perf_counter() - t_window)
-                metrics.update({
-                    "images_per_s": images_seen * world / elapsed,
-                    "data_wait_fraction": wait_s / max(1e-9, wait_s + busy_s),
-                    "data_epoch": data_epoch,
-                    "preempted": preempted,
-                })
-                for alarm in health.update(metrics):
-                    if rank == 0:
-                        console.event("health", step=alarm.step, message=alarm.message)
-                        if not console.enabled:
-                            print(f"[ibot-ray] WARNING step {alarm.step}: {alarm.message}", flush=True)
-                        if writer is not None:
-                            writer.write({"event": "collapse", "condition": alarm.condition, "message": alarm.message},
-                                         step)
-                    if cfg.train.stop_on_collapse:
-                        stop_on_collapse = True
-                metrics["health"] = health.status
-                metrics["health_alarms"] = ",".join(health.raised)
-                if stop_on_collapse:
-                    metrics["stopped_on_collapse"] = True
-                    do_ckpt = True
-                if monitor_name:
-                    bad = get_bad_input_stats(monitor_name)
-                    metrics["bad_images"] = int(bad["count"])
-                    if bad["count"] and rank == 0 and writer is not None:
-                        metrics["bad_image_examples"] = [list(map(str, e)) for e in bad["examples"][:5]]
-                if evaluator is not None and epoch_end and (step // steps_per_epoch) % cfg.train.knn_every_epochs == 0:
-                    metrics.update(evaluator.evaluate(unwrap(teacher).backbone, device=device))
-                    console.event("knn", epoch=step // steps_per_epoch, step=step, knn_top1=metrics["knn_top1"],
-                                  knn_top5=metrics.get("knn_top5"))
-                images_seen, wait_s, busy_s = 0, 0.0, 0.0
-                t_window = time.perf_counter()
-                if rank == 0:
-                    if writer is not None:
-                        writer.write(metrics, step)
-                    console.progress(metrics)
-                if rank == 0 and not console.enabled:
-                    print(f"[ibot-ray] step {step}/{total} epoch {metrics['epoch']} loss {metrics['loss']:.4f} "
-                          f"(cls {metrics['cls']:.4f} mim {metrics['mim']:.4f}) lr {metrics['lr']:.2e} "
-                          f"{metrics['images_per_s']:.1f} img/s wait {metrics['data_wait_fraction']:.0%}"
-                          + (f" knn {metrics['knn_top1']:.1f}%" if "knn_top1" in metrics else ""), flush=True)
-                next_data_epoch = data_epoch + 1 if (epoch_end or done) else data_epoch
-                report = {k: v for k, v in metrics.items() if not isinstance(v, list)}
-                _report(report, step_runner=runner, cfg=cfg, data_epoch=next_data_epoch, rank=rank,
-                        with_checkpoint=do_ckpt, local_log_dir=writer.folder if writer else Path("."),
-                        epoch_length=epoch_length)
-                if do_ckpt:
-                    console.event("checkpoint", name=_checkpoint_dir_name(step), step=step,
-                                  epoch=step // steps_per_epoch)
-                if new_notice:
-                    console.event("preempted", step=step)
-                    if writer is not None:  # the run's history records which checkpoint answered which notice
-                        writer.write({"event": "preemption_checkpoint", "step": step,
-                                      "checkpoint": _checkpoint_dir_name(step), "deadline_ms": info.deadline_ms,
-                                      "nodes": sorted(map(str, info.preempted_node_to_ranks))}, step)
-                if stop_on_collapse:
-                    console.event("stopped", step=step, reason=f"collapse ({health.status}), train.stop_on_collapse")
-                last = report
-            if done or stop_on_collapse or (epoch_end and runner.step // steps_per_epoch > epoch_at_start):
-                break
-        data_epoch += 1
-        if not stepped:
+        batch = rows.take(share)
+        if batch is None:
+            bad = get_bad_input_stats(monitor_name) if monitor_name else {"count": "?"}
             raise RuntimeError(
-                f"the data shard of rank {rank} produced no full batch of {read} images in data epoch "
-                f"{data_epoch - 1}: "
-                "the dataset is smaller than the global batch, or every image failed to decode")
+                f"the data stream of rank {rank} ended at step {runner.step} of {total} (data epoch {trained_epoch}):"
+                f" fewer than half of the images decode ({bad['count']} distinct bad files), or the dataset is "
+                "smaller than the global batch")
+        row_epochs, row_ids = batch.pop("epoch"), batch.pop("key_id")
+        trained_epoch = max(trained_epoch, int(row_epochs.max()))
+        t1 = time.perf_counter()
+        wait_s += t1 - t0
+        seed_stream(cfg.train.seed, rank, runner.step)  # this rank's stream for this step (module doc)
+        metrics = runner(batch, loss_weight=weight)
+        images_seen += share
+        if keys_log is not None:
+            keys_log.write(json.dumps({"step": runner.step, "world": world, "epoch": row_epochs.tolist(),
+                                       "key_id": row_ids.tolist()}) + "\n")
+            keys_log.flush()
+        t0 = time.perf_counter()
+        busy_s += t0 - t1
+        step = runner.step
+        epoch_end = step % steps_per_epoch == 0
+        done = step >= total
+        do_ckpt = done or epoch_end or step % cfg.train.checkpoint_every_steps == 0
+        do_log = do_ckpt or step % cfg.train.log_every_steps == 0
+        preempted = new_notice = False
+        if do_log and cfg.train.check_preemption:
+            info = ray.train.get_preemption_info()  # a barrier: every rank calls it
+            preempted = info is not None
+            new_notice = notices.is_new(info)  # one just-in-time checkpoint per notice, not per log step
+            do_ckpt = do_ckpt or new_notice
+        if do_log:
+            elapsed = max(1e-9, time.perf_counter() - t_window)
+            metrics.update({
+                "images_per_s": images_seen * world / elapsed,
+                "data_wait_fraction": wait_s / max(1e-9, wait_s + busy_s),
+                "data_epoch": trained_epoch,
+                "preempted": preempted,
+            })
+            for alarm in health.update(metrics):
+                if rank == 0:
+                    console.event("health", step=alarm.step, message=alarm.message)
+                    if not console.enabled:
+                        print(f"[ibot-ray] WARNING step {alarm.step}: {alarm.message}", flush=True)
+                    if writer is not None:
+                        writer.write({"event": "collapse", "condition": alarm.condition, "message": alarm.message},
+                                     step)
+                if cfg.train.stop_on_collapse:
+                    stop_on_collapse = True
+            metrics["health"] = health.status
+            metrics["health_alarms"] = ",".join(health.raised)
+            if stop_on_collapse:
+                metrics["stopped_on_collapse"] = True
+                do_ckpt = True
+            if monitor_name:  # distinct bad files: in total, and in the data epoch being trained
+                bad = get_bad_input_stats(monitor_name, through_epoch=trained_epoch)
+                metrics["bad_images"] = int(bad["count"])
+                metrics["bad_images_epoch"] = int(bad["per_epoch"].get(trained_epoch, 0))
+                if bad["count"] and rank == 0 and writer is not None:
+                    metrics["bad_image_examples"] = [list(map(str, e)) for e in bad["examples"][:5]]
+            if evaluator is not None and epoch_end and (step // steps_per_epoch) % cfg.train.knn_every_epochs == 0:
+                metrics.update(evaluator.evaluate(unwrap(teacher).backbone, device=device))
+                console.event("knn", epoch=step // steps_per_epoch, step=step, knn_top1=metrics["knn_top1"],
+                              knn_top5=metrics.get("knn_top5"))
+            images_seen, wait_s, busy_s = 0, 0.0, 0.0
+            t_window = time.perf_counter()
+            if do_ckpt:
+                # a restart streams from here: the highest data epoch any rank trained on, or the next training
+                # epoch's when the data lags behind the steps (an epoch's leftover rows roll into the next)
+                metrics[RESUME_EPOCH_METRIC] = _all_ranks_max(max(trained_epoch, step // steps_per_epoch), world,
+                                                              device)
+            if rank == 0:
+                if writer is not None:
+                    writer.write(metrics, step)
+                console.progress(metrics)
+            if rank == 0 and not console.enabled:
+                print(f"[ibot-ray] step {step}/{total} epoch {metrics['epoch']} loss {metrics['loss']:.4f} "
+                      f"(cls {metrics['cls']:.4f} mim {metrics['mim']:.4f}) lr {metrics['lr']:.2e} "
+                      f"{metrics['images_per_s']:.1f} img/s wait {metrics['data_wait_fraction']:.0%}"
+                      + (f" knn {metrics['knn_top1']:.1f}%" if "knn_top1" in metrics else ""), flush=True)
+            report = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+            _report(report, step_runner=runner, cfg=cfg, data_epoch=metrics.get(RESUME_EPOCH_METRIC), rank=rank,
+                    with_checkpoint=do_ckpt, local_log_dir=writer.folder if writer else Path("."),
+                    epoch_length=epoch_length, monitor_name=monitor_name)
+            if do_ckpt:
+                console.event("checkpoint", name=_checkpoint_dir_name(step), step=step,
+                              epoch=step // steps_per_epoch)
+            if new_notice:
+                console.event("preempted", step=step)
+                if writer is not None:  # the run's history records which checkpoint answered which notice
+                    writer.write({"event": "preemption_checkpoint", "step": step,
+                                  "checkpoint": _checkpoint_dir_name(step), "deadline_ms": info.deadline_ms,
+                                  "nodes": sorted(map(str, info.preempted_node_to_ranks))}, step)
+            if stop_on_collapse:
+                console.event("stopped", step=step, reason=f"collapse ({health.status}), train.stop_on_collapse")
+            last = report
+    if keys_log is not None:
+        keys_log.close()
     if writer is not None:
         writer.close()
     return {"step": runner.step, "last": last, "world_size": world, "health": health.verdict}

@@ -183,6 +183,22 @@ def parquet_writer():
 # ---- Ray -----------------------------------------------------------------------------------------
 
 
+def start_local_ray() -> None:
+    """The session's local Ray (also restarted by tests/test_multinode.py after its multi-node cluster)."""
+    import ray
+    import ray.data
+
+    kwargs = dict(address="local", num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=False)
+    try:
+        ray.init(**kwargs)
+    except Exception:  # noqa: BLE001 - "node timed out during startup" on an overloaded box: try once more
+        ray.shutdown()
+        ray.init(**kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole test session: 4 logical CPUs (Train workers and Data actors both fit on
@@ -191,18 +207,8 @@ def ray_cluster():
 
     started = False
     if not ray.is_initialized():
-        kwargs = dict(address="local", num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=False)
-        try:
-            ray.init(**kwargs)
-        except Exception:  # noqa: BLE001 - "node timed out during startup" on an overloaded box: try once more
-            ray.shutdown()
-            ray.init(**kwargs)
+        start_local_ray()
         started = True
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
     yield ray
     if started:
         ray.shutdown()

@@ -1,9 +1,11 @@
 """The training ingest on a real local Ray cluster, over image files and Parquet rows written by the tests.
 
-Checked: every good image comes out exactly once per epoch (by key) with the right label and fixed uint8 shapes,
-every bad file (corrupt, truncated, zero-byte, text named .jpg) is dropped and counted exactly, epochs differ, a
-fixed seed reproduces the crops, the collate/normalisation, and a 2-worker Ray Train consumer gets disjoint equal
-shards covering the data.
+Checked: one execution streams several data epochs, every good image comes out exactly once per epoch (by key) with
+the right label, epoch and fixed uint8 shapes, every bad file (corrupt, truncated, zero-byte, text named .jpg) is
+dropped and counted once per epoch and once in total (distinct files), epochs differ, a stream started at epoch E
+repeats epoch E (seeds and order follow the data epoch), the collate/normalisation, and a 2-worker Ray Train
+consumer gets disjoint equal shards covering the data. The end-to-end check (a real run: one execution, each image
+once per epoch, exact distinct counts) is ``test_run_streams_all_epochs_in_one_execution``.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ import torch
 from conftest import BAD_KINDS, GOOD_KINDS, write_images, write_parquet
 
 from ibot_ray.config import load_config
-from pipelines.collate import IMAGENET_MEAN, IMAGENET_STD, MultiCropCollateFn, iter_train_batches, normalize_crops
+from ibot_ray.knn import normalize_images
+from pipelines.collate import IMAGENET_MEAN, IMAGENET_STD, MultiCropCollateFn, iter_train_batches
 from pipelines.ingest import (
     MAX_BAD_EXAMPLES,
     IngestMonitor,
     build_train_dataset,
     get_bad_input_stats,
     image_seed,
-    set_epoch,
+    key_id,
 )
 
 G, L, S, SL, P = 2, 3, 32, 16, 8  # 2 global 32 px crops, 3 local 16 px crops, 8 px patches
@@ -66,33 +69,51 @@ def test_image_seed_is_blake2b_of_seed_epoch_key():
     assert len(seeds) == 18  # every (seed, epoch, key) gets its own stream
 
 
-def test_monitor_counts_per_epoch_and_keeps_first_examples():
+def test_ledger_counts_distinct_files_per_epoch_across_retries_and_resumes():
     m = IngestMonitor()
-    m.set_epoch(4)
-    assert m.get_epoch() == 4
-    m.report_bad(0, [(f"k{i}", "bad") for i in range(7)])
-    m.report_bad(0, [(f"k{i}", "bad") for i in range(7, 12)])
-    m.report_bad(1, [("k0", "bad again")])
+    m.report_bad([(0, f"k{i}", "bad") for i in range(7)])
+    m.report_bad([(0, f"k{i}", "bad") for i in range(5, 12)])  # a retried Data task reports k5, k6 again
+    m.report_bad([(1, "k0", "bad again"), (1, "k1", "bad")])
+    m.report_bad([(1, "k0", "bad again")])  # epoch 1 replayed after a restart
     s = m.stats()
-    assert s["count"] == 13 and s["per_epoch"] == {0: 12, 1: 1} and s["unique_count"] == 12
+    assert s["count"] == 12 and s["per_epoch"] == {0: 12, 1: 2}
     assert s["examples"] == [(f"k{i}", "bad") for i in range(MAX_BAD_EXAMPLES)]
-    assert m.stats(1) == {"count": 1, "examples": [("k0", "bad again")], "per_epoch": {0: 12, 1: 1},
-                          "unique_count": 12}
+    assert m.stats(1) == {"count": 2, "examples": [("k0", "bad"), ("k1", "bad")], "per_epoch": {0: 12, 1: 2}}
+    assert m.stats(through_epoch=0)["per_epoch"] == {0: 12}  # a stream reads ahead: later epochs can be left out
+    # a resumed driver starts a new ledger and merges the checkpoint's: the counts go on, merging twice is a no-op
+    snap = m.snapshot()
+    resumed = IngestMonitor()
+    resumed.report_bad([(1, "k1", "bad"), (2, "k1", "bad"), (2, "k99", "new")])
+    assert resumed.merge(snap) == 13 and resumed.merge(snap) == 13
+    assert resumed.stats()["per_epoch"] == {0: 12, 1: 2, 2: 2} and resumed.stats()["count"] == 13
     m.reset()
-    assert m.stats()["count"] == 0 and m.get_epoch() == 0
+    assert m.stats()["count"] == 0
 
 
-def test_normalize_crops_matches_formula():
+def test_normalize_images_is_the_one_normaliser():
+    """One definition (ibot_ray.knn.normalize_images) for the step, the k-NN features and the collate."""
+    import inspect
+
+    import ibot_ray.step
+    import pipelines.collate
+
     x = torch.randint(0, 256, (2, 5, 3, 4, 4), dtype=torch.uint8)
-    y = normalize_crops(x)
+    y = normalize_images(x)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     assert y.dtype == torch.float32 and y.shape == x.shape
     torch.testing.assert_close(y, (x.float() / 255 - mean) / std, rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError):
-        normalize_crops(x.float())
+        normalize_images(x.float())
     with pytest.raises(ValueError):
-        normalize_crops(torch.zeros(2, 4, 8, 8, dtype=torch.uint8))
+        normalize_images(torch.zeros(2, 4, 8, 8, dtype=torch.uint8))
+    import ibot_ray.knn
+
+    # no second formula: the step, the k-NN features and the collate call normalize_images
+    assert not hasattr(ibot_ray.step, "normalize") and not hasattr(pipelines.collate, "normalize_crops")
+    for code in (inspect.getsource(ibot_ray.step), inspect.getsource(ibot_ray.knn.extract_features),
+                 inspect.getsource(pipelines.collate)):
+        assert "255" not in code
 
 
 def test_collate_makes_typed_tensors():
@@ -105,17 +126,20 @@ def test_collate_makes_typed_tensors():
     table = pa.table({"global_crops": ArrowTensorArray.from_numpy(g),
                       "local_crops": ArrowTensorArray.from_numpy(g[:, :1]),
                       "masks": ArrowTensorArray.from_numpy(m), "label": pa.array([3, -1, 0], pa.int64()),
+                      "epoch": pa.array([4, 4, 5], pa.int64()), "key_id": pa.array([7, 8, 9], pa.int64()),
                       "key": pa.array(["a", "b", "c"])})
     out = MultiCropCollateFn()(table)
-    assert set(out) == {"global_crops", "local_crops", "masks", "label"}  # no strings: Ray moves it to the device
+    # no strings: Ray moves it to the device
+    assert set(out) == {"global_crops", "local_crops", "masks", "label", "epoch", "key_id"}
+    assert out["epoch"].tolist() == [4, 4, 5] and out["key_id"].dtype == torch.int64
     assert out["global_crops"].dtype == torch.uint8 and torch.equal(out["global_crops"], torch.from_numpy(g))
     assert out["masks"].dtype == torch.bool and torch.equal(out["masks"], torch.from_numpy(m.astype(bool)))
     assert out["label"].tolist() == [3, -1, 0]
 
 
 def test_batcher_output_depends_on_key_not_on_batch_composition():
-    """In-process UDF (fixed epoch, no Ray): bad rows dropped, labels follow their rows, crops depend only on
-    (seed, epoch, key), so file shuffling and batching cannot change them."""
+    """In-process UDF (no Ray): bad rows dropped, labels follow their rows, crops depend only on (seed, the row's
+    own epoch, key), so file shuffling, batching and a batch straddling an epoch boundary cannot change them."""
     from conftest import image_bytes
 
     from pipelines.ingest import MultiCropBatcher
@@ -123,20 +147,22 @@ def test_batcher_output_depends_on_key_not_on_batch_composition():
     rng = np.random.default_rng(0)
     blobs = [image_bytes(k, rng) for k in ("jpeg", "png", "text", "webp")]
     keys = np.array(["a.jpg", "b.png", "c.jpg", "d.webp"], dtype=object)
-    batcher = MultiCropBatcher(_cfg(), epoch=2)
-    out = batcher({"bytes": np.array(blobs, dtype=object), "key": keys, "label": np.array([5, 6, 7, 8])})
+    batcher = MultiCropBatcher(_cfg())
+    out = batcher({"bytes": np.array(blobs, dtype=object), "key": keys, "label": np.array([5, 6, 7, 8]),
+                   "epoch": np.full(4, 2)})
     assert list(out["key"]) == ["a.jpg", "b.png", "d.webp"] and out["label"].tolist() == [5, 6, 8]
+    assert out["epoch"].tolist() == [2, 2, 2] and out["key_id"].tolist() == [key_id(k) for k in out["key"]]
     assert out["global_crops"].shape == (3, G, 3, S, S) and out["masks"].dtype == np.uint8
     order = [3, 0]
     again = batcher({"bytes": np.array([blobs[i] for i in order], dtype=object), "key": keys[order],
-                     "label": np.array([8, 5])})
+                     "label": np.array([8, 5]), "epoch": np.array([2, 3])})  # d.webp in epoch 2, a.jpg in 3
     assert list(again["key"]) == ["d.webp", "a.jpg"]
-    for j, i in enumerate([2, 0]):
-        assert np.array_equal(again["global_crops"][j], out["global_crops"][i])
-        assert np.array_equal(again["local_crops"][j], out["local_crops"][i])
-        assert np.array_equal(again["masks"][j], out["masks"][i])
-    other_epoch = MultiCropBatcher(_cfg(), epoch=3)({"bytes": np.array(blobs[:1], dtype=object), "key": keys[:1],
-                                                     "label": np.array([5])})
+    assert again["epoch"].tolist() == [2, 3]
+    for col in ("global_crops", "local_crops", "masks"):
+        assert np.array_equal(again[col][0], out[col][2])
+    other_epoch = batcher({"bytes": np.array(blobs[:1], dtype=object), "key": keys[:1], "label": np.array([5]),
+                           "epoch": np.array([3])})
+    assert np.array_equal(other_epoch["global_crops"][0], again["global_crops"][1])
     assert not np.array_equal(other_epoch["global_crops"][0], out["global_crops"][0])
 
 
@@ -145,16 +171,16 @@ def test_batcher_output_depends_on_key_not_on_batch_composition():
 
 @pytest.fixture(scope="module")
 def folder_run(ray_cluster, tmp_path_factory):
-    """Two epochs of an ImageFolder source with one file of every bad kind; the clock is set per epoch."""
+    """Two data epochs of an ImageFolder source (one file of every bad kind) streamed by ONE execution."""
     root = tmp_path_factory.mktemp("ingest") / "imgs"
     w = write_images(root, 2 * len(GOOD_KINDS), classes=["cat", "dog"], bad=list(BAD_KINDS))
     cfg = _cfg()
     name = _name()
-    ds, info = build_train_dataset(cfg, source=str(root), epoch_clock_name=name)
-    epochs = []
-    for epoch in (0, 1):
-        set_epoch(name, epoch)
-        epochs.append(_by_key(ds.take_all()))
+    ds, info = build_train_dataset(cfg, source=str(root), monitor_name=name, num_epochs=2)
+    rows = ds.take_all()
+    epochs = [_by_key([r for r in rows if r["epoch"] == e]) for e in (0, 1)]
+    order = [r["epoch"] for r in rows]
+    assert order == sorted(order) and set(order) == {0, 1}  # epoch 0, then epoch 1: epochs do not interleave
     return {"w": w, "cfg": cfg, "name": name, "info": info, "epochs": epochs, "root": root}
 
 
@@ -177,8 +203,7 @@ def test_bad_inputs_are_counted_exactly(folder_run):
         assert {k for k, _ in s["examples"]} == set(w["bad"])
         assert all(reason for _, reason in s["examples"])
     total = get_bad_input_stats(name)
-    assert total["count"] == 2 * n_bad and total["per_epoch"] == {0: n_bad, 1: n_bad}
-    assert total["unique_count"] == n_bad
+    assert total["count"] == n_bad and total["per_epoch"] == {0: n_bad, 1: n_bad}  # distinct files, not reads
 
 
 def test_epochs_draw_fresh_crops(folder_run):
@@ -189,14 +214,14 @@ def test_epochs_draw_fresh_crops(folder_run):
 
 
 def test_fixed_seed_reproduces_crops_and_other_seed_does_not(folder_run):
-    """A second pipeline (new actors) with the same seed and a fixed epoch 1 repeats epoch 1 of the clocked run."""
+    """A stream started at data epoch 1 (a restart from a checkpoint of epoch 1: new actors) repeats epoch 1."""
     root, e1 = folder_run["root"], folder_run["epochs"][1]
-    again = _by_key(build_train_dataset(_cfg(), source=str(root), epoch=1, monitor_name=_name())[0].take_all())
+    again = _by_key(build_train_dataset(_cfg(), source=str(root), start_epoch=1, monitor_name=_name())[0].take_all())
     assert set(again) == set(e1)
     for key, r in again.items():
         for col in ("global_crops", "local_crops", "masks"):
             assert np.array_equal(r[col], e1[key][col]), (key, col)
-    other = _by_key(build_train_dataset(_cfg("data.seed=1"), source=str(root), epoch=1,
+    other = _by_key(build_train_dataset(_cfg("data.seed=1"), source=str(root), start_epoch=1,
                                         monitor_name=_name())[0].take_all())
     assert all(not np.array_equal(other[k]["global_crops"], e1[k]["global_crops"]) for k in e1)
 
@@ -206,7 +231,7 @@ def test_parquet_with_ten_percent_corrupt_rows(ray_cluster, tmp_path, with_label
     path = tmp_path / "data" / "part.parquet"
     w = write_parquet(path, 18, bad=["corrupt", "empty"], with_label=with_label, row_group_size=7)
     name = _name()
-    ds, info = build_train_dataset(_cfg(), source=str(tmp_path / "data"), epoch=0, monitor_name=name)
+    ds, info = build_train_dataset(_cfg(), source=str(tmp_path / "data"), monitor_name=name)
     rows = _by_key(ds.take_all())
     assert info.num_items == 20 and info.has_labels == with_label
     assert set(rows) == {f"{path}#{i}" for i in w["good"]}
@@ -222,17 +247,17 @@ def test_iter_train_batches_fixed_size_typed_batches(ray_cluster, tmp_path):
     cfg = _cfg("data.local_shuffle_buffer_size=4")
     name = _name()
     ds, _ = build_train_dataset(cfg, source=str(tmp_path / "few"), monitor_name=name)
-    batches = list(iter_train_batches(ds, cfg, 4, "cpu", epoch=3, epoch_clock_name=name, normalize=True))
+    batches = list(iter_train_batches(ds, cfg, 4, "cpu", normalize=True))
     assert len(batches) == 2  # 10 good images, batches of 4, the partial one dropped
     for b in batches:
         assert b["global_crops"].shape == (4, G, 3, S, S) and b["global_crops"].dtype == torch.float32
         assert b["local_crops"].shape == (4, L, 3, SL, SL)
         assert b["masks"].dtype == torch.bool and b["masks"].shape == (4, G, GRID, GRID)
-        assert b["label"].dtype == torch.int64 and (b["label"] == -1).all()
+        assert b["label"].dtype == torch.int64 and (b["label"] == -1).all() and (b["epoch"] == 0).all()
         lo = (0 - max(IMAGENET_MEAN)) / min(IMAGENET_STD)
         hi = (1 - min(IMAGENET_MEAN)) / min(IMAGENET_STD)
         assert lo - 1e-4 <= b["global_crops"].min() and b["global_crops"].max() <= hi + 1e-4
-    assert get_bad_input_stats(name, 3)["count"] == 1  # the clock's epoch reached the actors
+    assert get_bad_input_stats(name, 0)["count"] == 1
 
 
 # ---- Ray Train consumer ------------------------------------------------------------------------------
@@ -260,7 +285,7 @@ def test_two_train_workers_get_disjoint_equal_shards(ray_cluster, tmp_path):
 
     w = write_images(tmp_path / "imgs", 13, bad=["truncated"])
     cfg = _cfg()
-    ds, _ = build_train_dataset(cfg, source=str(tmp_path / "imgs"), epoch=0, monitor_name=_name())
+    ds, _ = build_train_dataset(cfg, source=str(tmp_path / "imgs"), monitor_name=_name())
     out = tmp_path / "out"
     out.mkdir()
     trainer = TorchTrainer(
@@ -279,3 +304,61 @@ def test_two_train_workers_get_disjoint_equal_shards(ray_cluster, tmp_path):
     assert (k0 | k1) <= set(w["good"])
     for r in res:
         assert len(r["shapes"]) == 3 and all(s == [[2, G, 3, S, S], "torch.uint8", "torch.bool"] for s in r["shapes"])
+
+
+# ---- a real run: one execution for all epochs, each image once per epoch, exact distinct bad counts -----------
+
+
+def trained_rows(folder: Path) -> list[dict]:
+    """The rows of the train worker's trained-keys hook (``IBOT_TRAINED_KEYS_DIR``): one per rank and step."""
+    rows = []
+    for f in sorted(Path(folder).glob("rank*.jsonl")):
+        rank, pid = f.stem[4:].split("_")
+        rows += [dict(json.loads(line), rank=int(rank), pid=int(pid)) for line in f.read_text().splitlines()]
+    return rows
+
+
+def per_epoch_keys(rows: list[dict]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for r in rows:
+        for e, k in zip(r["epoch"], r["key_id"]):
+            out.setdefault(e, []).append(k)
+    return out
+
+
+def test_run_streams_all_epochs_in_one_execution(ray_cluster, tmp_path, monkeypatch):
+    """Issue #12, items 6 and 10, as a user meets them: 30 good and 6 bad images, global batch 16, 3 epochs. The
+    listed 36 give 2 steps per epoch, which need 32 images while an epoch has 30 good ones: the old loop started a
+    second execution in every epoch (re-reading images), and counted the 6 bad files once per execution (24+).
+    Now: one Data execution for the whole run, every good image trained exactly once in each data epoch, and 6
+    distinct bad files (6 in each epoch) in the metrics, the summary and the result."""
+    import ray
+    from data_executions import counting_executions, start_execution_log
+    from test_pretrain import TINY
+
+    from pipelines.pretrain import pretrain
+    from pipelines.train_worker import TRAINED_KEYS_ENV
+
+    w = write_images(tmp_path / "imgs", 30, kinds=("jpeg", "png"), size=(40, 40),
+                     bad=["corrupt", "truncated", "empty", "text", "corrupt", "empty"])
+    monkeypatch.setenv(TRAINED_KEYS_ENV, str(tmp_path / "keys"))
+    log = start_execution_log()
+    cfg = load_config("demo", TINY + [f"data.source={tmp_path / 'imgs'}", "optim.epochs=3", "train.num_workers=[1,1]",
+                                      "train.checkpoint_every_steps=100",
+                                      "data.local_shuffle_buffer_size=0"])  # a 16-row block shuffle spans epochs here
+    with counting_executions():
+        res = pretrain(cfg, storage=str(tmp_path / "runs"), name="one_stream", knn=False, export=False)
+    assert res.steps == 6
+    executions = ray.get(log.get.remote())
+    ray.kill(log)
+    assert len(executions) == 1, executions  # not one per epoch, and no second one inside an epoch
+    keys = per_epoch_keys(trained_rows(tmp_path / "keys"))
+    good = sorted(key_id(k) for k in w["good"])
+    # 96 rows trained: data epochs 0-2 whole (30 each, in epoch order), then 6 rows of epoch 3
+    for e in (0, 1, 2):
+        assert sorted(keys[e]) == good, e
+    assert set(keys) == {0, 1, 2, 3} and len(keys[3]) == len(set(keys[3])) == 6 and set(keys[3]) <= set(good)
+    bad = res.bad_images
+    assert bad["count"] == 6 and {k for k, _ in bad["examples"]} == set(w["bad"])
+    assert all(bad["per_epoch"][e] == 6 for e in (0, 1, 2)), bad["per_epoch"]
+    assert res.metrics["bad_images"] == 6 and res.metrics["data_epoch"] == 3

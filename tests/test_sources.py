@@ -133,13 +133,31 @@ def test_parquet_without_label_column(ray_cluster, tmp_path, cfg):
     assert {r["label"] for r in rows.values()} == {-1}
 
 
-def test_file_order_is_reshuffled_per_execution(ray_cluster, tmp_path, cfg):
+def test_file_order_follows_the_data_epoch(ray_cluster, tmp_path, cfg):
+    """One execution streams several data epochs, each in its own order seeded by (seed, epoch); a stream started at
+    epoch 1 (a restart from a checkpoint of data epoch 1) reads epoch 1's order, not epoch 0's prefix again."""
     write_images(tmp_path / "many", 24, kinds=["png"])
-    ds, _ = build_source_dataset(cfg, str(tmp_path / "many"), shuffle_seed=5)
-    first = [r["key"] for r in ds.select_columns(["key"]).take_all()]
-    second = [r["key"] for r in ds.select_columns(["key"]).take_all()]
-    assert sorted(first) == sorted(second) and len(first) == 24
-    assert first != second  # 24 files: the same order twice has probability 1/24!
+    ds, _ = build_source_dataset(cfg, str(tmp_path / "many"), shuffle_seed=5, num_epochs=2)
+    rows = ds.select_columns(["key", "epoch"]).take_all()
+    order = {e: [r["key"] for r in rows if r["epoch"] == e] for e in (0, 1)}
+    assert len(rows) == 48 and sorted(order[0]) == sorted(order[1]) and len(set(order[0])) == 24
+    assert order[0] != order[1]  # 24 files: the same order twice has probability 1/24!
+    restart, _ = build_source_dataset(cfg, str(tmp_path / "many"), shuffle_seed=5, start_epoch=1)
+    assert [r["key"] for r in restart.select_columns(["key"]).take_all()] == order[1]
+
+
+def test_source_is_listed_once(tmp_path, cfg, monkeypatch):
+    """The driver lists a folder once (format detection and the listing share it), and the listing is reusable."""
+    import pickle
+
+    write_images(tmp_path / "d", 5, classes=["a", "b"])
+    calls = []
+    real = sources._list_files
+    monkeypatch.setattr(sources, "_list_files", lambda fs, root: calls.append(root) or real(fs, root))
+    info = describe_source(cfg, str(tmp_path / "d"))
+    assert len(calls) == 1 and info.num_items == 5
+    listing = sources.list_source(cfg, str(tmp_path / "d"))
+    assert len(calls) == 2 and pickle.loads(pickle.dumps(listing)).paths == listing.paths == info.files
 
 
 def test_parquet_string_labels_become_sorted_class_indices(ray_cluster, tmp_path, cfg):

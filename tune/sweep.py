@@ -255,7 +255,7 @@ def train_run_name(sweep_name: str, trial_id: str) -> str:
     return f"{sweep_name}_{trial_id}"
 
 
-def sweep_trial(config: dict, spec: Optional[dict] = None) -> None:
+def sweep_trial(config: dict, spec: Optional[dict] = None, listing: Any = None) -> None:
     """One Tune trial: the base config with this trial's values, trained to the end by its own TorchTrainer.
 
     An invalid combination of values (e.g. ``momentum_teacher > momentum_teacher_end``) raises the config's
@@ -272,10 +272,14 @@ def sweep_trial(config: dict, spec: Optional[dict] = None) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     name = train_run_name(spec["name"], trial_id)
     callback = _report_callback({"train_run": name})
+    d, b = cfg.data, base.data
+    same_source = (d.source, d.format, d.image_column, d.label_column) == (b.source, b.format, b.image_column,
+                                                                           b.label_column)
     trainer, info = build_trainer(cfg, storage=spec["train_storage"], name=name,
-                                  callbacks=[callback, _pg_reaper_callback()], per_trial=True)
+                                  callbacks=[callback, _pg_reaper_callback()], per_trial=True,
+                                  listing=listing if same_source else None)  # the sweep's one listing
     for line in [*info["derived"], *(f"warning: {w}" for w in info["warnings"])]:
-        print(f"[ibot-ray tune] trial {ray.tune.get_context().get_trial_id()}: {line}", flush=True)
+        print(f"[ibot-ray tune] trial {trial_id}: {line}", flush=True)
     total = int(info["total_steps"])
     callback.extra.update(total_steps=total, steps_per_epoch=int(info["steps_per_epoch"]))
     print(f"[ibot-ray tune] trial {trial_id}: {', '.join(f'{k}={v}' for k, v in config.items())}; "
@@ -557,10 +561,11 @@ def run_sweep(
     spec = _spec(name, base, sp, objective, scheduler, exp_path)
     mode = OBJECTIVES[objective]
 
-    from pipelines.sources import describe_source
+    from pipelines.sources import list_source
 
     try:
-        steps_per_epoch = describe_source(base).num_items // base.optim.batch_size
+        listing = list_source(base)  # once for the sweep: every trial reuses it (tune.with_parameters)
+        steps_per_epoch = listing.info.num_items // base.optim.batch_size
     except Exception as e:
         raise SweepError(f"data.source {base.data.source!r} cannot be listed: {e}") from None
     if steps_per_epoch < 1:
@@ -577,7 +582,7 @@ def run_sweep(
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     driver = ({base.train.driver_resource: DRIVER_RESOURCE_SHARE} if base.train.driver_resource
               else {"CPU": DRIVER_CPU})
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(sweep_trial, spec=spec), driver)
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(sweep_trial, spec=spec, listing=listing), driver)
 
     resumed = Tuner.can_restore(exp_path)
     asha_info: dict = {}

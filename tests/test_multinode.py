@@ -1,0 +1,204 @@
+"""Training on a simulated multi-node cluster (``ray.cluster_utils.Cluster``), one cluster for the whole module.
+
+Layout (the :func:`multinode` fixture): a head with no CPU and no training resource (the driver, the Train
+controller, the Data coordinator and the run's actors live there, as on a real cluster's head), training nodes with
+``{"trainer": 2}`` and 2 CPUs (their CPUs go to the Train workers), and a data-only node with 2 CPUs and ``{"data": 1}``
+(the augmenting actors and the read tasks can only run there). Tests change the layout while a run trains (kill or add
+nodes) and leave a working layout behind; each says which. The module replaces the session's single-node Ray while it
+runs and starts a fresh one afterwards.
+
+* Losing the data-only node mid-run (a spot replacement joins): the run completes with exact distinct bad-file counts.
+* A resize to an odd world size (2 -> 3 workers, global batch 16): one Data execution per worker-group start, not per
+  epoch, the new group streams from the checkpoint's data epoch, and every image is trained once per data epoch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import start_local_ray, write_images
+from data_executions import counting_executions, start_execution_log
+from test_ingest import per_epoch_keys, trained_rows
+from test_pretrain import TINY
+
+from ibot_ray.config import load_config
+from pipelines.ingest import RESUME_EPOCH_METRIC, key_id
+from pipelines.metrics import read_metrics
+from pipelines.train_worker import TRAINED_KEYS_ENV
+
+TRAINING_NODE = {"num_cpus": 2, "resources": {"trainer": 2}}
+DATA_NODE = {"num_cpus": 2, "resources": {"data": 1}}
+
+
+@dataclass
+class MultiNode:
+    """The module's cluster: ``training``/``data`` hold the live nodes of each kind (tests keep them current)."""
+
+    cluster: object
+    training: list = field(default_factory=list)
+    data: list = field(default_factory=list)
+
+    def add_training(self, trainer: int = 2):
+        node = self.cluster.add_node(num_cpus=trainer, resources={"trainer": trainer})
+        self.training.append(node)
+        return node
+
+    def add_data(self):
+        node = self.cluster.add_node(**DATA_NODE)
+        self.data.append(node)
+        return node
+
+    def kill(self, node) -> None:
+        """The node disappears without notice (a spot reclaim)."""
+        self.cluster.remove_node(node, allow_graceful=False)
+        for group in (self.training, self.data):
+            if node in group:
+                group.remove(node)
+
+
+@pytest.fixture(scope="module")
+def multinode():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    had_ray = ray.is_initialized()
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = MultiNode(cluster)
+    for _ in range(2):
+        nodes.add_training()
+    nodes.add_data()
+    ray.init(address=cluster.address)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    yield nodes
+    ray.shutdown()
+    cluster.shutdown()
+    if had_ray:
+        start_local_ray()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multinode") / "imgs"
+    return write_images(root, 60, kinds=("jpeg", "png"), size=(40, 40), bad=["corrupt", "truncated", "empty", "text"])
+
+
+def _cfg(data: Path, *extra: str):
+    # 64 listed / 16 = 4 steps per epoch, 60 good images per data epoch
+    return load_config("demo", TINY + [
+        f"data.source={data}", "optim.epochs=4", "train.worker_resource=trainer", "train.max_failures=3",
+        "train.elastic_resize_interval_s=5", "train.worker_start_timeout_s=30", "train.checkpoint_every_steps=2",
+        "data.local_shuffle_buffer_size=0",  # epochs of 60 rows: a block-wise local shuffle would span epochs
+        *extra,
+    ])
+
+
+class Run:
+    """``pretrain`` in a thread, with its metrics file and the trained-keys hook."""
+
+    def __init__(self, cfg, tmp: Path, name: str, monkeypatch) -> None:
+        from pipelines.pretrain import pretrain
+
+        self.keys = tmp / "keys"
+        monkeypatch.setenv(TRAINED_KEYS_ENV, str(self.keys))
+        self.metrics = tmp / "runs" / name / "logs" / "metrics.jsonl"
+        self.box: dict = {}
+
+        def target():
+            try:
+                with counting_executions():
+                    self.box["result"] = pretrain(cfg, storage=str(tmp / "runs"), name=name, knn=False, export=False)
+            except BaseException as e:  # noqa: BLE001 - handed to the test
+                self.box["error"] = e
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def wait(self, cond, timeout: float = 240.0) -> list[dict]:
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            rows = read_metrics(self.metrics)
+            if cond(rows):
+                return rows
+            if not self.thread.is_alive():
+                raise AssertionError(f"the run ended early: {self.box}")
+            time.sleep(0.3)
+        raise AssertionError(f"timed out: {read_metrics(self.metrics)[-2:]}")
+
+    def result(self, timeout: float = 300.0):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the run did not finish"
+        assert "error" not in self.box, self.box.get("error")
+        return self.box["result"]
+
+
+def _trained(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "loss" in r]
+
+
+def test_losing_the_data_node_keeps_exact_distinct_bad_counts(multinode, images, tmp_path, monkeypatch):
+    """Leaves the layout with its 2 training nodes and a new data node."""
+    log = start_execution_log()
+    run = Run(_cfg(Path(images["good"][0]).parent, "train.num_workers=[2,2]"), tmp_path, "data_loss", monkeypatch)
+    run.wait(lambda rows: any(r.get("step", 0) >= 3 for r in _trained(rows)))
+    multinode.kill(multinode.data[0])  # the node with every augmenting actor and read task
+    time.sleep(2)
+    multinode.add_data()  # its spot replacement
+    res = run.result()
+    import ray
+
+    executions = ray.get(log.get.remote())
+    ray.kill(log)
+    assert res.steps == 16
+    bad = res.bad_images
+    # 4 distinct bad files, in every data epoch trained, whatever was re-read after the loss
+    assert bad["count"] == 4 and {k for k, _ in bad["examples"]} == set(images["bad"])
+    assert all(n == 4 for e, n in bad["per_epoch"].items() if e < res.metrics["data_epoch"]), bad
+    assert res.metrics["bad_images"] == 4
+    keys = per_epoch_keys(trained_rows(run.keys))
+    good = set(key_id(k) for k in images["good"])
+    assert set().union(*map(set, keys.values())) <= good
+    print(f"data node lost: {len(executions)} Data execution(s), per epoch {bad['per_epoch']}")
+
+
+def test_resize_to_odd_world_streams_once_per_group(multinode, images, tmp_path, monkeypatch):
+    """2 workers on one training node, then a 1-slot node joins: 3 workers for a global batch of 16 (6+5+5, the
+    extra row rotating). Leaves the layout with 2 training nodes (2 and 1 trainer slots) and the data node."""
+    multinode.kill(multinode.training[1])  # one training node left: 2 worker slots
+    log = start_execution_log()
+    run = Run(_cfg(Path(images["good"][0]).parent, "train.num_workers=[1,3]"), tmp_path, "odd_world", monkeypatch)
+    run.wait(lambda rows: any(r.get("step", 0) >= 5 for r in _trained(rows)))
+    multinode.add_training(trainer=1)
+    res = run.result()
+    import ray
+
+    executions = ray.get(log.get.remote())
+    ray.kill(log)
+    rows = read_metrics(run.metrics)
+    starts = [r for r in rows if r.get("event") == "start"]
+    assert [s["world_size"] for s in starts] == [2, 3], starts
+    assert res.steps == 16 and all(sum(s["per_rank_share"]) == 16 for s in starts)
+    # one Data execution per worker-group start: not one per epoch (4 epochs), none inside an epoch
+    assert len(executions) == len(starts) == 2, executions
+    # the 3-worker group streams from the data epoch of the checkpoint it resumed from
+    resumed = starts[1]["resumed_from"]
+    ckpt = [r for r in _trained(rows) if r["step"] == resumed and RESUME_EPOCH_METRIC in r][-1]
+    trained = trained_rows(run.keys)
+    odd = [r for r in trained if r["world"] == 3]
+    assert len({r["pid"] for r in odd}) == 3 and {len(r["key_id"]) for r in odd} == {5, 6}
+    keys = per_epoch_keys(odd)
+    assert min(keys) == ckpt[RESUME_EPOCH_METRIC]
+    good = sorted(key_id(k) for k in images["good"])
+    for e, ids in keys.items():
+        assert len(ids) == len(set(ids)), f"an image trained twice in data epoch {e}"
+        if min(keys) < e < max(keys):  # epochs the 3 workers streamed whole: every image exactly once
+            assert sorted(ids) == good, e
+    assert max(keys) - min(keys) >= 2, keys.keys()  # at least one whole epoch on 3 workers
+    print(f"odd world: starts {[s['world_size'] for s in starts]}, {len(executions)} executions, "
+          f"epochs {sorted(keys)} on 3 workers")
