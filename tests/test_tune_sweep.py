@@ -222,3 +222,10 @@ def test_best_trial_table_and_plot(tmp_path):
     assert "ASHA stop at step 2" in lines[3] and "ConfigError: boom" in lines[5]
     png = plot_objective(rows, ["loss.teacher_temp"], "knn_top1", "max", tmp_path / "p.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # tuple-valued levers (crop scales) are categories on the plot, numbers stay a real axis
+    from tune.report import category_labels
+
+    assert category_labels([(0.7, 1.0), [0.35, 1.0], None, (0.7, 1.0)]) == ["(0.35, 1.0)", "(0.7, 1.0)"]
+    assert category_labels([True, False]) == ["False", "True"] and category_labels([0.04, 0.07, None]) is None
+    rows[0].params["crops.global_crops_scale"] = (0.5, 1.0)
+    assert plot_objective(rows, ["crops.global_crops_scale"], "knn_top1", "max", tmp_path / "c.png").exists()

@@ -57,6 +57,20 @@ def _finite(v: Any) -> Optional[float]:
     return f if math.isfinite(f) else None
 
 
+def _label(v: Any) -> str:
+    """A categorical parameter value as an axis label: ``(0.5, 1.0)``, ``True``, ``cosine``."""
+    return str(tuple(v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def category_labels(values: list[Any]) -> Optional[list[str]]:
+    """The x-axis categories of a swept parameter, or None for a numeric one: tuples (crop scales), booleans and
+    strings get one tick each, in sorted order; numbers keep a real axis."""
+    values = [v for v in values if v is not None]
+    if not any(isinstance(v, (bool, str, list, tuple)) for v in values):
+        return None
+    return sorted({_label(v) for v in values})
+
+
 def _rows_of(result: Any) -> list[dict]:
     """The reported results of one Tune trial, oldest first."""
     df = getattr(result, "metrics_dataframe", None)
@@ -174,15 +188,25 @@ def plot_objective(rows: list[TrialRow], names: list[str], objective: str, mode:
     best = best_row(rows, mode)
     for i, name in enumerate(names):
         ax = axes[i // cols][i % cols]
+        labels = category_labels([r.params.get(name) for r in rows])
+
+        def x_of(v, labels=labels):
+            if labels is not None:
+                return labels.index(_label(v)) if v is not None else None
+            return _finite(v)
+
         for status, (color, marker) in styles.items():
-            pts = [(r.params.get(name), r.objective) for r in rows if r.status == status and r.objective is not None
-                   and _finite(r.params.get(name)) is not None]
+            pts = [(x_of(r.params.get(name)), r.objective) for r in rows
+                   if r.status == status and r.objective is not None and x_of(r.params.get(name)) is not None]
             if pts:
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=color, marker=marker, label=status)
-        if best is not None and _finite(best.params.get(name)) is not None:
-            ax.scatter([best.params[name]], [best.objective], s=160, facecolors="none", edgecolors="tab:red",
+        if best is not None and x_of(best.params.get(name)) is not None:
+            ax.scatter([x_of(best.params[name])], [best.objective], s=160, facecolors="none", edgecolors="tab:red",
                        label="best")
-        if (log_scale or {}).get(name):
+        if labels is not None:
+            ax.set_xticks(range(len(labels)), labels, fontsize=8)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
+        elif (log_scale or {}).get(name):
             ax.set_xscale("log")
         ax.set_xlabel(name)
         ax.set_ylabel(f"{objective} ({mode})")
