@@ -158,7 +158,8 @@ class IBOTStep:
         return crops.transpose(0, 1).reshape(c * b, *crops.shape[2:])
 
     def _micro_batches(self, batch_size: int) -> list[slice]:
-        mb = self.cfg.optim.micro_batch_size or batch_size
+        mb = self.cfg.optim.micro_batch_size  # `auto` is sized by the run planner; unplanned (in-process): one pass
+        mb = mb if isinstance(mb, int) and mb > 0 else batch_size
         return [slice(i, min(i + mb, batch_size)) for i in range(0, batch_size, mb)]
 
     # ------------------------------------------------------------------------------------------
