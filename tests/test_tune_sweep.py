@@ -93,7 +93,7 @@ def test_asha_sweep_is_interrupted_resumes_and_reports(ray_cluster, tmp_path):
                                 stdout=logf, stderr=subprocess.STDOUT)
     try:
         done: set[str] = set()
-        while not done and proc.poll() is None and time.time() - t0 < 480:  # a trial starts its own Train run and Data stream: minutes on a loaded 2-core box
+        while not done and proc.poll() is None and time.time() - t0 < 480:  # a trial: its own Train run + Data stream
             time.sleep(1.0)
             done = _completed_trials(exp)
         assert done, f"no trial completed before the interrupt; rc={proc.poll()}"
