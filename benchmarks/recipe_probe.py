@@ -9,6 +9,10 @@ Each evaluation prints one JSON line: epoch, step, seconds, [CLS] / MIM loss, th
 (``teacher_entropy_frac``, ``prototypes_used``, ``feature_std``), and the teacher's and the student's k-NN top-1.
 The first line holds the random-init k-NN and the raw-pixel k-NN of the same split. ``benchmarks/quality.py`` is
 the judge of a recipe (the real pipeline, the linear probe); this is for choosing what to give it.
+
+``--supervised`` trains the same backbone on the same crops, batches, lr and weight-decay schedules with the labels
+instead (cross-entropy of a linear layer on each global crop's [CLS]): the k-NN a budget allows when the labels are
+known, a ceiling for what self-supervision can reach at that length.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--epochs-per-eval", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--supervised", action="store_true", help="train on the labels instead (the budget's ceiling)")
     a = ap.parse_args(argv)
 
     from ibot_ray.config import load_config
@@ -39,7 +44,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     torch.set_num_threads(a.threads)
     cfg = load_config(a.config, a.overrides)
-    table = pq.read_table(resolve_source(cfg.data.source, "train"), columns=[cfg.data.image_column])
+    columns = [cfg.data.image_column] + ([cfg.data.label_column] if a.supervised else [])
+    table = pq.read_table(resolve_source(cfg.data.source, "train"), columns=columns)
     images = table.column(cfg.data.image_column).to_pylist()
     evaluator = KNNEvaluator(cfg)
     torch.manual_seed(cfg.train.seed)
@@ -47,6 +53,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     b = cfg.optim.batch_size
     steps_per_epoch = len(images) // b
     runner = IBOTStep(cfg, student, teacher, steps_per_epoch=steps_per_epoch)
+    if a.supervised:
+        runner = SupervisedStep(runner, np.asarray(table.column(cfg.data.label_column).to_numpy(), np.int64))
     transform = MultiCropTransform(cfg)
     rows = [{"overrides": a.overrides, "random_init_knn": evaluator.evaluate(teacher.backbone)["knn_top1"],
              "pixel_knn": evaluator.pixel_baseline()["knn_top1"], "steps_per_epoch": steps_per_epoch}]
@@ -60,7 +68,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for s in range(steps_per_epoch):
             idx = order[s * b:(s + 1) * b]
             out, _ = transform([images[i] for i in idx], rng.integers(0, 2**62, len(idx)).tolist(), epoch)
-            m = runner({k: torch.from_numpy(v) for k, v in out.items() if k != "index"})
+            crops = {k: torch.from_numpy(v) for k, v in out.items() if k != "index"}
+            m = runner(crops, idx) if a.supervised else runner(crops)
             for k in keys:
                 sums[k] += m[k] / steps_per_epoch
         if (epoch + 1) % a.epochs_per_eval == 0 or epoch + 1 == cfg.optim.epochs:
@@ -72,6 +81,39 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(json.dumps(row), flush=True)
     return rows
 
+
+class SupervisedStep:
+    """The ceiling: ``IBOTStep``'s backbone, param groups and lr / weight-decay schedules, trained with cross-entropy
+    on the labels of every global crop's [CLS]."""
+
+    def __init__(self, ibot, labels: np.ndarray) -> None:
+        from ibot_ray.knn import normalize_images
+        from ibot_ray.step import param_groups
+
+        self.ibot, self.labels, self.normalize = ibot, torch.from_numpy(labels), normalize_images
+        self.backbone = ibot.student.backbone
+        self.classifier = torch.nn.Linear(self.backbone.embed_dim, int(labels.max()) + 1)
+        o = ibot.cfg.optim
+        self.opt = torch.optim.AdamW(param_groups(torch.nn.ModuleList([self.backbone, self.classifier])),
+                                     lr=0.0, betas=o.betas, eps=o.eps)
+        self.step = 0
+
+    def __call__(self, batch: dict, idx: np.ndarray) -> dict:
+        s = self.ibot.schedules.at(self.step)
+        for i, g in enumerate(self.opt.param_groups):
+            g["lr"] = s["lr"]
+            if i == 0:
+                g["weight_decay"] = s["wd"]
+        crops = batch["global_crops"]  # (B, G, 3, S, S) uint8
+        x = self.normalize(crops.transpose(0, 1).reshape(-1, *crops.shape[2:]), self.ibot.mean, self.ibot.std)
+        y = self.labels[torch.from_numpy(np.asarray(idx))].repeat(crops.shape[1])
+        loss = torch.nn.functional.cross_entropy(self.classifier(self.backbone(x)[:, 0]), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step += 1
+        return {"cls": float(loss), "mim": 0.0, "teacher_entropy_frac": 0.0, "prototypes_used": 0.0,
+                "feature_std": 0.0}
 
 if __name__ == "__main__":
     main()
