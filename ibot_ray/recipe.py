@@ -2,7 +2,7 @@
 
 The paper's recipe is tuned for ImageNet and 800 epochs of 1,251 steps. Several of its values only make sense
 relative to that length: the teacher's averaging horizon, the warm-ups, the last-layer freeze. The blur is measured
-in pixels of a 224 px crop. A preset that should work at any length and size (``demo``, ``small``) gives ``auto``
+in pixels of a 224 px crop. A preset that should work at any length and size (``demo``) gives ``auto``
 for these fields, and :func:`derive_settings` sets them when the run starts, from the planned number of steps and
 the crop size, and says what it chose and why. A number given by the user (``--set``, a YAML file) is used as is;
 the ``vit_small_16`` and ``vit_base_16`` presets give numbers everywhere, so they keep the paper's values.
