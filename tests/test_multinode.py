@@ -26,7 +26,7 @@ from test_ingest import per_epoch_keys, trained_rows
 from test_pretrain import TINY
 
 from ibot_ray.config import load_config
-from pipelines.ingest import key_id
+from pipelines.ingest import RESUME_EPOCH_METRIC, key_id
 from pipelines.metrics import read_metrics
 from pipelines.train_worker import TRAINED_KEYS_ENV
 
@@ -165,3 +165,57 @@ def test_losing_the_data_node_keeps_exact_distinct_bad_counts(multinode, images,
     good = set(key_id(k) for k in images["good"])
     assert set().union(*map(set, keys.values())) <= good
     print(f"data node lost: {len(executions)} Data execution(s), per epoch {bad['per_epoch']}")
+
+
+def _whole_epochs(rows: list[dict], first: int) -> range:
+    """The data epochs a worker group streamed whole: from ``first`` (a group starts an epoch at its beginning) up to
+    the last epoch that every rank has moved past. Each rank's shard arrives in epoch order, but a rank may run a few
+    blocks ahead of another (Ray Data's streaming split hands blocks to whichever rank asks), so at the end of a run
+    one rank can be in epoch e + 1 while another still holds rows of epoch e that were never trained."""
+    last: dict[int, int] = {}
+    for r in rows:
+        last[r["pid"]] = max(last.get(r["pid"], first), *r["epoch"])
+    return range(first, min(last.values()))
+
+
+def test_resize_to_odd_world_streams_once_per_group(multinode, images, tmp_path, monkeypatch):
+    """2 workers on one training node, then a 1-slot node joins: 3 workers for a global batch of 16 (6+5+5, the
+    extra row rotating). Leaves the layout with 2 training nodes (2 and 1 trainer slots) and the data node."""
+    multinode.kill(multinode.training[1])  # one training node left: 2 worker slots
+    log = start_execution_log()
+    run = Run(_cfg(Path(images["good"][0]).parent, "train.num_workers=[1,3]"), tmp_path, "odd_world", monkeypatch)
+    # the step-2 checkpoint is committed; the node joins early enough that the 2 workers cannot finish the run first
+    run.wait(lambda rows: any(r.get("step", 0) >= 3 for r in _trained(rows)))
+    multinode.add_training(trainer=1)
+    res = run.result()
+    import ray
+
+    executions = ray.get(log.get.remote())
+    ray.kill(log)
+    rows = read_metrics(run.metrics)
+    starts = [r for r in rows if r.get("event") == "start"]
+    assert [s["world_size"] for s in starts] == [2, 3], starts
+    assert res.steps == 16 and all(sum(s["per_rank_share"]) == 16 for s in starts)
+    # one Data execution per worker-group start: not one per epoch (4 epochs), none inside an epoch
+    assert len(executions) == len(starts) == 2, executions
+    # the 3-worker group streams from the data epoch of the checkpoint it resumed from
+    resumed = starts[1]["resumed_from"]
+    ckpt = [r for r in _trained(rows) if r["step"] == resumed and RESUME_EPOCH_METRIC in r][-1]
+    trained = trained_rows(run.keys)
+    even = [r for r in trained if r["world"] == 2 and r["step"] <= resumed]  # the steps after it were rolled back
+    odd = [r for r in trained if r["world"] == 3]
+    assert len({r["pid"] for r in even}) == 2 and {len(r["key_id"]) for r in even} == {8}
+    assert len({r["pid"] for r in odd}) == 3 and {len(r["key_id"]) for r in odd} == {5, 6}
+    assert min(per_epoch_keys(odd)) == ckpt[RESUME_EPOCH_METRIC]
+    good = sorted(key_id(k) for k in images["good"])
+    whole = {}
+    for group, first in ((even, 0), (odd, ckpt[RESUME_EPOCH_METRIC])):
+        keys = per_epoch_keys(group)
+        for e, ids in keys.items():
+            assert len(ids) == len(set(ids)), f"an image trained twice in data epoch {e} (world {group[0]['world']})"
+        whole[group[0]["world"]] = list(_whole_epochs(group, first))
+        for e in whole[group[0]["world"]]:  # every good image exactly once
+            assert sorted(keys[e]) == good, (group[0]["world"], e)
+    assert len(whole[3]) >= 1, whole  # at least one whole epoch on 3 workers
+    print(f"odd world: starts {[s['world_size'] for s in starts]}, {len(executions)} executions, resumed from step "
+          f"{resumed} (data epoch {ckpt[RESUME_EPOCH_METRIC]}), whole epochs per world size {whole}")
