@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ DEADLINE_S = 40  # the drain notice's deadline, from the drain
 
 def scenario(out_dir: str) -> dict:
     sys.path.insert(0, str(HERE))
-    from conftest import write_images  # sets the session's Ray environment at import: override it below
+    from conftest import InThread, write_images  # sets the session's Ray environment at import: override it below
     from test_pretrain import TINY
 
     os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1"  # the session turns it off
@@ -54,30 +53,14 @@ def scenario(out_dir: str) -> dict:
     ])  # 192 images / 16 = 12 steps (one epoch); no periodic checkpoint before the last step
     storage = Path(out_dir) / "runs"
     metrics = storage / "drain" / "logs" / "metrics.jsonl"
-    box: dict = {}
-
-    def run():
-        try:
-            box["result"] = pretrain(cfg, storage=str(storage), name="drain", knn=False, export=False)
-        except BaseException as e:  # noqa: BLE001
-            box["error"] = repr(e)
 
     def wait(cond, timeout=300):
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            rows = read_metrics(metrics)
-            if cond(rows):
-                return rows
-            if not thread.is_alive():
-                raise RuntimeError(f"run ended early: {box}")
-            time.sleep(0.2)
-        raise TimeoutError(f"waiting for metrics: {read_metrics(metrics)[-2:]}")
+        return run.wait(metrics, cond, timeout=timeout, poll=0.2)
 
     def step_rows(rows):
         return [r for r in rows if "loss" in r]
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    run = InThread(lambda: pretrain(cfg, storage=str(storage), name="drain", knn=False, export=False))
     wait(lambda rows: any(r.get("world_size") == 2 and r["step"] >= 2 for r in step_rows(rows)))
     drained = nodes[1]
     gcs = ray._raylet.GcsClient(address=cluster.address)
@@ -93,12 +76,12 @@ def scenario(out_dir: str) -> dict:
     t_remove = time.time()
     step_at_remove = max(r["step"] for r in step_rows(rows))
     cluster.remove_node(drained)  # the spot reclaim
-    thread.join(timeout=400)
+    run.join(timeout=400)
     rows = read_metrics(metrics)
     starts = [r for r in rows if r.get("event") == "start"]
     out = {
-        "result_steps": box["result"].steps if "result" in box else None,
-        "error": box.get("error"),
+        "result_steps": run.box["result"].steps if "result" in run.box else None,
+        "error": repr(run.error) if run.error is not None else None,
         "total_steps": 12,
         "step_at_remove": step_at_remove,
         "jit_events": [r for r in rows if r.get("event") == "preemption_checkpoint"],
