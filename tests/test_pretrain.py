@@ -125,3 +125,21 @@ def test_bad_config_fails_before_any_cluster_resource():
     assert p.returncode == 2 and "train.num_workers" in p.stderr
     assert time.time() - t0 < 100
 
+
+def test_unlabelled_knn_bank_is_a_config_error(tmp_path, image_writer, capsys):
+    """``ibot-ray pretrain`` with the online k-NN on and its memory bank defaulting to an unlabelled training source
+    (a flat image folder): one error naming the source and the settings, exit 2, before Ray starts."""
+    from ibot_ray.cli import main as cli_main
+
+    flat, labelled = tmp_path / "flat", tmp_path / "labelled"
+    image_writer(flat, 4, kinds=("jpeg",), size=(40, 40))
+    image_writer(labelled, 4, kinds=("jpeg",), size=(40, 40), classes=["a", "b"])
+    argv = ["pretrain", "--data", str(flat), "--storage", str(tmp_path / "runs"),
+            "--set", f"data.eval_source={labelled}"]
+    assert cli_main(argv) == 2
+    out = capsys.readouterr()
+    lines = [line for line in out.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ibot-ray: config error: online k-NN: train split"), out.err
+    assert str(flat) in lines[0] and "unlabelled" in lines[0] and "Traceback" not in out.err
+    assert "data.source" in lines[0] and "data.eval_train_source" in lines[0] and "data.eval_source=null" in lines[0]
+    assert not (tmp_path / "runs").exists()
