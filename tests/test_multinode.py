@@ -4,23 +4,27 @@ Layout (the :func:`multinode` fixture): a head with no CPU and no training resou
 controller, the Data coordinator and the run's actors live there, as on a real cluster's head), training nodes with
 ``{"trainer": 2}`` and 2 CPUs (their CPUs go to the Train workers), and a data-only node with 2 CPUs and ``{"data": 1}``
 (the augmenting actors and the read tasks can only run there). Tests change the layout while a run trains (kill or add
-nodes) and leave a working layout behind; each says which. The module replaces the session's single-node Ray while it
-runs and starts a fresh one afterwards.
+nodes) and leave a working layout behind; each says which. A killed node is declared dead after ~5 s of missed
+health checks (the default takes ~15 s). The module replaces the session's single-node Ray while it runs and starts
+a fresh one afterwards.
 
 * Losing the data-only node mid-run (a spot replacement joins): the run completes with exact distinct bad-file counts.
-* A resize to an odd world size (2 -> 3 workers, global batch 16): one Data execution per worker-group start, not per
-  epoch, the new group streams from the checkpoint's data epoch, and every image is trained once per data epoch.
+* A resize to an odd world size on a multi-node cluster (one training node with 2 slots, then a 1-slot node joins:
+  2 -> 3 workers, global batch 16 = 6 + 5 + 5): one Data execution per worker-group start, not per epoch; the new
+  group streams from the data epoch of the checkpoint it resumed from; within each group no image is trained twice
+  in a data epoch, and every good image exactly once in each data epoch the group streamed whole (every rank moved
+  past it: the streaming split hands blocks to whichever rank asks, so at the end of the run one rank may be an
+  epoch ahead of another that still holds untrained rows of the earlier epoch).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import start_local_ray, write_images
+from conftest import InThread, start_local_ray, write_images
 from data_executions import counting_executions, start_execution_log
 from test_ingest import per_epoch_keys, trained_rows
 from test_pretrain import TINY
@@ -41,10 +45,12 @@ class MultiNode:
     cluster: object
     training: list = field(default_factory=list)
     data: list = field(default_factory=list)
+    slots: dict = field(default_factory=dict)  # node id -> trainer slots
 
     def add_training(self, trainer: int = 2):
         node = self.cluster.add_node(num_cpus=trainer, resources={"trainer": trainer})
         self.training.append(node)
+        self.slots[node.node_id] = trainer
         return node
 
     def add_data(self):
@@ -52,12 +58,19 @@ class MultiNode:
         self.data.append(node)
         return node
 
-    def kill(self, node) -> None:
-        """The node disappears without notice (a spot reclaim)."""
-        self.cluster.remove_node(node, allow_graceful=False)
+    def kill(self, node, graceful: bool = False) -> None:
+        """The node disappears, without notice unless ``graceful`` (a spot reclaim); returns once the GCS has marked
+        it dead (~5 s with the fixture's health checks), so a run started next does not plan on its resources."""
+        import ray
+
+        self.cluster.remove_node(node, allow_graceful=graceful)
         for group in (self.training, self.data):
             if node in group:
                 group.remove(node)
+        t0 = time.time()
+        while any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
+            assert time.time() - t0 < 60, f"node {node.node_id} still alive 60 s after it was killed"
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +80,12 @@ def multinode():
 
     had_ray = ray.is_initialized()
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # a dead node is declared dead after ~5 s of missed health checks (the default takes ~15 s)
+    head = {"num_cpus": 0, "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}}
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args=head)
+    except Exception:  # noqa: BLE001 - "node timed out during startup" on an overloaded box: try once more
+        cluster = Cluster(initialize_head=True, head_node_args=head)
     nodes = MultiNode(cluster)
     for _ in range(2):
         nodes.add_training()
@@ -99,8 +117,9 @@ def _cfg(data: Path, *extra: str):
     ])
 
 
-class Run:
-    """``pretrain`` in a thread, with its metrics file and the trained-keys hook."""
+class Run(InThread):
+    """``pretrain`` in a thread (conftest's :class:`InThread`), with its metrics file, the trained-keys hook and the
+    Data execution callback."""
 
     def __init__(self, cfg, tmp: Path, name: str, monkeypatch) -> None:
         from pipelines.pretrain import pretrain
@@ -108,34 +127,18 @@ class Run:
         self.keys = tmp / "keys"
         monkeypatch.setenv(TRAINED_KEYS_ENV, str(self.keys))
         self.metrics = tmp / "runs" / name / "logs" / "metrics.jsonl"
-        self.box: dict = {}
 
-        def target():
-            try:
-                with counting_executions():
-                    self.box["result"] = pretrain(cfg, storage=str(tmp / "runs"), name=name, knn=False, export=False)
-            except BaseException as e:  # noqa: BLE001 - handed to the test
-                self.box["error"] = e
+        def fn():
+            with counting_executions():
+                return pretrain(cfg, storage=str(tmp / "runs"), name=name, knn=False, export=False)
 
-        self.thread = threading.Thread(target=target, daemon=True)
-        self.thread.start()
+        super().__init__(fn)
 
     def wait(self, cond, timeout: float = 240.0) -> list[dict]:
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            rows = read_metrics(self.metrics)
-            if cond(rows):
-                return rows
-            if not self.thread.is_alive():
-                raise AssertionError(f"the run ended early: {self.box}")
-            time.sleep(0.3)
-        raise AssertionError(f"timed out: {read_metrics(self.metrics)[-2:]}")
+        return super().wait(self.metrics, cond, timeout, poll=0.2)
 
     def result(self, timeout: float = 300.0):
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the run did not finish"
-        assert "error" not in self.box, self.box.get("error")
-        return self.box["result"]
+        return super().result(timeout)
 
 
 def _trained(rows: list[dict]) -> list[dict]:
@@ -183,7 +186,9 @@ def test_resize_to_odd_world_streams_once_per_group(multinode, images, tmp_path,
     extra row rotating). Leaves the layout with 2 training nodes (2 and 1 trainer slots) and the data node."""
     multinode.kill(multinode.training[1])  # one training node left: 2 worker slots
     log = start_execution_log()
-    run = Run(_cfg(Path(images["good"][0]).parent, "train.num_workers=[1,3]"), tmp_path, "odd_world", monkeypatch)
+    # 5 epochs (20 steps): however late the resize, the 3 workers have steps enough to stream a data epoch whole
+    run = Run(_cfg(Path(images["good"][0]).parent, "train.num_workers=[1,3]", "optim.epochs=5"), tmp_path, "odd_world",
+              monkeypatch)
     # the step-2 checkpoint is committed; the node joins early enough that the 2 workers cannot finish the run first
     run.wait(lambda rows: any(r.get("step", 0) >= 3 for r in _trained(rows)))
     multinode.add_training(trainer=1)
@@ -195,8 +200,8 @@ def test_resize_to_odd_world_streams_once_per_group(multinode, images, tmp_path,
     rows = read_metrics(run.metrics)
     starts = [r for r in rows if r.get("event") == "start"]
     assert [s["world_size"] for s in starts] == [2, 3], starts
-    assert res.steps == 16 and all(sum(s["per_rank_share"]) == 16 for s in starts)
-    # one Data execution per worker-group start: not one per epoch (4 epochs), none inside an epoch
+    assert res.steps == 20 and all(sum(s["per_rank_share"]) == 16 for s in starts)
+    # one Data execution per worker-group start: not one per epoch (5 epochs), none inside an epoch
     assert len(executions) == len(starts) == 2, executions
     # the 3-worker group streams from the data epoch of the checkpoint it resumed from
     resumed = starts[1]["resumed_from"]
@@ -219,3 +224,4 @@ def test_resize_to_odd_world_streams_once_per_group(multinode, images, tmp_path,
     assert len(whole[3]) >= 1, whole  # at least one whole epoch on 3 workers
     print(f"odd world: starts {[s['world_size'] for s in starts]}, {len(executions)} executions, resumed from step "
           f"{resumed} (data epoch {ckpt[RESUME_EPOCH_METRIC]}), whole epochs per world size {whole}")
+
