@@ -15,6 +15,8 @@ a fresh one afterwards.
   in a data epoch, and every good image exactly once in each data epoch the group streamed whole (every rank moved
   past it: the streaming split hands blocks to whichever rank asks, so at the end of the run one rank may be an
   epoch ahead of another that still holds untrained rows of the earlier epoch).
+* A training node drained for preemption (the GCS DrainNode RPC, reason PREEMPTION, with a deadline): exactly one
+  just-in-time checkpoint for the notice, then the node goes and the run resumes from it on the node left.
 """
 
 from __future__ import annotations
@@ -225,3 +227,77 @@ def test_resize_to_odd_world_streams_once_per_group(multinode, images, tmp_path,
     print(f"odd world: starts {[s['world_size'] for s in starts]}, {len(executions)} executions, resumed from step "
           f"{resumed} (data epoch {ckpt[RESUME_EPOCH_METRIC]}), whole epochs per world size {whole}")
 
+
+DEADLINE_S = 40  # the drain notice's deadline, from the drain
+
+
+def test_drained_node_gets_one_just_in_time_checkpoint_then_the_run_continues(multinode, tmp_path, monkeypatch):
+    """A training node drained for preemption through the GCS DrainNode RPC with reason PREEMPTION and a deadline,
+    what ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds N`` (and the spot watcher
+    of ``cluster.yaml``) sends. Ray Train's preemption watcher sees the drain, the workers read it from
+    ``ray.train.get_preemption_info()`` at every log step for the rest of the drain window, and they must write
+    exactly one just-in-time checkpoint for it. Then the node goes (as the spot reclaim would) and the run restarts on
+    the node left, from that checkpoint, and completes. Two 1-slot training nodes (one worker each); leaves the layout
+    with one of them and the data node."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    # the session turns the preemption watcher off; Train hands these to its controller (env vars it propagates)
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
+    for node in list(multinode.training):
+        if multinode.slots[node.node_id] != 1:
+            multinode.kill(node)
+    while len(multinode.training) < 2:
+        multinode.add_training(trainer=1)
+    data = tmp_path / "images"
+    write_images(data, 192, kinds=("jpeg", "png"), size=(40, 40))
+    cfg = load_config("demo", TINY + [
+        f"data.source={data}", "optim.epochs=1", "train.num_workers=[1,2]", "train.worker_resource=trainer",
+        "train.worker_start_timeout_s=20", "train.checkpoint_every_steps=100", "train.keep_checkpoints=10",
+        "train.log_every_steps=1",
+    ])  # 192 images / 16 = 12 steps (one epoch); no periodic checkpoint before the last step
+    log = start_execution_log()  # Run counts the Data executions into it
+    run = Run(cfg, tmp_path, "drain", monkeypatch)
+
+    def step_rows(rows):
+        return [r for r in rows if "loss" in r]
+
+    run.wait(lambda rows: any(r.get("world_size") == 2 and r["step"] >= 2 for r in step_rows(rows)), timeout=300)
+    drained = multinode.training[1]
+    gcs = ray._raylet.GcsClient(address=multinode.cluster.address)
+    t_drain = time.time()
+    accepted, why = gcs.drain_node(drained.node_id, autoscaler_pb2.DrainNodeReason.Value(
+        "DRAIN_NODE_REASON_PREEMPTION"), "spot interruption notice (test)", int((t_drain + DEADLINE_S) * 1000))
+    assert accepted, why
+    rows = run.wait(lambda rows: any(r.get("event") == "preemption_checkpoint" for r in rows), timeout=DEADLINE_S)
+    t_jit = time.time()
+    jit_step = next(r["step"] for r in rows if r.get("event") == "preemption_checkpoint")
+    # the workers keep training and keep seeing the same notice at every log step of the drain window
+    rows = run.wait(lambda rows: sum(1 for r in step_rows(rows) if r.get("preempted")) >= 3, timeout=DEADLINE_S)
+    t_remove = time.time()
+    step_at_remove = max(r["step"] for r in step_rows(rows))
+    multinode.kill(drained, graceful=True)  # the spot reclaim
+    res = run.result(timeout=400)
+    executions = ray.get(log.get.remote())
+    ray.kill(log)
+    rows = read_metrics(run.metrics)
+    starts = [r for r in rows if r.get("event") == "start"]
+    jit_events = [r for r in rows if r.get("event") == "preemption_checkpoint"]
+    preempted_rows = [r["step"] for r in step_rows(rows) if r.get("preempted")]
+    checkpoints = sorted(p.name for p in (tmp_path / "runs" / "drain").glob("step_*"))
+    # one notice, one just-in-time checkpoint, although the workers saw the notice at many log steps
+    assert len(jit_events) == 1, jit_events
+    assert jit_events[0]["nodes"] == [drained.node_id] and jit_events[0]["deadline_ms"] is not None
+    assert len(preempted_rows) >= 3 and preempted_rows[0] == jit_step
+    assert jit_step % 12 != 0  # not an epoch end: only the notice can have written it
+    assert [c for c in checkpoints if int(c[5:]) % 12] == [f"step_{jit_step:08d}"]
+    # the node went: the run restarted on the training node left, from the just-in-time checkpoint, and completed
+    sizes = [s["world_size"] for s in starts]
+    assert sizes[0] == 2 and sizes[1] == 1, sizes
+    # from the latest checkpoint before the node went: the just-in-time one (unless an epoch ended in between)
+    assert starts[1]["resumed_from"] == max(jit_step, step_at_remove // 12 * 12)
+    assert res.steps == 12 and step_rows(rows)[-1]["step"] == 12
+    assert len(executions) == len(starts), executions  # one Data execution per worker-group start
+    print(f"drain -> just-in-time checkpoint: {t_jit - t_drain:.1f} s; node gone -> resumed: "
+          f"{starts[1]['time'] - t_remove:.1f} s")
