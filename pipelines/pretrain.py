@@ -196,6 +196,23 @@ def _teacher_from_checkpoint(cfg: IBOTConfig, checkpoint):
     return teacher, state
 
 
+def knn_evaluator(cfg: IBOTConfig):
+    """The driver's online k-NN evaluator (pipelines/knn_eval.py). A k-NN split that is missing or unlabelled (a flat
+    image folder, Parquet without the label column) raises a :class:`ConfigError` naming the source and the setting
+    it came from (the CLI prints it and exits 2), not a traceback."""
+    from pipelines.knn_eval import EvalDataError, KNNEvaluator
+
+    try:
+        return KNNEvaluator(cfg)
+    except EvalDataError as e:
+        d = cfg.data
+        bank = ("data.eval_train_source" if d.eval_train_source
+                else "data.source (the training source: data.eval_train_source is not set)")
+        raise ConfigError(
+            f"online k-NN: {e}. The k-NN memory bank (train split) is {bank}, the queries (val split) are "
+            "data.eval_source: point them at labelled data, or turn the k-NN off with data.eval_source=null") from None
+
+
 def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", address: str | None = None,
              knn: bool = True, export: bool = True, verbose: bool = False) -> PretrainResult:
     """Run (or resume) a pretraining run; prints progress, the k-NN before/after, and where the outputs are.
@@ -211,13 +228,11 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
 
     t_start = time.time()
     cfg.validate()  # before any cluster resource is requested
+    # the k-NN splits are listed and decoded here, before Ray starts: an unlabelled one is a config error
+    evaluator = knn_evaluator(cfg) if knn and cfg.data.eval_source else None
     init_ray(cfg, address, verbose=verbose)
-    evaluator = None
     knn_before = knn_pixels = None
-    if knn and cfg.data.eval_source:
-        from pipelines.knn_eval import KNNEvaluator
-
-        evaluator = KNNEvaluator(cfg)
+    if evaluator is not None:
         torch.manual_seed(cfg.train.seed)
         _, teacher0 = build_student_teacher(cfg)
         knn_before = evaluator.evaluate(teacher0.backbone)

@@ -212,3 +212,63 @@ def ray_cluster():
     yield ray
     if started:
         ray.shutdown()
+
+
+# ---- runs in a thread ----------------------------------------------------------------------------
+
+
+class InThread:
+    """``fn()`` in a daemon thread, for tests that act while a run trains (kill a worker, drain or add a node):
+    ``wait`` polls a run's metrics file, ``result`` joins with a deadline and re-raises what ``fn`` raised.
+
+        run = InThread(lambda: pretrain(cfg, storage=..., name="r", knn=False, export=False))
+        rows = run.wait(metrics_path, lambda rows: any(r.get("step", 0) >= 5 for r in rows))
+        ...                                            # act on the running run
+        res = run.result(timeout=400)
+    """
+
+    def __init__(self, fn) -> None:
+        import threading
+
+        self.box: dict = {}  # "result", or "error": the exception fn raised
+
+        def target():
+            try:
+                self.box["result"] = fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the test
+                self.box["error"] = e
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        return self.box.get("error")
+
+    def wait(self, metrics: os.PathLike | str, cond, timeout: float = 240.0, poll: float = 0.2) -> list[dict]:
+        """The rows of the metrics file once ``cond(rows)`` holds; fails when ``fn`` ends first or on timeout."""
+        import time
+
+        from pipelines.metrics import read_metrics
+
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            rows = read_metrics(metrics)
+            if cond(rows):
+                return rows
+            if not self.thread.is_alive():
+                raise AssertionError(f"the run ended early: {self.box}")
+            time.sleep(poll)
+        raise AssertionError(f"timed out waiting on {metrics}: {read_metrics(metrics)[-3:]}")
+
+    def join(self, timeout: float) -> bool:
+        """Whether ``fn`` ended within ``timeout`` seconds."""
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def result(self, timeout: float, what: str = "the run did not finish"):
+        """``fn()``'s result, or its exception re-raised; fails with ``what`` if it still runs after ``timeout``."""
+        assert self.join(timeout), f"{what} (still running after {timeout:.0f} s)"
+        if "error" in self.box:
+            raise self.box["error"]
+        return self.box["result"]

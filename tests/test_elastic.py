@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ def scenario(out_dir: str) -> dict:
     from ray.cluster_utils import Cluster
 
     sys.path.insert(0, str(HERE))
-    from conftest import write_images
+    from conftest import InThread, write_images
     from test_pretrain import TINY
 
     from ibot_ray.config import load_config
@@ -46,32 +45,16 @@ def scenario(out_dir: str) -> dict:
     ])  # 96 images / 16 = 6 steps per epoch, 36 steps
     storage = Path(out_dir) / "runs"
     metrics = storage / "elastic" / "logs" / "metrics.jsonl"
-    box: dict = {}
-
-    def run():
-        try:
-            box["result"] = pretrain(cfg, storage=str(storage), name="elastic", knn=False, export=False)
-        except BaseException as e:  # noqa: BLE001
-            box["error"] = repr(e)
 
     def wait(cond, timeout=300):
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            rows = read_metrics(metrics)
-            if cond(rows):
-                return rows
-            if not thread.is_alive():
-                raise RuntimeError(f"run ended early: {box}")
-            time.sleep(0.5)
-        raise TimeoutError(f"waiting for metrics: {read_metrics(metrics)[-2:]}")
+        return run.wait(metrics, cond, timeout=timeout, poll=0.5)
 
     def starts(rows):
         return [r for r in rows if r.get("event") == "start"]
 
     events = []
     t_start = time.time()
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    run = InThread(lambda: pretrain(cfg, storage=str(storage), name="elastic", knn=False, export=False))
     wait(lambda rows: any(r.get("world_size") == 2 and r.get("step", 0) >= 4 and "loss" in r for r in rows))
     # where the run's ingest monitor lives (GCS actor table: ray.util.state needs a dashboard this cluster lacks)
     monitor_node = actor_table(ray.get_actor("ibot_ingest:elastic")._actor_id.hex())["Address"]["NodeID"]
@@ -86,11 +69,11 @@ def scenario(out_dir: str) -> dict:
     cluster.add_node(num_cpus=1, resources={"trainer": 1})  # a replacement node joins
     events.append(("added", time.time() - t_start))
     wait(lambda rows: sum(1 for s in starts(rows) if s["world_size"] == 2) >= 2)
-    thread.join(timeout=400)
+    run.join(timeout=400)
     rows = read_metrics(metrics)
     out = {
-        "result_steps": box["result"].steps if "result" in box else None,
-        "error": box.get("error"),
+        "result_steps": run.box["result"].steps if "result" in run.box else None,
+        "error": repr(run.error) if run.error is not None else None,
         "starts": starts(rows),
         "steps": [r["step"] for r in rows if "loss" in r],
         "world_sizes": [r["world_size"] for r in rows if "loss" in r],

@@ -11,11 +11,11 @@ worker (a SIGKILLed rank 0) is ``tests/test_pretrain.py::test_sigkilled_worker_r
 from __future__ import annotations
 
 import pickle
-import threading
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import InThread
 from ray.exceptions import RayActorError
 from ray.train.v2._internal.exceptions import UserExceptionWithTraceback, WorkerHealthCheckFailedError
 
@@ -125,21 +125,7 @@ def _starts(metrics: Path) -> list[dict]:
 
 def _in_thread(fn, timeout: float):
     """fn() with a deadline: a run that restarts forever (the bug) fails the test instead of hanging it."""
-    box: dict = {}
-
-    def target():
-        try:
-            box["result"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            box["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), f"still running after {timeout:.0f} s: the run is restarting instead of ending"
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+    return InThread(fn).result(timeout, "the run is restarting instead of ending")
 
 
 def test_cli_resume_with_another_epoch_length_or_a_diverging_lr_ends_once(ray_cluster, tmp_path, image_writer,

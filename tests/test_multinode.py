@@ -4,29 +4,35 @@ Layout (the :func:`multinode` fixture): a head with no CPU and no training resou
 controller, the Data coordinator and the run's actors live there, as on a real cluster's head), training nodes with
 ``{"trainer": 2}`` and 2 CPUs (their CPUs go to the Train workers), and a data-only node with 2 CPUs and ``{"data": 1}``
 (the augmenting actors and the read tasks can only run there). Tests change the layout while a run trains (kill or add
-nodes) and leave a working layout behind; each says which. The module replaces the session's single-node Ray while it
-runs and starts a fresh one afterwards.
+nodes) and leave a working layout behind; each says which. A killed node is declared dead after ~5 s of missed
+health checks (the default takes ~15 s). The module replaces the session's single-node Ray while it runs and starts
+a fresh one afterwards.
 
 * Losing the data-only node mid-run (a spot replacement joins): the run completes with exact distinct bad-file counts.
-* A resize to an odd world size (2 -> 3 workers, global batch 16): one Data execution per worker-group start, not per
-  epoch, the new group streams from the checkpoint's data epoch, and every image is trained once per data epoch.
+* A resize to an odd world size on a multi-node cluster (one training node with 2 slots, then a 1-slot node joins:
+  2 -> 3 workers, global batch 16 = 6 + 5 + 5): one Data execution per worker-group start, not per epoch; the new
+  group streams from the data epoch of the checkpoint it resumed from; within each group no image is trained twice
+  in a data epoch, and every good image exactly once in each data epoch the group streamed whole (every rank moved
+  past it: the streaming split hands blocks to whichever rank asks, so at the end of the run one rank may be an
+  epoch ahead of another that still holds untrained rows of the earlier epoch).
+* A training node drained for preemption (the GCS DrainNode RPC, reason PREEMPTION, with a deadline): exactly one
+  just-in-time checkpoint for the notice, then the node goes and the run resumes from it on the node left.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import start_local_ray, write_images
+from conftest import InThread, start_local_ray, write_images
 from data_executions import counting_executions, start_execution_log
 from test_ingest import per_epoch_keys, trained_rows
 from test_pretrain import TINY
 
 from ibot_ray.config import load_config
-from pipelines.ingest import key_id
+from pipelines.ingest import RESUME_EPOCH_METRIC, key_id
 from pipelines.metrics import read_metrics
 from pipelines.train_worker import TRAINED_KEYS_ENV
 
@@ -41,10 +47,12 @@ class MultiNode:
     cluster: object
     training: list = field(default_factory=list)
     data: list = field(default_factory=list)
+    slots: dict = field(default_factory=dict)  # node id -> trainer slots
 
     def add_training(self, trainer: int = 2):
         node = self.cluster.add_node(num_cpus=trainer, resources={"trainer": trainer})
         self.training.append(node)
+        self.slots[node.node_id] = trainer
         return node
 
     def add_data(self):
@@ -52,12 +60,19 @@ class MultiNode:
         self.data.append(node)
         return node
 
-    def kill(self, node) -> None:
-        """The node disappears without notice (a spot reclaim)."""
-        self.cluster.remove_node(node, allow_graceful=False)
+    def kill(self, node, graceful: bool = False) -> None:
+        """The node disappears, without notice unless ``graceful`` (a spot reclaim); returns once the GCS has marked
+        it dead (~5 s with the fixture's health checks), so a run started next does not plan on its resources."""
+        import ray
+
+        self.cluster.remove_node(node, allow_graceful=graceful)
         for group in (self.training, self.data):
             if node in group:
                 group.remove(node)
+        t0 = time.time()
+        while any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
+            assert time.time() - t0 < 60, f"node {node.node_id} still alive 60 s after it was killed"
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +82,12 @@ def multinode():
 
     had_ray = ray.is_initialized()
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # a dead node is declared dead after ~5 s of missed health checks (the default takes ~15 s)
+    head = {"num_cpus": 0, "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}}
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args=head)
+    except Exception:  # noqa: BLE001 - "node timed out during startup" on an overloaded box: try once more
+        cluster = Cluster(initialize_head=True, head_node_args=head)
     nodes = MultiNode(cluster)
     for _ in range(2):
         nodes.add_training()
@@ -99,8 +119,9 @@ def _cfg(data: Path, *extra: str):
     ])
 
 
-class Run:
-    """``pretrain`` in a thread, with its metrics file and the trained-keys hook."""
+class Run(InThread):
+    """``pretrain`` in a thread (conftest's :class:`InThread`), with its metrics file, the trained-keys hook and the
+    Data execution callback."""
 
     def __init__(self, cfg, tmp: Path, name: str, monkeypatch) -> None:
         from pipelines.pretrain import pretrain
@@ -108,34 +129,18 @@ class Run:
         self.keys = tmp / "keys"
         monkeypatch.setenv(TRAINED_KEYS_ENV, str(self.keys))
         self.metrics = tmp / "runs" / name / "logs" / "metrics.jsonl"
-        self.box: dict = {}
 
-        def target():
-            try:
-                with counting_executions():
-                    self.box["result"] = pretrain(cfg, storage=str(tmp / "runs"), name=name, knn=False, export=False)
-            except BaseException as e:  # noqa: BLE001 - handed to the test
-                self.box["error"] = e
+        def fn():
+            with counting_executions():
+                return pretrain(cfg, storage=str(tmp / "runs"), name=name, knn=False, export=False)
 
-        self.thread = threading.Thread(target=target, daemon=True)
-        self.thread.start()
+        super().__init__(fn)
 
     def wait(self, cond, timeout: float = 240.0) -> list[dict]:
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            rows = read_metrics(self.metrics)
-            if cond(rows):
-                return rows
-            if not self.thread.is_alive():
-                raise AssertionError(f"the run ended early: {self.box}")
-            time.sleep(0.3)
-        raise AssertionError(f"timed out: {read_metrics(self.metrics)[-2:]}")
+        return super().wait(self.metrics, cond, timeout, poll=0.2)
 
     def result(self, timeout: float = 300.0):
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the run did not finish"
-        assert "error" not in self.box, self.box.get("error")
-        return self.box["result"]
+        return super().result(timeout)
 
 
 def _trained(rows: list[dict]) -> list[dict]:
@@ -165,3 +170,134 @@ def test_losing_the_data_node_keeps_exact_distinct_bad_counts(multinode, images,
     good = set(key_id(k) for k in images["good"])
     assert set().union(*map(set, keys.values())) <= good
     print(f"data node lost: {len(executions)} Data execution(s), per epoch {bad['per_epoch']}")
+
+
+def _whole_epochs(rows: list[dict], first: int) -> range:
+    """The data epochs a worker group streamed whole: from ``first`` (a group starts an epoch at its beginning) up to
+    the last epoch that every rank has moved past. Each rank's shard arrives in epoch order, but a rank may run a few
+    blocks ahead of another (Ray Data's streaming split hands blocks to whichever rank asks), so at the end of a run
+    one rank can be in epoch e + 1 while another still holds rows of epoch e that were never trained."""
+    last: dict[int, int] = {}
+    for r in rows:
+        last[r["pid"]] = max(last.get(r["pid"], first), *r["epoch"])
+    return range(first, min(last.values()))
+
+
+def test_resize_to_odd_world_streams_once_per_group(multinode, images, tmp_path, monkeypatch):
+    """2 workers on one training node, then a 1-slot node joins: 3 workers for a global batch of 16 (6+5+5, the
+    extra row rotating). Leaves the layout with 2 training nodes (2 and 1 trainer slots) and the data node."""
+    multinode.kill(multinode.training[1])  # one training node left: 2 worker slots
+    log = start_execution_log()
+    # 5 epochs (20 steps): however late the resize, the 3 workers have steps enough to stream a data epoch whole
+    run = Run(_cfg(Path(images["good"][0]).parent, "train.num_workers=[1,3]", "optim.epochs=5"), tmp_path, "odd_world",
+              monkeypatch)
+    # the step-2 checkpoint is committed; the node joins early enough that the 2 workers cannot finish the run first
+    run.wait(lambda rows: any(r.get("step", 0) >= 3 for r in _trained(rows)))
+    multinode.add_training(trainer=1)
+    res = run.result()
+    import ray
+
+    executions = ray.get(log.get.remote())
+    ray.kill(log)
+    rows = read_metrics(run.metrics)
+    starts = [r for r in rows if r.get("event") == "start"]
+    assert [s["world_size"] for s in starts] == [2, 3], starts
+    assert res.steps == 20 and all(sum(s["per_rank_share"]) == 16 for s in starts)
+    # one Data execution per worker-group start: not one per epoch (5 epochs), none inside an epoch
+    assert len(executions) == len(starts) == 2, executions
+    # the 3-worker group streams from the data epoch of the checkpoint it resumed from
+    resumed = starts[1]["resumed_from"]
+    ckpt = [r for r in _trained(rows) if r["step"] == resumed and RESUME_EPOCH_METRIC in r][-1]
+    trained = trained_rows(run.keys)
+    even = [r for r in trained if r["world"] == 2 and r["step"] <= resumed]  # the steps after it were rolled back
+    odd = [r for r in trained if r["world"] == 3]
+    assert len({r["pid"] for r in even}) == 2 and {len(r["key_id"]) for r in even} == {8}
+    assert len({r["pid"] for r in odd}) == 3 and {len(r["key_id"]) for r in odd} == {5, 6}
+    assert min(per_epoch_keys(odd)) == ckpt[RESUME_EPOCH_METRIC]
+    good = sorted(key_id(k) for k in images["good"])
+    whole = {}
+    for group, first in ((even, 0), (odd, ckpt[RESUME_EPOCH_METRIC])):
+        keys = per_epoch_keys(group)
+        for e, ids in keys.items():
+            assert len(ids) == len(set(ids)), f"an image trained twice in data epoch {e} (world {group[0]['world']})"
+        whole[group[0]["world"]] = list(_whole_epochs(group, first))
+        for e in whole[group[0]["world"]]:  # every good image exactly once
+            assert sorted(keys[e]) == good, (group[0]["world"], e)
+    assert len(whole[3]) >= 1, whole  # at least one whole epoch on 3 workers
+    print(f"odd world: starts {[s['world_size'] for s in starts]}, {len(executions)} executions, resumed from step "
+          f"{resumed} (data epoch {ckpt[RESUME_EPOCH_METRIC]}), whole epochs per world size {whole}")
+
+
+DEADLINE_S = 40  # the drain notice's deadline, from the drain
+
+
+def test_drained_node_gets_one_just_in_time_checkpoint_then_the_run_continues(multinode, tmp_path, monkeypatch):
+    """A training node drained for preemption through the GCS DrainNode RPC with reason PREEMPTION and a deadline,
+    what ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds N`` (and the spot watcher
+    of ``cluster.yaml``) sends. Ray Train's preemption watcher sees the drain, the workers read it from
+    ``ray.train.get_preemption_info()`` at every log step for the rest of the drain window, and they must write
+    exactly one just-in-time checkpoint for it. Then the node goes (as the spot reclaim would) and the run restarts on
+    the node left, from that checkpoint, and completes. Two 1-slot training nodes (one worker each); leaves the layout
+    with one of them and the data node."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    # the session turns the preemption watcher off; Train hands these to its controller (env vars it propagates)
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
+    for node in list(multinode.training):
+        if multinode.slots[node.node_id] != 1:
+            multinode.kill(node)
+    while len(multinode.training) < 2:
+        multinode.add_training(trainer=1)
+    data = tmp_path / "images"
+    write_images(data, 192, kinds=("jpeg", "png"), size=(40, 40))
+    cfg = load_config("demo", TINY + [
+        f"data.source={data}", "optim.epochs=1", "train.num_workers=[1,2]", "train.worker_resource=trainer",
+        "train.worker_start_timeout_s=20", "train.checkpoint_every_steps=100", "train.keep_checkpoints=10",
+        "train.log_every_steps=1",
+    ])  # 192 images / 16 = 12 steps (one epoch); no periodic checkpoint before the last step
+    log = start_execution_log()  # Run counts the Data executions into it
+    run = Run(cfg, tmp_path, "drain", monkeypatch)
+
+    def step_rows(rows):
+        return [r for r in rows if "loss" in r]
+
+    run.wait(lambda rows: any(r.get("world_size") == 2 and r["step"] >= 2 for r in step_rows(rows)), timeout=300)
+    drained = multinode.training[1]
+    gcs = ray._raylet.GcsClient(address=multinode.cluster.address)
+    t_drain = time.time()
+    accepted, why = gcs.drain_node(drained.node_id, autoscaler_pb2.DrainNodeReason.Value(
+        "DRAIN_NODE_REASON_PREEMPTION"), "spot interruption notice (test)", int((t_drain + DEADLINE_S) * 1000))
+    assert accepted, why
+    rows = run.wait(lambda rows: any(r.get("event") == "preemption_checkpoint" for r in rows), timeout=DEADLINE_S)
+    t_jit = time.time()
+    jit_step = next(r["step"] for r in rows if r.get("event") == "preemption_checkpoint")
+    # the workers keep training and keep seeing the same notice at every log step of the drain window
+    rows = run.wait(lambda rows: sum(1 for r in step_rows(rows) if r.get("preempted")) >= 3, timeout=DEADLINE_S)
+    t_remove = time.time()
+    step_at_remove = max(r["step"] for r in step_rows(rows))
+    multinode.kill(drained, graceful=True)  # the spot reclaim
+    res = run.result(timeout=400)
+    executions = ray.get(log.get.remote())
+    ray.kill(log)
+    rows = read_metrics(run.metrics)
+    starts = [r for r in rows if r.get("event") == "start"]
+    jit_events = [r for r in rows if r.get("event") == "preemption_checkpoint"]
+    preempted_rows = [r["step"] for r in step_rows(rows) if r.get("preempted")]
+    checkpoints = sorted(p.name for p in (tmp_path / "runs" / "drain").glob("step_*"))
+    # one notice, one just-in-time checkpoint, although the workers saw the notice at many log steps
+    assert len(jit_events) == 1, jit_events
+    assert jit_events[0]["nodes"] == [drained.node_id] and jit_events[0]["deadline_ms"] is not None
+    assert len(preempted_rows) >= 3 and preempted_rows[0] == jit_step
+    assert jit_step % 12 != 0  # not an epoch end: only the notice can have written it
+    assert [c for c in checkpoints if int(c[5:]) % 12] == [f"step_{jit_step:08d}"]
+    # the node went: the run restarted on the training node left, from the just-in-time checkpoint, and completed
+    sizes = [s["world_size"] for s in starts]
+    assert sizes[0] == 2 and sizes[1] == 1, sizes
+    # from the latest checkpoint before the node went: the just-in-time one (unless an epoch ended in between)
+    assert starts[1]["resumed_from"] == max(jit_step, step_at_remove // 12 * 12)
+    assert res.steps == 12 and step_rows(rows)[-1]["step"] == 12
+    assert len(executions) == len(starts), executions  # one Data execution per worker-group start
+    print(f"drain -> just-in-time checkpoint: {t_jit - t_drain:.1f} s; node gone -> resumed: "
+          f"{starts[1]['time'] - t_remove:.1f} s")

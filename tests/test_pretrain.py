@@ -9,11 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import InThread
 
 from ibot_ray.config import load_config
 from pipelines.metrics import read_metrics
@@ -43,30 +43,6 @@ def test_rank_batch_keeps_the_global_batch_exact():
             assert sum(weight for _, _, weight in parts) / w == pytest.approx(1.0)
 
 
-def _run_in_thread(fn):
-    box: dict = {}
-
-    def target():
-        try:
-            box["result"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            box["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    return t, box
-
-
-def _wait_for(metrics_path: Path, cond, timeout: float = 240.0) -> list[dict]:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        rows = read_metrics(metrics_path)
-        if cond(rows):
-            return rows
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting on {metrics_path}: {read_metrics(metrics_path)[-3:]}")
-
-
 def _steps(rows):
     return [r["step"] for r in rows if "loss" in r]
 
@@ -88,15 +64,12 @@ def test_sigkilled_worker_restarts_from_checkpoint_and_completes(ray_cluster, tm
     cfg = load_config("demo", TINY + [f"data.source={folder_data}", "optim.epochs=3"])  # 6 steps/epoch, 18 steps
     storage = tmp_path / "runs"
     metrics = storage / "killed" / "logs" / "metrics.jsonl"
-    thread, box = _run_in_thread(lambda: pretrain(cfg, storage=str(storage), name="killed", knn=False, export=False))
-    rows = _wait_for(metrics, lambda r: any(s >= 5 for s in _steps(r)))
+    run = InThread(lambda: pretrain(cfg, storage=str(storage), name="killed", knn=False, export=False))
+    rows = run.wait(metrics, lambda r: any(s >= 5 for s in _steps(r)))
     pid = _starts(rows)[0]["pid"]
     killed_after = max(_steps(rows))
     os.kill(pid, signal.SIGKILL)  # rank 0's worker process, mid-run
-    thread.join(timeout=400)
-    assert not thread.is_alive()
-    assert "error" not in box, box.get("error")
-    result = box["result"]
+    result = run.result(timeout=400)
     assert result.steps == 18
     rows = read_metrics(metrics)
     starts = _starts(rows)
@@ -115,11 +88,10 @@ def test_second_invocation_with_the_same_name_resumes(ray_cluster, tmp_path, fol
     storage = tmp_path / "runs"
     metrics = storage / "again" / "logs" / "metrics.jsonl"
     cfg = load_config("demo", TINY + [f"data.source={folder_data}", "optim.epochs=2", "train.max_failures=0"])
-    thread, box = _run_in_thread(lambda: pretrain(cfg, storage=str(storage), name="again", knn=False, export=False))
-    rows = _wait_for(metrics, lambda r: any(s >= 5 for s in _steps(r)))
+    run = InThread(lambda: pretrain(cfg, storage=str(storage), name="again", knn=False, export=False))
+    rows = run.wait(metrics, lambda r: any(s >= 5 for s in _steps(r)))
     os.kill(_starts(rows)[0]["pid"], signal.SIGKILL)  # no retries allowed: the first invocation fails
-    thread.join(timeout=300)
-    assert "error" in box, "the run should have failed with max_failures=0"
+    assert run.join(timeout=300) and run.error is not None, "the run should have failed with max_failures=0"
     first_steps = _steps(read_metrics(metrics))
     assert max(first_steps) < 12
 
@@ -152,3 +124,22 @@ def test_bad_config_fails_before_any_cluster_resource():
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2 and "train.num_workers" in p.stderr
     assert time.time() - t0 < 100
+
+
+def test_unlabelled_knn_bank_is_a_config_error(tmp_path, image_writer, capsys):
+    """``ibot-ray pretrain`` with the online k-NN on and its memory bank defaulting to an unlabelled training source
+    (a flat image folder): one error naming the source and the settings, exit 2, before Ray starts."""
+    from ibot_ray.cli import main as cli_main
+
+    flat, labelled = tmp_path / "flat", tmp_path / "labelled"
+    image_writer(flat, 4, kinds=("jpeg",), size=(40, 40))
+    image_writer(labelled, 4, kinds=("jpeg",), size=(40, 40), classes=["a", "b"])
+    argv = ["pretrain", "--data", str(flat), "--storage", str(tmp_path / "runs"),
+            "--set", f"data.eval_source={labelled}"]
+    assert cli_main(argv) == 2
+    out = capsys.readouterr()
+    lines = [line for line in out.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ibot-ray: config error: online k-NN: train split"), out.err
+    assert str(flat) in lines[0] and "unlabelled" in lines[0] and "Traceback" not in out.err
+    assert "data.source" in lines[0] and "data.eval_train_source" in lines[0] and "data.eval_source=null" in lines[0]
+    assert not (tmp_path / "runs").exists()
