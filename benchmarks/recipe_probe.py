@@ -25,6 +25,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from ibot_ray.knn import normalize_images
+from ibot_ray.step import apply_schedule, param_groups
+
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,10 +90,7 @@ class SupervisedStep:
     on the labels of every global crop's [CLS]."""
 
     def __init__(self, ibot, labels: np.ndarray) -> None:
-        from ibot_ray.knn import normalize_images
-        from ibot_ray.step import param_groups
-
-        self.ibot, self.labels, self.normalize = ibot, torch.from_numpy(labels), normalize_images
+        self.ibot, self.labels = ibot, torch.from_numpy(labels)
         self.backbone = ibot.student.backbone
         self.classifier = torch.nn.Linear(self.backbone.embed_dim, int(labels.max()) + 1)
         o = ibot.cfg.optim
@@ -99,14 +99,10 @@ class SupervisedStep:
         self.step = 0
 
     def __call__(self, batch: dict, idx: np.ndarray) -> dict:
-        s = self.ibot.schedules.at(self.step)
-        for i, g in enumerate(self.opt.param_groups):
-            g["lr"] = s["lr"]
-            if i == 0:
-                g["weight_decay"] = s["wd"]
-        crops = batch["global_crops"]  # (B, G, 3, S, S) uint8
-        x = self.normalize(crops.transpose(0, 1).reshape(-1, *crops.shape[2:]), self.ibot.mean, self.ibot.std)
-        y = self.labels[torch.from_numpy(np.asarray(idx))].repeat(crops.shape[1])
+        apply_schedule(self.opt, self.ibot.schedules.at(self.step))
+        crops = batch["global_crops"]  # (B, G, 3, S, S) uint8, made crop-major as IBOTStep does
+        x = normalize_images(self.ibot._crop_major(crops), self.ibot.mean, self.ibot.std)
+        y = self.labels[torch.from_numpy(idx)].repeat(crops.shape[1])  # crop-major: the batch's labels per crop
         loss = torch.nn.functional.cross_entropy(self.classifier(self.backbone(x)[:, 0]), y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -114,6 +110,7 @@ class SupervisedStep:
         self.step += 1
         return {"cls": float(loss), "mim": 0.0, "teacher_entropy_frac": 0.0, "prototypes_used": 0.0,
                 "feature_std": 0.0}
+
 
 if __name__ == "__main__":
     main()

@@ -55,6 +55,14 @@ def param_groups(model: nn.Module) -> list[dict]:
     return [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
 
 
+def apply_schedule(optimizer: torch.optim.Optimizer, values: dict) -> None:
+    """Set one step's scheduled ``lr`` on every group of a :func:`param_groups` optimiser and its ``wd`` on group 0."""
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = values["lr"]
+        if i == 0:
+            group["weight_decay"] = values["wd"]
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for full fp32. ``auto`` is bf16 on CUDA and fp32 elsewhere."""
     if precision == "fp32":
@@ -172,10 +180,7 @@ class IBOTStep:
         ``optim.max_nonfinite_steps`` consecutive skips :class:`NonFiniteLossError` is raised."""
         cfg = self.cfg
         s = self.schedules.at(self.counters.step)
-        for i, group in enumerate(self.optimizer.param_groups):
-            group["lr"] = s["lr"]
-            if i == 0:
-                group["weight_decay"] = s["wd"]
+        apply_schedule(self.optimizer, s)
 
         globals_u8 = batch["global_crops"].to(self.device, non_blocking=True)
         locals_u8 = batch.get("local_crops")
