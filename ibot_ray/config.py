@@ -100,6 +100,8 @@ class LossConfig:
     center_momentum_patch: float = 0.9
     lambda_cls: float = 1.0
     lambda_mim: float = 1.0
+    # weight of DINOv2's KoLeo regulariser on the student's global-view backbone [CLS] (0: off, as in iBOT)
+    lambda_koleo: float = 0.0
 
 
 @dataclass
@@ -459,6 +461,7 @@ def validate(cfg: IBOTConfig) -> None:
     for n in ("center_momentum", "center_momentum_patch"):
         _check(0 <= getattr(lo, n) < 1, f"loss.{n}", "must be in [0, 1)")
     _check(lo.lambda_cls >= 0 and lo.lambda_mim >= 0, "loss.lambda_cls", "loss weights must be >= 0")
+    _check(lo.lambda_koleo >= 0, "loss.lambda_koleo", f"must be >= 0, got {lo.lambda_koleo}")
 
     _check(o.epochs >= 1, "optim.epochs", "must be >= 1")
     _check(o.batch_size >= 1, "optim.batch_size", "must be >= 1")

@@ -5,6 +5,8 @@ EMA of their batch mean and sharpened with a (scheduled) temperature; there is n
 
 * ``L_cls``: for every teacher global view q and every student view v != q (other globals and all locals),
   the batch-mean cross-entropy ``-sum_k T_q log S_v``; averaged over the ``G * (G + L - 1)`` pairs.
+* ``L_koleo`` (optional, :func:`koleo_loss`, not in iBOT; DINOv2): spreads the student's global-view backbone [CLS]
+  features within each batch; weighted by ``loss.lambda_koleo`` (0 in the presets that follow the paper).
 * ``L_mim``: for every global view, the per-token cross-entropy between the teacher's (unmasked) and the
   student's (masked) patch distributions, summed over the masked patches of each image and divided by that image's
   mask count (at least 1), then averaged over all B images (unmasked images count as 0); averaged over views.
@@ -189,6 +191,21 @@ class IBOTLoss(nn.Module):
     def update_center(self, teacher_global_cls: Tensor, teacher_global_patch: Tensor) -> None:
         """``center_stats`` + ``apply_center_update`` on the current teacher outputs."""
         self.apply_center_update(*self.center_stats(teacher_global_cls, teacher_global_patch))
+
+
+def koleo_loss(features: Tensor, n_views: int) -> Tensor:
+    """The Kozachenko-Leonenko entropy estimator's loss (DINOv2): ``-mean_i log(min_{j != i} ||x_i - x_j||)`` of the
+    L2-normalised features of each view's batch (crop-major rows), averaged over views. Minimising it spreads the
+    features of a batch over the sphere, which is what a nearest-neighbour evaluation looks at. Per rank, as DINOv2."""
+    x = F.normalize(features.float(), dim=-1, eps=1e-8).view(n_views, -1, features.shape[-1])
+    if x.shape[1] < 2:
+        return x.new_zeros(())
+    with torch.no_grad():  # the nearest neighbour of each row (largest cosine, i.e. smallest distance)
+        sim = torch.bmm(x, x.transpose(1, 2))
+        sim.diagonal(dim1=1, dim2=2).fill_(-2.0)
+        nearest = sim.argmax(dim=2)  # (V, B)
+    dist_nn = (x - torch.gather(x, 1, nearest.unsqueeze(-1).expand_as(x))).norm(dim=-1)
+    return -torch.log(dist_nn + 1e-8).mean()
 
 
 def health_metrics(sums: Tensor, cls_loss: float, out_dim: int, patch_out_dim: int) -> dict[str, float]:

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from .config import IBOTConfig
 from .ema import TeacherEMA
 from .knn import IMAGENET_MEAN, IMAGENET_STD, normalize_images
-from .loss import IBOTLoss, health_metrics
+from .loss import IBOTLoss, health_metrics, koleo_loss
 from .schedules import Schedules
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ class IBOTStep:
 
         self.optimizer.zero_grad(set_to_none=True)
         self.student.train()
-        totals = torch.zeros(3, device=self.device, dtype=torch.float64)
+        totals = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss, cls, mim, koleo
         center_sums: list[Tensor] | None = None
         health_sums: Tensor | None = None
         chunks = self._micro_batches(b)
@@ -205,8 +205,9 @@ class IBOTStep:
             with ctx:
                 with torch.no_grad(), self._autocast():
                     t_cls, t_patch, t_feat = self.teacher(g, patches=True, with_features=True)
+                koleo = cfg.loss.lambda_koleo
                 with self._autocast():
-                    s_cls, s_patch = self.student(g, mask=m)
+                    s_cls, s_patch, *s_feat = self.student(g, mask=m, with_features=koleo > 0)
                     s_local = None
                     if n_local:
                         lc = normalize_images(self._crop_major(locals_u8[sl]), self.mean, self.std)
@@ -215,9 +216,12 @@ class IBOTStep:
                     s_cls, s_patch, s_local, t_cls, t_patch, m.flatten(1),
                     teacher_temp=s["teacher_temp"], teacher_patch_temp=s["teacher_patch_temp"],
                 )
-                weighted = parts["loss"] * (share * loss_weight)
+                spread = koleo_loss(s_feat[0], cfg.crops.global_crops_number) if koleo > 0 else None
+                total = parts["loss"] if spread is None else parts["loss"] + koleo * spread
+                weighted = total * (share * loss_weight)
                 self.scaler.scale(weighted).backward()
-            parts_v = torch.stack([parts["loss"].detach(), parts["cls"].detach(), parts["mim"].detach()])
+            parts_v = torch.stack([total.detach(), parts["cls"].detach(), parts["mim"].detach(),
+                                   total.new_zeros(()) if spread is None else spread.detach()])
             totals += parts_v.double() * share
             stats = self.loss.center_stats(t_cls, t_patch)
             center_sums = list(stats) if center_sums is None else [a + c for a, c in zip(center_sums, stats)]
@@ -239,11 +243,11 @@ class IBOTStep:
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size()
             dist.all_reduce(flags)
-            flags[:3] /= world
-        loss_v, cls_v, mim_v, bad = flags[:4].tolist()
+            flags[:4] /= world
+        loss_v, cls_v, mim_v, koleo_v, bad = flags[:5].tolist()
         n_target = health_sums.numel() - self._feature_dim * 2 - 1
-        health = health_metrics(flags[4:4 + n_target], cls_v, self.loss.out_dim, self.loss.patch_out_dim)
-        health["feature_std"] = feature_spread(flags[4 + n_target:], self._feature_dim)
+        health = health_metrics(flags[5:5 + n_target], cls_v, self.loss.out_dim, self.loss.patch_out_dim)
+        health["feature_std"] = feature_spread(flags[5 + n_target:], self._feature_dim)
 
         skipped = bad > 0
         if skipped:
@@ -272,6 +276,7 @@ class IBOTStep:
             "loss": loss_v,
             "cls": cls_v,
             "mim": mim_v,
+            **({"koleo": koleo_v} if cfg.loss.lambda_koleo > 0 else {}),
             "lr": s["lr"],
             "wd": s["wd"],
             "momentum": s["momentum"],

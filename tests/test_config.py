@@ -58,6 +58,7 @@ def test_yaml_file_with_base_preset_and_overrides(tmp_path):
         ("crops.flip_p=1.5", "crops.flip_p"),
         ("optim.momentum_teacher=1.2", "optim.momentum_teacher"),
         ("loss.nope=1", "loss.nope"),
+        ("loss.lambda_koleo=-0.1", "loss.lambda_koleo"),
         ("nosection.x=1", "nosection"),
     ],
 )

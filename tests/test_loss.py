@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ibot_ray.loss import IBOTLoss
+from ibot_ray.loss import IBOTLoss, koleo_loss
 
 
 def _softmax(x):
@@ -200,3 +200,33 @@ def test_center_update_all_reduces_across_ranks():
     for o in outs:
         torch.testing.assert_close(o["center"], 0.1 * cls_mean.view(1, 4))
         torch.testing.assert_close(o["center_patch"], 0.1 * patch_mean.view(1, 1, 2))
+
+
+# ---- the KoLeo regulariser (loss.lambda_koleo) -----------------------------------
+
+
+def test_koleo_is_the_log_nearest_neighbour_distance_and_spreads_points():
+    # 8 points evenly spaced on a circle (in 2 dims of 4), one view: every nearest neighbour is one chord away
+    angles = torch.arange(8) * (2 * math.pi / 8)
+    x = torch.zeros(8, 4)
+    x[:, 0], x[:, 1] = torch.cos(angles), torch.sin(angles)
+    chord = 2 * math.sin(math.pi / 8)
+    assert koleo_loss(3 * x, 1).item() == pytest.approx(-math.log(chord), rel=1e-5)  # scale-free (normalised)
+    # two views are two separate batches: a duplicate across views is not a neighbour
+    assert koleo_loss(torch.cat([x, x]), 2).item() == pytest.approx(-math.log(chord), rel=1e-5)
+    # gradient descent on it pushes a clustered batch apart
+    g = torch.Generator().manual_seed(0)
+    y = (torch.tensor([1.0, 0, 0, 0]) + 0.05 * torch.randn(16, 4, generator=g)).requires_grad_(True)
+
+    def min_gap(t):
+        n = torch.nn.functional.normalize(t.detach(), dim=-1)
+        d = torch.cdist(n, n) + 10 * torch.eye(len(n))
+        return d.min().item()
+
+    before = min_gap(y)
+    opt = torch.optim.SGD([y], lr=0.05)
+    for _ in range(50):
+        opt.zero_grad()
+        koleo_loss(y, 1).backward()
+        opt.step()
+    assert min_gap(y) > 2 * before

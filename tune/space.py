@@ -58,6 +58,7 @@ SWEEPABLE: dict[str, str] = {
     "crops.local_crops_scale": "area range of the local crops",
     "masking.ratio": "masking ratios, one drawn per crop, e.g. [0.0, 0.3]",
     "loss.lambda_mim": "weight of the masked-image-modelling loss",
+    "loss.lambda_koleo": "weight of the KoLeo term that spreads the student's [CLS] features (0: off)",
 }
 
 TYPES = ("uniform", "loguniform", "randint", "choice", "grid")
