@@ -50,9 +50,18 @@ class MultiNode:
     slots: dict = field(default_factory=dict)  # node id -> trainer slots
 
     def add_training(self, trainer: int = 2):
+        """A training node with ``trainer`` worker slots; returns once the cluster's resources count it, so that a
+        run started next plans on it (an elastic run would otherwise start smaller and grow only later)."""
+        import ray
+
         node = self.cluster.add_node(num_cpus=trainer, resources={"trainer": trainer})
         self.training.append(node)
         self.slots[node.node_id] = trainer
+        want = sum(self.slots[n.node_id] for n in self.training)
+        t0 = time.time()
+        while ray.is_initialized() and ray.cluster_resources().get("trainer", 0) != want:
+            assert time.time() - t0 < 60, f"trainer slots {ray.cluster_resources().get('trainer')} != {want}"
+            time.sleep(0.2)
         return node
 
     def add_data(self):
