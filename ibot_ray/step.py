@@ -196,6 +196,7 @@ class IBOTStep:
         center_sums: list[Tensor] | None = None
         health_sums: Tensor | None = None
         chunks = self._micro_batches(b)
+        koleo = cfg.loss.lambda_koleo
         for ci, sl in enumerate(chunks):
             share = (sl.stop - sl.start) / b
             g = normalize_images(self._crop_major(globals_u8[sl]), self.mean, self.std)
@@ -205,7 +206,6 @@ class IBOTStep:
             with ctx:
                 with torch.no_grad(), self._autocast():
                     t_cls, t_patch, t_feat = self.teacher(g, patches=True, with_features=True)
-                koleo = cfg.loss.lambda_koleo
                 with self._autocast():
                     s_cls, s_patch, *s_feat = self.student(g, mask=m, with_features=koleo > 0)
                     s_local = None
@@ -276,7 +276,7 @@ class IBOTStep:
             "loss": loss_v,
             "cls": cls_v,
             "mim": mim_v,
-            **({"koleo": koleo_v} if cfg.loss.lambda_koleo > 0 else {}),
+            **({"koleo": koleo_v} if koleo > 0 else {}),
             "lr": s["lr"],
             "wd": s["wd"],
             "momentum": s["momentum"],
