@@ -5,11 +5,12 @@ EMA of their batch mean and sharpened with a (scheduled) temperature; there is n
 
 * ``L_cls``: for every teacher global view q and every student view v != q (other globals and all locals),
   the batch-mean cross-entropy ``-sum_k T_q log S_v``; averaged over the ``G * (G + L - 1)`` pairs.
-* ``L_koleo`` (optional, :func:`koleo_loss`, not in iBOT; DINOv2): spreads the student's global-view backbone [CLS]
-  features within each batch; weighted by ``loss.lambda_koleo`` (0 in the presets that follow the paper).
 * ``L_mim``: for every global view, the per-token cross-entropy between the teacher's (unmasked) and the
   student's (masked) patch distributions, summed over the masked patches of each image and divided by that image's
   mask count (at least 1), then averaged over all B images (unmasked images count as 0); averaged over views.
+* ``L_koleo`` (optional, :func:`koleo_loss`, not in iBOT; DINOv2): spreads the student's global-view backbone [CLS]
+  features within each batch; ``IBOTStep`` adds it with weight ``loss.lambda_koleo`` (0 in the paper presets), since
+  it reads the backbone's features, not the head's logits that ``IBOTLoss`` takes.
 
 The patch term only evaluates masked tokens (selected once), which saves most of the memory and compute of the
 (G*B, N, K) softmaxes at typical mask ratios; the selection costs one device-to-host sync.

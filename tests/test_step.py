@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from ibot_ray.config import load_config
+from ibot_ray.knn import normalize_images
+from ibot_ray.loss import koleo_loss
 from ibot_ray.model import build_student_teacher
 from ibot_ray.step import IBOTStep, NonFiniteLossError, param_groups
 
@@ -229,9 +231,6 @@ def test_koleo_weight_spreads_the_student_features():
     """``loss.lambda_koleo`` adds DINOv2's KoLeo term on the student's global-view [CLS] features: a few steps on one
     batch with a large weight leave those features further from their nearest neighbours than the same steps
     without it (same init, same batch); the step reports the term as ``koleo``, and ``loss`` includes it."""
-    from ibot_ray.knn import normalize_images
-    from ibot_ray.loss import koleo_loss
-
     base = ("optim.warmup_epochs=0", "optim.freeze_last_layer=0", "optim.lr=0.01")
     g = torch.Generator().manual_seed(11)
     batch = make_batch(tiny_cfg(*base), make_images(16), g)
