@@ -7,8 +7,10 @@ The same step (``IBOTStep``), crops (``MultiCropTransform``), schedules and onli
 thread trains while another probe runs on the other core, so two recipes compare side by side on a 2-core machine.
 Each evaluation prints one JSON line: epoch, step, seconds, [CLS] / MIM loss, the run-health means of the epoch
 (``teacher_entropy_frac``, ``prototypes_used``, ``feature_std``), and the teacher's and the student's k-NN top-1.
-The first line holds the random-init k-NN and the raw-pixel k-NN of the same split. ``benchmarks/quality.py`` is
-the judge of a recipe (the real pipeline, the linear probe); this is for choosing what to give it.
+The first line holds the random-init k-NN and the raw-pixel k-NN of the same split; with ``--final-eval-max-images N``
+a last line judges all four again on larger splits (the full Fashion-MNIST bank, where the online k-NN uses 5,000).
+``benchmarks/quality.py`` is the judge of a recipe (the real pipeline, the linear probe); this is for choosing what
+to give it.
 
 ``--supervised`` trains the same backbone on the same crops, batches, lr and weight-decay schedules with the labels
 instead (cross-entropy of a linear layer on each global crop's [CLS]): the k-NN a budget allows when the labels are
@@ -18,6 +20,7 @@ known, a ceiling for what self-supervision can reach at that length.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
@@ -36,6 +39,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--epochs-per-eval", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--supervised", action="store_true", help="train on the labels instead (the budget's ceiling)")
+    ap.add_argument("--final-eval-max-images", type=int, default=0,
+                    help="after training, judge random init, raw pixels, teacher and student again on splits of up to "
+                         "N images each (e.g. 70000: the full Fashion-MNIST splits); 0: no final evaluation")
     a = ap.parse_args(argv)
 
     from ibot_ray.config import load_config
@@ -53,6 +59,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     evaluator = KNNEvaluator(cfg)
     torch.manual_seed(cfg.train.seed)
     student, teacher = build_student_teacher(cfg)
+    initial = copy.deepcopy(teacher.backbone) if a.final_eval_max_images else None
     b = cfg.optim.batch_size
     steps_per_epoch = len(images) // b
     runner = IBOTStep(cfg, student, teacher, steps_per_epoch=steps_per_epoch)
@@ -82,6 +89,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "student_knn": evaluator.evaluate(student.backbone)["knn_top1"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if a.final_eval_max_images:
+        final = KNNEvaluator(load_config(a.config, [*a.overrides, f"data.eval_max_images={a.final_eval_max_images}"]))
+        row = {"final_eval_max_images": a.final_eval_max_images, "s": round(time.time() - t0),
+               "random_init_knn": final.evaluate(initial)["knn_top1"],
+               "pixel_knn": final.pixel_baseline()["knn_top1"],
+               "teacher_knn": final.evaluate(teacher.backbone)["knn_top1"],
+               "student_knn": final.evaluate(student.backbone)["knn_top1"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
