@@ -13,14 +13,17 @@ True)`` and a Parquet source only has its footers read, which gives :class:`Sour
 names) without touching any image, and a picklable :class:`SourceListing` that the run (every restart) and a sweep
 (every trial) reuse. :func:`epoch_stream` turns a listing into one Dataset for many data epochs: its read tasks
 (``FOLDER_FILES_PER_UNIT`` images, or a Parquet read unit: a whole row group or a run of consecutive small ones,
-streamed once in ``PARQUET_ROWS_PER_TASK``-row batches) run in epoch order, each epoch in its own order seeded by
-``(data.seed, epoch)``. The bytes are decoded later, in the augmenting actors (``pipelines/ingest.py``). Any URI that
+read once in ``PARQUET_ROWS_PER_TASK``-row batches) run in epoch order, each epoch in its own order seeded by
+``(data.seed, epoch)``: folder images are permuted, Parquet units are permuted and so are the rows within each unit
+(up to ``PARQUET_SHUFFLE_MAX_BYTES``), so a one-row-group file is not read in the same order every epoch. The bytes
+are decoded later, in the augmenting actors (``pipelines/ingest.py``). Any URI that
 ``pyarrow.fs.FileSystem.from_uri`` understands works: a local path, ``file://``, ``s3://``, ``gs://``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -40,6 +43,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ibot_ray.config import IBOTConfig
 
+log = logging.getLogger(__name__)
+
 #: Folder of the Parquet demo data shipped with the package (``train.parquet``, ``test.parquet``).
 DEMO_DIR = Path(__file__).resolve().parent.parent / "ibot_ray" / "demo_data"
 #: Fashion-MNIST class names of the demo data, in label order.
@@ -56,6 +61,11 @@ PARQUET_ROWS_PER_TASK = 256
 #: Read buffer of the streamed Parquet reader (bytes): a read task holds about this much undecoded data per column
 #: plus one batch, not the whole row group.
 PARQUET_READ_BUFFER = 4 * 2**20
+#: A Parquet read unit of at most this many bytes (uncompressed, as its footer says) is read whole and its rows are
+#: permuted per data epoch: a file written as one row group (what pandas and pyarrow write below 1Mi rows) is still
+#: read in a new order every epoch. A larger unit streams in file order, mixed only by the local shuffle buffer, and
+#: the listing warns about it.
+PARQUET_SHUFFLE_MAX_BYTES = 256 * 2**20
 #: Names Ray's file listing skips at the top of a folder; we skip the same so counts agree exactly.
 _SKIPPED_PREFIXES = (".", "_")
 
@@ -238,8 +248,9 @@ def list_parquet(
     """Read only the Parquet footers: row counts, the columns present and the read units.
 
     A read unit is a run of consecutive row groups of one file, ``{"path", "row_group" (first), "num_row_groups",
-    "first_row", "length" (rows)}``: row groups are merged until a unit holds ``PARQUET_ROWS_PER_TASK`` rows, and a
-    large row group is a unit of its own, so every byte of the file is read once per epoch.
+    "first_row", "length" (rows), "bytes" (uncompressed)}``: row groups are merged until a unit holds
+    ``PARQUET_ROWS_PER_TASK`` rows, and a large row group is a unit of its own, so every byte of the file is read once
+    per epoch. A unit over ``PARQUET_SHUFFLE_MAX_BYTES`` is logged as a warning: its rows cannot be permuted per epoch.
 
     Every file must have ``image_column`` (binary); labels are used only when *every* file has ``label_column``.
     Integer labels are used as they are (class names from the ``class_names`` schema metadata, if any); string
@@ -278,9 +289,11 @@ def list_parquet(
         for rg in range(meta.num_row_groups):
             n = meta.row_group(rg).num_rows
             if unit is None:
-                unit = {"path": path, "row_group": rg, "num_row_groups": 0, "first_row": offset, "length": 0}
+                unit = {"path": path, "row_group": rg, "num_row_groups": 0, "first_row": offset, "length": 0,
+                        "bytes": 0}
             unit["num_row_groups"] += 1
             unit["length"] += n
+            unit["bytes"] += meta.row_group(rg).total_byte_size
             offset += n
             if unit["length"] >= PARQUET_ROWS_PER_TASK:
                 units.append(unit)
@@ -290,6 +303,13 @@ def list_parquet(
         total += meta.num_rows
     if total == 0:
         raise SourceError(f"data.source: the Parquet files under {uri!r} hold no rows")
+    big = [u for u in units if u["bytes"] > PARQUET_SHUFFLE_MAX_BYTES]
+    if big:
+        log.warning(
+            "%d Parquet row group(s) under %r are over %d MB each (the first: %s, %d rows, %d MB): their rows are read "
+            "in file order every epoch, mixed only by data.local_shuffle_buffer_size; write the files with smaller "
+            "row groups (pyarrow.parquet.write_table(..., row_group_size=N)) for a full shuffle every epoch",
+            len(big), uri, PARQUET_SHUFFLE_MAX_BYTES >> 20, big[0]["path"], big[0]["length"], big[0]["bytes"] >> 20)
     class_to_idx = None
     if not has_labels:
         class_names = None
@@ -307,20 +327,35 @@ def _read_parquet_unit(
     image_column: str,
     label_column: Optional[str],
     class_to_idx: Optional[dict[str, int]] = None,
+    shuffle_seed: Optional[tuple[int, ...]] = None,
+    max_shuffle_bytes: int = PARQUET_SHUFFLE_MAX_BYTES,
 ) -> Iterator[pa.Table]:
     """One read unit (a run of row groups) -> ``{bytes, key, label}`` tables; runs in Ray tasks, never on the driver.
 
     The unit's row groups are streamed once (``iter_batches`` without pre-buffering, ``PARQUET_READ_BUFFER``-byte
-    reads), yielding ``PARQUET_ROWS_PER_TASK``-row tables, so a task never holds a whole large row group."""
+    reads). With ``shuffle_seed`` (the trainer's ``(data.seed, epoch, unit)``) a unit of at most
+    ``max_shuffle_bytes`` is gathered and yielded as ``PARQUET_ROWS_PER_TASK``-row tables in a permutation seeded by
+    it; otherwise, and for a larger unit, the tables come in file order, so a task never holds a large row group."""
     columns = [image_column] + ([label_column] if label_column else [])
     path, rg, n_rg = str(unit["path"]), int(unit["row_group"]), int(unit["num_row_groups"])
+    permute = shuffle_seed is not None and int(unit.get("bytes", max_shuffle_bytes + 1)) <= max_shuffle_bytes
+    gathered = []
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=PARQUET_READ_BUFFER)
         row = int(unit["first_row"])
         for batch in pf.iter_batches(batch_size=PARQUET_ROWS_PER_TASK, row_groups=range(rg, rg + n_rg),
                                      columns=columns, use_threads=False):
-            yield _parquet_rows(pa.Table.from_batches([batch]), path, row, image_column, label_column, class_to_idx)
+            table = _parquet_rows(pa.Table.from_batches([batch]), path, row, image_column, label_column, class_to_idx)
             row += batch.num_rows
+            if permute:
+                gathered.append(table)
+            else:
+                yield table
+    if gathered:
+        table = pa.concat_tables(gathered)
+        order = np.random.default_rng(list(shuffle_seed)).permutation(table.num_rows)
+        for start in range(0, table.num_rows, PARQUET_ROWS_PER_TASK):
+            yield table.take(order[start:start + PARQUET_ROWS_PER_TASK])
 
 
 def _parquet_rows(table: pa.Table, path: str, first: int, image_column: str, label_column: Optional[str],
@@ -420,8 +455,9 @@ def _read_unit(listing: SourceListing, fs: pafs.FileSystem, seed: Optional[int],
                position: int) -> Iterator[pa.Table]:
     """The ``position``-th read unit of data epoch ``epoch`` -> ``{bytes, key, label}`` tables."""
     if listing.info.format == "parquet":
-        unit = listing.units[int(epoch_order(len(listing.units), seed, epoch)[position])]
-        yield from _read_parquet_unit(unit, fs, listing.image_column, listing.label_column, listing.class_to_idx)
+        i = int(epoch_order(len(listing.units), seed, epoch)[position])
+        yield from _read_parquet_unit(listing.units[i], fs, listing.image_column, listing.label_column,
+                                      listing.class_to_idx, None if seed is None else (int(seed), int(epoch), i))
         return
     order = epoch_order(len(listing.paths), seed, epoch)
     paths = [listing.paths[i] for i in order[position * FOLDER_FILES_PER_UNIT:(position + 1) * FOLDER_FILES_PER_UNIT]]

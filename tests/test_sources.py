@@ -146,6 +146,43 @@ def test_file_order_follows_the_data_epoch(ray_cluster, tmp_path, cfg):
     assert [r["key"] for r in restart.select_columns(["key"]).take_all()] == order[1]
 
 
+def test_one_row_group_parquet_is_read_in_a_new_order_every_epoch(ray_cluster, tmp_path, cfg):
+    """A file written as one row group (what pyarrow and pandas write below 1Mi rows) is one read unit; its rows are
+    permuted per data epoch, seeded by (seed, epoch, unit), so batches are not the same neighbours every epoch, and a
+    restart at epoch 1 reads epoch 1's order again."""
+    path = tmp_path / "one_group.parquet"
+    write_parquet(path, 40)
+    ds, info = build_source_dataset(cfg, str(path), shuffle_seed=5, num_epochs=2)
+    rows = ds.select_columns(["key", "epoch"]).take_all()
+    order = {e: [int(r["key"].rsplit("#", 1)[1]) for r in rows if r["epoch"] == e] for e in (0, 1)}
+    assert info.num_items == 40 and sorted(order[0]) == sorted(order[1]) == list(range(40))
+    assert order[0] != list(range(40)) and order[1] != list(range(40)) and order[0] != order[1]
+    restart, _ = build_source_dataset(cfg, str(path), shuffle_seed=5, start_epoch=1)
+    assert [int(r["key"].rsplit("#", 1)[1]) for r in restart.select_columns(["key"]).take_all()] == order[1]
+    unshuffled, _ = build_source_dataset(cfg, str(path))  # no seed (evaluation): file order
+    assert [int(r["key"].rsplit("#", 1)[1]) for r in unshuffled.select_columns(["key"]).take_all()] == list(range(40))
+
+
+def test_parquet_unit_over_the_shuffle_limit_streams_in_file_order_and_warns(tmp_path, monkeypatch, caplog):
+    """A read unit larger than PARQUET_SHUFFLE_MAX_BYTES is not gathered in memory: it streams in file order, and
+    the listing says which file and how to write it instead."""
+    path = tmp_path / "big_group.parquet"
+    write_parquet(path, 600)  # 600 rows: three 256-row batches when streamed
+    monkeypatch.setattr(sources, "PARQUET_SHUFFLE_MAX_BYTES", 1000)
+    with caplog.at_level("WARNING", logger="pipelines.sources"):
+        _, units, fs, _ = sources.list_parquet(str(path), "image", "label")
+    assert len(units) == 1 and units[0]["bytes"] > 1000
+    assert "big_group.parquet" in caplog.text and "row_group_size" in caplog.text
+
+    def keys(**kw):
+        tables = list(sources._read_parquet_unit(units[0], fs, "image", "label", None, (5, 0, 0), **kw))
+        return [int(k.rsplit("#", 1)[1]) for t in tables for k in t.column("key").to_pylist()], len(tables)
+
+    assert keys(max_shuffle_bytes=1000) == (list(range(600)), 3)
+    permuted, n_tables = keys(max_shuffle_bytes=units[0]["bytes"])
+    assert sorted(permuted) == list(range(600)) and permuted != list(range(600)) and n_tables == 3
+
+
 def test_source_is_listed_once(tmp_path, cfg, monkeypatch):
     """The driver lists a folder once (format detection and the listing share it), and the listing is reusable."""
     import pickle
