@@ -338,7 +338,7 @@ def _read_parquet_unit(
     it; otherwise, and for a larger unit, the tables come in file order, so a task never holds a large row group."""
     columns = [image_column] + ([label_column] if label_column else [])
     path, rg, n_rg = str(unit["path"]), int(unit["row_group"]), int(unit["num_row_groups"])
-    permute = shuffle_seed is not None and int(unit.get("bytes", max_shuffle_bytes + 1)) <= max_shuffle_bytes
+    permute = shuffle_seed is not None and int(unit["bytes"]) <= max_shuffle_bytes
     gathered = []
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=PARQUET_READ_BUFFER)
