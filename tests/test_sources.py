@@ -152,15 +152,17 @@ def test_one_row_group_parquet_is_read_in_a_new_order_every_epoch(ray_cluster, t
     restart at epoch 1 reads epoch 1's order again."""
     path = tmp_path / "one_group.parquet"
     write_parquet(path, 40)
+
+    def file_rows(ds, epoch=None):  # the file row numbers ("<path>#<row>" keys) in read order
+        rows = ds.select_columns(["key", "epoch"]).take_all()
+        return [int(r["key"].rsplit("#", 1)[1]) for r in rows if epoch is None or r["epoch"] == epoch]
+
     ds, info = build_source_dataset(cfg, str(path), shuffle_seed=5, num_epochs=2)
-    rows = ds.select_columns(["key", "epoch"]).take_all()
-    order = {e: [int(r["key"].rsplit("#", 1)[1]) for r in rows if r["epoch"] == e] for e in (0, 1)}
+    order = {e: file_rows(ds, e) for e in (0, 1)}
     assert info.num_items == 40 and sorted(order[0]) == sorted(order[1]) == list(range(40))
     assert order[0] != list(range(40)) and order[1] != list(range(40)) and order[0] != order[1]
-    restart, _ = build_source_dataset(cfg, str(path), shuffle_seed=5, start_epoch=1)
-    assert [int(r["key"].rsplit("#", 1)[1]) for r in restart.select_columns(["key"]).take_all()] == order[1]
-    unshuffled, _ = build_source_dataset(cfg, str(path))  # no seed (evaluation): file order
-    assert [int(r["key"].rsplit("#", 1)[1]) for r in unshuffled.select_columns(["key"]).take_all()] == list(range(40))
+    assert file_rows(build_source_dataset(cfg, str(path), shuffle_seed=5, start_epoch=1)[0]) == order[1]
+    assert file_rows(build_source_dataset(cfg, str(path))[0]) == list(range(40))  # no seed (evaluation): file order
 
 
 def test_parquet_unit_over_the_shuffle_limit_streams_in_file_order_and_warns(tmp_path, monkeypatch, caplog):
