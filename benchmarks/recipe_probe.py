@@ -1,6 +1,7 @@
 """Compare recipes quickly: the method trained in one process (no Ray), the k-NN of teacher and student per epoch.
 
     python benchmarks/recipe_probe.py [--config demo] [--set key=value ...] [--epochs-per-eval 5] [--threads 1]
+        [--device cuda --loader-workers 5 --budget-seconds 240]
 
 The same step (``IBOTStep``), crops (``MultiCropTransform``), schedules and online k-NN (``KNNEvaluator`` on
 ``data.eval_source``, the demo's splits by default) as ``ibot-ray pretrain``, without Ray Data and Ray Train: one
@@ -15,6 +16,11 @@ to give it.
 ``--supervised`` trains the same backbone on the same crops, batches, lr and weight-decay schedules with the labels
 instead (cross-entropy of a linear layer on each global crop's [CLS]): the k-NN a budget allows when the labels are
 known, a ceiling for what self-supervision can reach at that length.
+
+On a GPU (``--device cuda``) the crops come from ``--loader-workers`` processes (the same order and seeds as in one
+process: each step's images and seeds are drawn before the workers make them), and ``--budget-seconds S`` sets
+``optim.epochs`` to what fits S seconds of training: it times steps of a throwaway copy of the model first, so the
+schedules are planned for the run that actually happens (a fixed time budget, as the Fashion-MNIST hour has).
 """
 
 from __future__ import annotations
@@ -42,7 +48,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--final-eval-max-images", type=int, default=0,
                     help="after training, judge random init, raw pixels, teacher and student again on splits of up to "
                          "N images each (e.g. 70000: the full Fashion-MNIST splits); 0: no final evaluation")
+    ap.add_argument("--device", default="cpu", help="where the step and the k-NN features run: cpu or cuda")
+    ap.add_argument("--loader-workers", type=int, default=0,
+                    help="processes that make the crops (0: the training process makes them)")
+    ap.add_argument("--budget-seconds", type=float, default=0.0,
+                    help="set optim.epochs to what fits this many seconds of training, from timed steps of a "
+                         "throwaway model (0: the config's epochs)")
     a = ap.parse_args(argv)
+    device = torch.device(a.device)
 
     from ibot_ray.config import load_config
     from ibot_ray.model import build_student_teacher
@@ -56,49 +69,111 @@ def main(argv: list[str] | None = None) -> list[dict]:
     columns = [cfg.data.image_column] + ([cfg.data.label_column] if a.supervised else [])
     table = pq.read_table(resolve_source(cfg.data.source, "train"), columns=columns)
     images = table.column(cfg.data.image_column).to_pylist()
+    labels = np.asarray(table.column(cfg.data.label_column).to_numpy(), np.int64) if a.supervised else None
     evaluator = KNNEvaluator(cfg)
-    torch.manual_seed(cfg.train.seed)
-    student, teacher = build_student_teacher(cfg)
-    initial = copy.deepcopy(teacher.backbone) if a.final_eval_max_images else None
     b = cfg.optim.batch_size
     steps_per_epoch = len(images) // b
-    runner = IBOTStep(cfg, student, teacher, steps_per_epoch=steps_per_epoch)
-    if a.supervised:
-        runner = SupervisedStep(runner, np.asarray(table.column(cfg.data.label_column).to_numpy(), np.int64))
-    transform = MultiCropTransform(cfg)
-    rows = [{"overrides": a.overrides, "random_init_knn": evaluator.evaluate(teacher.backbone)["knn_top1"],
-             "pixel_knn": evaluator.pixel_baseline()["knn_top1"], "steps_per_epoch": steps_per_epoch}]
+    batches = ProbeBatches(images, MultiCropTransform(cfg), b, a.loader_workers)
+
+    def build() -> tuple:
+        torch.manual_seed(cfg.train.seed)
+        student, teacher = (m.to(device) for m in build_student_teacher(cfg))
+        runner = IBOTStep(cfg, student, teacher, steps_per_epoch=steps_per_epoch, device=device)
+        return student, teacher, SupervisedStep(runner, labels) if a.supervised else runner
+
+    if a.budget_seconds:
+        fit = fit_epochs(build()[2], batches, a.budget_seconds, steps_per_epoch)
+        cfg = load_config(a.config, [*a.overrides, f"optim.epochs={fit['epochs']}"])
+        batches.transform = MultiCropTransform(cfg)
+        print(json.dumps(fit), flush=True)
+    student, teacher, runner = build()
+    initial = copy.deepcopy(teacher.backbone) if a.final_eval_max_images else None
+    rows = [{"overrides": a.overrides, "device": str(device),
+             "random_init_knn": evaluator.evaluate(teacher.backbone, device=device)["knn_top1"],
+             "pixel_knn": evaluator.pixel_baseline()["knn_top1"], "steps_per_epoch": steps_per_epoch,
+             "epochs": cfg.optim.epochs}]
     print(json.dumps(rows[0]), flush=True)
     rng = np.random.default_rng(cfg.data.seed)
     t0 = time.time()
     keys = ("cls", "mim", "teacher_entropy_frac", "prototypes_used", "feature_std")
     for epoch in range(cfg.optim.epochs):
         sums = dict.fromkeys(keys, 0.0)
-        order = rng.permutation(len(images))
-        for s in range(steps_per_epoch):
-            idx = order[s * b:(s + 1) * b]
-            out, _ = transform([images[i] for i in idx], rng.integers(0, 2**62, len(idx)).tolist(), epoch)
-            crops = {k: torch.from_numpy(v) for k, v in out.items() if k != "index"}
+        for idx, crops in batches.epoch(rng, epoch):
             m = runner(crops, idx) if a.supervised else runner(crops)
             for k in keys:
                 sums[k] += m[k] / steps_per_epoch
         if (epoch + 1) % a.epochs_per_eval == 0 or epoch + 1 == cfg.optim.epochs:
             row = {"epoch": epoch + 1, "step": runner.step, "s": round(time.time() - t0),
                    **{k: round(v, 3) for k, v in sums.items()},
-                   "teacher_knn": evaluator.evaluate(teacher.backbone)["knn_top1"],
-                   "student_knn": evaluator.evaluate(student.backbone)["knn_top1"]}
+                   "teacher_knn": evaluator.evaluate(teacher.backbone, device=device)["knn_top1"],
+                   "student_knn": evaluator.evaluate(student.backbone, device=device)["knn_top1"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
     if a.final_eval_max_images:
         final = KNNEvaluator(load_config(a.config, [*a.overrides, f"data.eval_max_images={a.final_eval_max_images}"]))
         row = {"final_eval_max_images": a.final_eval_max_images, "s": round(time.time() - t0),
-               "random_init_knn": final.evaluate(initial)["knn_top1"],
+               "random_init_knn": final.evaluate(initial, device=device)["knn_top1"],
                "pixel_knn": final.pixel_baseline()["knn_top1"],
-               "teacher_knn": final.evaluate(teacher.backbone)["knn_top1"],
-               "student_knn": final.evaluate(student.backbone)["knn_top1"]}
+               "teacher_knn": final.evaluate(teacher.backbone, device=device)["knn_top1"],
+               "student_knn": final.evaluate(student.backbone, device=device)["knn_top1"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+class ProbeBatches(torch.utils.data.Dataset):
+    """One epoch's batches of crops. The images and crop seeds of every step are drawn in the training process
+    (``epoch``), so the batches are the same whether the crops are made there or by ``workers`` processes."""
+
+    def __init__(self, images: list, transform, batch_size: int, workers: int) -> None:
+        self.images, self.transform, self.batch_size, self.workers = images, transform, batch_size, workers
+        self.plan: list[tuple[np.ndarray, list[int]]] = []
+        self.epoch_index = 0
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, s: int) -> tuple[np.ndarray, dict]:
+        idx, seeds = self.plan[s]
+        out, _ = self.transform([self.images[i] for i in idx], seeds, self.epoch_index)
+        return idx, {k: torch.from_numpy(v) for k, v in out.items() if k != "index"}
+
+    def epoch(self, rng: np.random.Generator, epoch: int, steps: int | None = None):
+        """Yield (image indices, crops) for the steps of one epoch (all, or the first ``steps``)."""
+        b = self.batch_size
+        order = rng.permutation(len(self.images))
+        n = min(steps or len(order) // b, len(order) // b)
+        self.plan = [(order[s * b:(s + 1) * b], rng.integers(0, 2**62, b).tolist()) for s in range(n)]
+        self.epoch_index = epoch
+        if not self.workers:
+            return (self[s] for s in range(n))
+        return iter(torch.utils.data.DataLoader(self, batch_size=None, shuffle=False, num_workers=self.workers,
+                                                pin_memory=torch.cuda.is_available(), prefetch_factor=4))
+
+
+def fit_epochs(runner, batches: ProbeBatches, budget_s: float, steps_per_epoch: int) -> dict:
+    """The number of epochs that fits ``budget_s`` seconds of training: times steps of ``runner`` (a throwaway
+    model) on the batches as the run will make them, after enough steps to fill the loader's queue."""
+    warm = 4 * max(1, batches.workers) + 2
+    timed = 20
+    rng = np.random.default_rng(12345)
+    t0 = None
+    for s, (idx, crops) in enumerate(batches.epoch(rng, 0, warm + timed)):
+        if s == warm:
+            _sync(runner)
+            t0 = time.perf_counter()
+        runner(crops, idx) if isinstance(runner, SupervisedStep) else runner(crops)
+    _sync(runner)
+    s_per_step = (time.perf_counter() - t0) / timed
+    epochs = max(1, int(budget_s / (s_per_step * steps_per_epoch)))
+    return {"budget_seconds": budget_s, "s_per_step": round(s_per_step, 4),
+            "images_per_s": round(batches.batch_size / s_per_step), "epochs": epochs}
+
+
+def _sync(runner) -> None:
+    dev = (runner.ibot if isinstance(runner, SupervisedStep) else runner).device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 class SupervisedStep:
@@ -106,9 +181,9 @@ class SupervisedStep:
     on the labels of every global crop's [CLS]."""
 
     def __init__(self, ibot, labels: np.ndarray) -> None:
-        self.ibot, self.labels = ibot, torch.from_numpy(labels)
+        self.ibot, self.labels = ibot, torch.from_numpy(labels).to(ibot.device)
         self.backbone = ibot.student.backbone
-        self.classifier = torch.nn.Linear(self.backbone.embed_dim, int(labels.max()) + 1)
+        self.classifier = torch.nn.Linear(self.backbone.embed_dim, int(labels.max()) + 1).to(ibot.device)
         o = ibot.cfg.optim
         self.opt = torch.optim.AdamW(param_groups(torch.nn.ModuleList([self.backbone, self.classifier])),
                                      lr=0.0, betas=o.betas, eps=o.eps)
@@ -117,8 +192,9 @@ class SupervisedStep:
     def __call__(self, batch: dict, idx: np.ndarray) -> dict:
         apply_schedule(self.opt, self.ibot.schedules.at(self.step))
         crops = batch["global_crops"]  # (B, G, 3, S, S) uint8, made crop-major as IBOTStep does
-        x = normalize_images(self.ibot._crop_major(crops), self.ibot.mean, self.ibot.std)
-        y = self.labels[torch.from_numpy(idx)].repeat(crops.shape[1])  # crop-major: the batch's labels per crop
+        x = normalize_images(self.ibot._crop_major(crops.to(self.ibot.device)), self.ibot.mean, self.ibot.std)
+        idx = torch.as_tensor(idx).to(self.ibot.device)  # a DataLoader worker's batch arrives as a tensor
+        y = self.labels[idx].repeat(crops.shape[1])  # crop-major: the batch's labels per crop
         loss = torch.nn.functional.cross_entropy(self.classifier(self.backbone(x)[:, 0]), y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
