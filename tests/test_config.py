@@ -10,7 +10,7 @@ from ibot_ray.config import ConfigError, IBOTConfig, load_config, preset_names
 
 
 def test_presets_resolve_to_the_papers_recipe():
-    assert {"vit_small_16", "vit_base_16", "demo"} <= set(preset_names())
+    assert {"vit_small_16", "vit_base_16", "demo", "small_gpu"} <= set(preset_names())
     s = load_config("vit_small_16")
     assert s.model.arch == "vit_small_patch16_224" and s.patch_size == 16
     assert s.optim.batch_size == 1024 and s.optim.epochs == 800

@@ -246,3 +246,22 @@ def test_koleo_weight_spreads_the_student_features():
         assert ("koleo" in m) == (weight > 0)
     assert spread[5.0] > spread[0.0] + 0.1, spread
     assert m["loss"] == pytest.approx(m["cls"] + m["mim"] + 5.0 * m["koleo"], rel=1e-5)
+
+
+def test_small_gpu_preset_builds_from_the_demo_and_trains_on_cpu():
+    cfg = load_config("small_gpu", ["optim.epochs=2"])
+    demo = load_config("demo")
+    # the demo's crops and loss, a 12-block width-192 backbone, run-length settings left to the run
+    assert (cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.loss.lambda_koleo) == (
+        demo.crops.global_crops_size, demo.crops.local_crops_size, demo.loss.lambda_koleo)
+    assert (cfg.model.depth, cfg.model.embed_dim, cfg.patch_size, cfg.crops.local_crops_number) == (12, 192, 8, 6)
+    assert cfg.optim.momentum_teacher == "auto" and cfg.optim.precision == "auto"
+    runner = build(cfg, steps_per_epoch=2)
+    assert runner.amp_dtype is None  # precision auto is fp32 on CPU (bf16 on a GPU)
+    assert runner.schedules.momentum[0] == pytest.approx(0.9)  # derived for a 4-step run: clipped to 0.9
+    g = torch.Generator().manual_seed(0)
+    teacher_before = [p.clone() for p in runner.teacher.parameters()]
+    for _ in range(2):
+        m = runner(make_batch(cfg, make_images(4, size=32), g))
+        assert math.isfinite(m["loss"]) and m["loss"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(teacher_before, runner.teacher.parameters()))
