@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     keys = ("cls", "mim", "teacher_entropy_frac", "prototypes_used", "feature_std")
     for epoch in range(cfg.optim.epochs):
         sums = dict.fromkeys(keys, 0.0)
-        for idx, crops in batches.epoch(rng, epoch):
-            m = runner(crops, idx) if a.supervised else runner(crops)
+        for crops in batches.epoch(rng, epoch):
+            m = runner(crops)
             for k in keys:
                 sums[k] += m[k] / steps_per_epoch
         if (epoch + 1) % a.epochs_per_eval == 0 or epoch + 1 == cfg.optim.epochs:
@@ -133,13 +133,14 @@ class ProbeBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.plan)
 
-    def __getitem__(self, s: int) -> tuple[np.ndarray, dict]:
+    def __getitem__(self, s: int) -> dict:
         idx, seeds = self.plan[s]
         out, _ = self.transform([self.images[i] for i in idx], seeds, self.epoch_index)
-        return idx, {k: torch.from_numpy(v) for k, v in out.items() if k != "index"}
+        crops = {k: torch.from_numpy(v) for k, v in out.items() if k != "index"}
+        return {**crops, "index": torch.from_numpy(idx)}  # the images' rows in the table (for their labels)
 
     def epoch(self, rng: np.random.Generator, epoch: int, steps: int | None = None):
-        """Yield (image indices, crops) for the steps of one epoch (all, or the first ``steps``)."""
+        """Yield the batches (crops and image rows) of one epoch's steps (all, or the first ``steps``)."""
         b = self.batch_size
         order = rng.permutation(len(self.images))
         n = min(steps or len(order) // b, len(order) // b)
@@ -157,23 +158,21 @@ def fit_epochs(runner, batches: ProbeBatches, budget_s: float, steps_per_epoch: 
     warm = 4 * max(1, batches.workers) + 2
     timed = 20
     rng = np.random.default_rng(12345)
-    t0 = None
-    for s, (idx, crops) in enumerate(batches.epoch(rng, 0, warm + timed)):
+    for s, crops in enumerate(batches.epoch(rng, 0, warm + timed)):
         if s == warm:
-            _sync(runner)
+            _sync(runner.device)
             t0 = time.perf_counter()
-        runner(crops, idx) if isinstance(runner, SupervisedStep) else runner(crops)
-    _sync(runner)
+        runner(crops)
+    _sync(runner.device)
     s_per_step = (time.perf_counter() - t0) / timed
     epochs = max(1, int(budget_s / (s_per_step * steps_per_epoch)))
     return {"budget_seconds": budget_s, "s_per_step": round(s_per_step, 4),
             "images_per_s": round(batches.batch_size / s_per_step), "epochs": epochs}
 
 
-def _sync(runner) -> None:
-    dev = (runner.ibot if isinstance(runner, SupervisedStep) else runner).device
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class SupervisedStep:
@@ -181,7 +180,7 @@ class SupervisedStep:
     on the labels of every global crop's [CLS]."""
 
     def __init__(self, ibot, labels: np.ndarray) -> None:
-        self.ibot, self.labels = ibot, torch.from_numpy(labels).to(ibot.device)
+        self.ibot, self.device, self.labels = ibot, ibot.device, torch.from_numpy(labels).to(ibot.device)
         self.backbone = ibot.student.backbone
         self.classifier = torch.nn.Linear(self.backbone.embed_dim, int(labels.max()) + 1).to(ibot.device)
         o = ibot.cfg.optim
@@ -189,12 +188,11 @@ class SupervisedStep:
                                      lr=0.0, betas=o.betas, eps=o.eps)
         self.step = 0
 
-    def __call__(self, batch: dict, idx: np.ndarray) -> dict:
+    def __call__(self, batch: dict) -> dict:
         apply_schedule(self.opt, self.ibot.schedules.at(self.step))
         crops = batch["global_crops"]  # (B, G, 3, S, S) uint8, made crop-major as IBOTStep does
-        x = normalize_images(self.ibot._crop_major(crops.to(self.ibot.device)), self.ibot.mean, self.ibot.std)
-        idx = torch.as_tensor(idx).to(self.ibot.device)  # a DataLoader worker's batch arrives as a tensor
-        y = self.labels[idx].repeat(crops.shape[1])  # crop-major: the batch's labels per crop
+        x = normalize_images(self.ibot._crop_major(crops.to(self.device)), self.ibot.mean, self.ibot.std)
+        y = self.labels[batch["index"].to(self.device)].repeat(crops.shape[1])  # crop-major: labels per crop
         loss = torch.nn.functional.cross_entropy(self.classifier(self.backbone(x)[:, 0]), y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
