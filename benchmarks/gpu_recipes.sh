@@ -13,6 +13,7 @@
 # EVAL_EVERY override the defaults; PROBE_ARGS adds arguments to every probe (a CPU smoke run on a few hundred
 # images: DEVICE=cpu WORKERS=1 STEP_BATCH=2 EVAL_MAX=300 FINAL_MAX=600 PROBE_ARGS='--set optim.batch_size=16' ... 5).
 set -u
+[ $# -ge 3 ] || { echo "usage: bash benchmarks/gpu_recipes.sh TRAIN.parquet TEST.parquet OUT_DIR [BUDGET_SECONDS]" >&2; exit 2; }
 train=$1 test=$2 out=$3 budget=${4:-210}
 device=${DEVICE:-cuda} workers=${WORKERS:-4}
 mkdir -p "$out"

@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     evaluator = KNNEvaluator(cfg)
     b = cfg.optim.batch_size
     steps_per_epoch = len(images) // b
+    if not steps_per_epoch:
+        ap.error(f"data.source {cfg.data.source!r}: {len(images)} images, fewer than one batch of {b}")
     batches = ProbeBatches(images, MultiCropTransform(cfg), b, a.loader_workers)
 
     def build() -> tuple:
