@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return student, teacher, SupervisedStep(runner, labels) if a.supervised else runner
 
     if a.budget_seconds:
-        fit = fit_epochs(build()[2], batches, a.budget_seconds, steps_per_epoch)
+        fit = fit_epochs(build()[2], batches, a.budget_seconds)
         cfg = load_config(a.config, [*a.overrides, f"optim.epochs={fit['epochs']}"])
         batches.transform = MultiCropTransform(cfg)
         print(json.dumps(fit), flush=True)
@@ -154,7 +154,7 @@ class ProbeBatches(torch.utils.data.Dataset):
                                                 pin_memory=torch.cuda.is_available(), prefetch_factor=4))
 
 
-def fit_epochs(runner, batches: ProbeBatches, budget_s: float, steps_per_epoch: int) -> dict:
+def fit_epochs(runner, batches: ProbeBatches, budget_s: float) -> dict:
     """The number of epochs that fits ``budget_s`` seconds of training: times steps of ``runner`` (a throwaway
     model) on the batches as the run will make them, after enough steps to fill the loader's queue."""
     warm = 4 * max(1, batches.workers) + 2
@@ -167,6 +167,7 @@ def fit_epochs(runner, batches: ProbeBatches, budget_s: float, steps_per_epoch: 
         runner(crops)
     _sync(runner.device)
     s_per_step = (time.perf_counter() - t0) / timed
+    steps_per_epoch = len(batches.images) // batches.batch_size
     epochs = max(1, int(budget_s / (s_per_step * steps_per_epoch)))
     return {"budget_seconds": budget_s, "s_per_step": round(s_per_step, 4),
             "images_per_s": round(batches.batch_size / s_per_step), "epochs": epochs}
