@@ -19,6 +19,9 @@ epochs
 optim.freeze_last_layer       1 epoch (the paper), or 0 when one epoch is over 5 % of the run
 crops.blur_sigma              the paper's (0.1, 2.0) px scaled by ``global_crops_size / 224``: the same blur
                               relative to the image (at 32 px, sigma up to 2 px erases the object)
+data.actor_batch_size         images whose crops and masks fill about 2 MiB (a multiple of 16, from 16 to 1,024):
+                              each Ray Data block costs tens of ms of scheduling and copying whatever its size, so
+                              small crops need many images per block (the demo: 256; 224 px crops: 16)
 ============================  ====================================================================================
 """
 
@@ -27,9 +30,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ibot_ray.config import IBOTConfig, set_field, unresolved_auto
+from ibot_ray.config import AUTO, IBOTConfig, set_field, unresolved_auto
 
 PAPER_BLUR_SIGMA = (0.1, 2.0)
+#: Crops and masks one Ray Data block of the training stream should hold (``data.actor_batch_size: auto``).
+ACTOR_BLOCK_BYTES = 2 << 20
 
 
 @dataclass
@@ -51,7 +56,7 @@ def derive_settings(cfg: IBOTConfig, steps_per_epoch: int | None = None) -> list
     """Replace the ``auto`` fields of ``cfg`` (in place) by their derived values; returns what was derived.
 
     Without ``steps_per_epoch`` only the fields that do not depend on the run's length are derived (the data
-    pipeline needs the blur before the source is listed); call again with it for the rest."""
+    pipeline needs the blur and its batch size before the source is listed); call again with it for the rest."""
     epochs = int(cfg.optim.epochs)
     total = max(1, epochs * int(steps_per_epoch or 1))
     rules = {
@@ -66,6 +71,10 @@ def derive_settings(cfg: IBOTConfig, steps_per_epoch: int | None = None) -> list
             "optim.freeze_last_layer", 1 if epochs >= 20 else 0,
             "1 epoch, as the paper" if epochs >= 20 else f"one epoch would be over 5 % of a {epochs}-epoch run"),
         "crops.blur_sigma": lambda: _blur(cfg),
+        "data.actor_batch_size": lambda: Derived(
+            "data.actor_batch_size", actor_batch_for(cfg),
+            f"images whose crops fill about {ACTOR_BLOCK_BYTES >> 20} MiB ({sample_bytes(cfg):,} bytes each): one "
+            "Ray Data block per actor call, few enough blocks that their fixed cost stays small"),
     }
     out = []
     for name in unresolved_auto(cfg):
@@ -92,6 +101,23 @@ def blur_sigma_for(global_crops_size: int) -> tuple[float, float]:
     return lo, hi
 
 
+def sample_bytes(cfg: IBOTConfig) -> int:
+    """Bytes of one training sample as the ingest emits it: uint8 global and local crops, one byte per mask cell."""
+    c = cfg.crops
+    h, w = cfg.grid(c.global_crops_size)
+    return (c.global_crops_number * (3 * c.global_crops_size ** 2 + h * w)
+            + c.local_crops_number * 3 * c.local_crops_size ** 2)
+
+
+def actor_batch_for(cfg: IBOTConfig) -> int:
+    """``data.actor_batch_size`` as given, or for ``auto`` the images whose samples fill about
+    :data:`ACTOR_BLOCK_BYTES`: a multiple of 16, from 16 to 1,024."""
+    n = cfg.data.actor_batch_size
+    if n != AUTO:
+        return int(n)
+    return int(min(1024, max(16, ACTOR_BLOCK_BYTES // sample_bytes(cfg) // 16 * 16)))
+
+
 def _blur(cfg: IBOTConfig) -> Derived:
     return Derived("crops.blur_sigma", blur_sigma_for(cfg.crops.global_crops_size),
                    f"the paper's {PAPER_BLUR_SIGMA} px at 224 px, scaled to {cfg.crops.global_crops_size} px crops")
@@ -107,4 +133,5 @@ def resolved(cfg: IBOTConfig, steps_per_epoch: int) -> IBOTConfig:
     return out
 
 
-__all__ = ["Derived", "blur_sigma_for", "derive_settings", "resolved"]
+__all__ = ["ACTOR_BLOCK_BYTES", "Derived", "actor_batch_for", "blur_sigma_for", "derive_settings", "resolved",
+           "sample_bytes"]

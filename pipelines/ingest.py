@@ -1,7 +1,8 @@
 """Training ingest: raw image bytes -> decode + iBOT multi-crop + masks on an autoscaling CPU actor pool -> uint8 rows.
 
     source rows {bytes, key, label, epoch}         (pipelines/sources.py: one stream over many data epochs)
-      -> repartition(target_num_rows_per_block=actor_batch_size)   (streaming: one actor batch per block)
+      -> repartition(target_num_rows_per_block=actor_batch_size)   (streaming: one actor batch per block; ``auto``:
+                                                                    about 2 MiB of crops, ibot_ray/recipe.py)
       -> map_batches(MultiCropBatcher, ActorPoolStrategy(min, max), num_cpus=cfg.data.cpus_per_actor)
       -> rows {global_crops (G,3,S,S) uint8, local_crops (L,3,s,s) uint8, masks (G,h,w) uint8, label int64,
                epoch int64, key_id int64, key str}
@@ -355,16 +356,19 @@ def build_train_dataset(
     ray.get(get_or_create_monitor(name).stats.remote())  # exists and answers before any actor needs it
     ds, info = build_source_dataset(cfg, source, shuffle_seed=cfg.data.seed if shuffle_files else None,
                                     start_epoch=start_epoch, num_epochs=num_epochs, listing=listing)
+    from ibot_ray.recipe import actor_batch_for
+
     d = cfg.data
     lo, hi = d.actors
+    rows = actor_batch_for(cfg)
     # Blocks of one actor batch: an actor task then emits its crops after every batch (streaming) instead of
     # buffering a whole read block's output (up to 128 MiB) before the consumer sees the first image.
-    ds = ds.repartition(target_num_rows_per_block=d.actor_batch_size)
+    ds = ds.repartition(target_num_rows_per_block=rows)
     ds = ds.map_batches(
         MultiCropBatcher,
         fn_constructor_args=(cfg,),
         fn_constructor_kwargs={"monitor_name": name},
-        batch_size=d.actor_batch_size,
+        batch_size=rows,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         num_cpus=d.cpus_per_actor,

@@ -22,6 +22,7 @@ from conftest import BAD_KINDS, GOOD_KINDS, write_images, write_parquet
 
 from ibot_ray.config import load_config
 from ibot_ray.knn import normalize_images
+from ibot_ray.recipe import actor_batch_for
 from pipelines.collate import IMAGENET_MEAN, IMAGENET_STD, MultiCropCollateFn, iter_train_batches
 from pipelines.ingest import (
     MAX_BAD_EXAMPLES,
@@ -240,6 +241,17 @@ def test_parquet_with_ten_percent_corrupt_rows(ray_cluster, tmp_path, with_label
         assert r["label"] == (w["labels"][int(key.rsplit("#", 1)[1])] if with_label else -1)
     s = get_bad_input_stats(name)
     assert s["count"] == 2 and {k for k, _ in s["examples"]} == {f"{path}#{i}" for i in w["bad"]}
+
+
+def test_auto_actor_batch_sets_the_images_per_block(ray_cluster, tmp_path):
+    """``data.actor_batch_size: auto``: every block of the stream holds at most the derived number of images (about
+    2 MiB of crops: 48 images of two 64 px and three 32 px crops), and the full ones hold exactly that many."""
+    write_parquet(tmp_path / "d.parquet", 100)
+    cfg = _cfg("data.actor_batch_size=auto", "crops.global_crops_size=64", "crops.local_crops_size=32")
+    assert actor_batch_for(cfg) == 48
+    ds, _ = build_train_dataset(cfg, source=str(tmp_path / "d.parquet"), monitor_name=_name())
+    sizes = [b.num_rows() for b in ds.materialize().iter_internal_ref_bundles()]
+    assert sum(sizes) == 100 and max(sizes) == 48 and len(sizes) >= 3
 
 
 def test_iter_train_batches_fixed_size_typed_batches(ray_cluster, tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 
 from ibot_ray.config import AUTO_FIELDS, ConfigError, get_field, load_config, unresolved_auto
-from ibot_ray.recipe import derive_settings
+from ibot_ray.recipe import actor_batch_for, derive_settings, sample_bytes
 from ibot_ray.schedules import Schedules
 
 ALL_AUTO = [f"{f}=auto" for f in AUTO_FIELDS]
@@ -15,7 +15,7 @@ def test_auto_fields_are_derived_from_the_run_length_and_crop_size():
                                                   "eval.image_size=32"])
     assert unresolved_auto(cfg) == list(AUTO_FIELDS)
     first = derive_settings(cfg)  # no length yet: only what the data pipeline needs
-    assert [d.field for d in first] == ["crops.blur_sigma"]
+    assert [d.field for d in first] == ["crops.blur_sigma", "data.actor_batch_size"]
     assert cfg.crops.blur_sigma == (pytest.approx(0.1 * 32 / 224, abs=1e-4), pytest.approx(2.0 * 32 / 224, abs=1e-4))
     rest = {d.field: d for d in derive_settings(cfg, steps_per_epoch=62)}  # 2,480 steps
     assert cfg.optim.momentum_teacher == pytest.approx(1 - 25 / 2480, abs=1e-4)
@@ -66,3 +66,16 @@ def test_auto_is_refused_elsewhere_and_in_process_users_get_the_same_derivation(
     derive_settings(cfg, steps_per_epoch=10)
     driver = Schedules(cfg, 10)
     assert (in_process.lr == driver.lr).all() and (in_process.momentum == driver.momentum).all()
+
+
+def test_auto_actor_batch_fills_about_two_mib_per_block():
+    demo = load_config("demo")  # 2 x 32 px + 2 x 16 px crops, 4 x 4 masks: 7,712 bytes per image
+    assert sample_bytes(demo) == 2 * (3 * 32 * 32 + 16) + 2 * 3 * 16 * 16
+    derived = {d.field: d for d in derive_settings(demo)}
+    assert demo.data.actor_batch_size == 256 and "7,712 bytes" in derived["data.actor_batch_size"].why
+    paper = load_config("vit_small_16", ["data.actor_batch_size=auto"])  # 578 kB per image: the floor of 16
+    assert actor_batch_for(paper) == 16
+    tiny = load_config("demo", ["crops.global_crops_size=8", "crops.local_crops_size=8", "model.patch_size=8",
+                                "crops.local_crops_number=0"])
+    assert actor_batch_for(tiny) == 1024  # the ceiling
+    assert actor_batch_for(load_config("demo", ["data.actor_batch_size=24"])) == 24  # a given value is used as is
