@@ -250,7 +250,7 @@ def test_auto_actor_batch_sets_the_images_per_block(ray_cluster, tmp_path):
     cfg = _cfg("data.actor_batch_size=auto", "crops.global_crops_size=64", "crops.local_crops_size=32")
     assert actor_batch_for(cfg) == 48
     ds, _ = build_train_dataset(cfg, source=str(tmp_path / "d.parquet"), monitor_name=_name())
-    sizes = [b.num_rows() for b in ds.materialize().iter_internal_ref_bundles()]
+    sizes = [m.num_rows for b in ds.materialize().iter_internal_ref_bundles() for m in b.metadata]
     assert sum(sizes) == 100 and max(sizes) == 48 and len(sizes) >= 3
 
 
