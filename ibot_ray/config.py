@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 AUTO = "auto"
 #: The fields that may be ``auto``.
 AUTO_FIELDS = ("optim.momentum_teacher", "optim.warmup_epochs", "loss.warmup_teacher_temp_epochs",
-               "optim.freeze_last_layer", "crops.blur_sigma", "data.actor_batch_size", "data.stream_buffer_mb")
+               "optim.freeze_last_layer", "crops.blur_sigma", "data.actor_batch_size")
 #: The fields that may be ``auto`` and are sized to the cluster when the run starts (pipelines/cluster_plan.py).
 CLUSTER_AUTO_FIELDS = ("train.num_workers", "data.actors", "optim.micro_batch_size")
 
@@ -141,9 +141,6 @@ class DataConfig:
     cpus_per_actor: float = 1.0
     actor_batch_size: int = 16  # images per actor call and per Data block (auto: about 2 MiB of crops per block)
     prefetch_batches: int = 2
-    # object store the training stream may fill ahead of the workers, MiB (0: Ray Data's own budget, a share of the
-    # object store; auto: about 4 global or actor batches of crops, at least 32 MiB)
-    stream_buffer_mb: int = 0
     local_shuffle_buffer_size: int = 0  # rows; 0 disables the per-worker local shuffle
     max_image_pixels: int = 89_478_485  # decompression-bomb limit (PIL's default)
     seed: int = 0
@@ -496,7 +493,6 @@ def validate(cfg: IBOTConfig) -> None:
     _check(d.cpus_per_actor > 0, "data.cpus_per_actor", "must be positive")
     _check(d.actor_batch_size == AUTO or d.actor_batch_size >= 1, "data.actor_batch_size", "must be >= 1")
     _check(d.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0")
-    _check(d.stream_buffer_mb == AUTO or d.stream_buffer_mb >= 0, "data.stream_buffer_mb", "must be >= 0")
     _check(d.local_shuffle_buffer_size >= 0, "data.local_shuffle_buffer_size", "must be >= 0")
     _check(d.max_image_pixels > 0, "data.max_image_pixels", "must be positive")
     _check(d.eval_max_images >= 1, "data.eval_max_images", "must be >= 1")

@@ -22,10 +22,6 @@ crops.blur_sigma              the paper's (0.1, 2.0) px scaled by ``global_crops
 data.actor_batch_size         images whose crops and masks fill about 2 MiB (a multiple of 16, from 16 to 1,024):
                               each Ray Data block costs tens of ms of scheduling and copying whatever its size, so
                               small crops need many images per block (the demo: 256; 224 px crops: 16)
-data.stream_buffer_mb         the crops of 4 global batches or 4 rounds of the actor pool, whichever is larger, and
-                              at least 32 MiB: what the training stream may hold ahead of the workers. Without a cap
-                              Ray Data fills a share of the object store, which on one machine means the actors cut
-                              epochs that are never trained while the workers wait for the cores
 ============================  ====================================================================================
 """
 
@@ -51,11 +47,9 @@ class Derived:
         return f"{self.field} = {self.value}: {self.why}"
 
 
-#: Fields whose derived value needs the run's length or its planned actor pool (the others only need the config).
+#: Fields whose derived value needs the run's length (the others only need the config).
 LENGTH_FIELDS = ("optim.momentum_teacher", "optim.warmup_epochs", "loss.warmup_teacher_temp_epochs",
-                 "optim.freeze_last_layer", "data.stream_buffer_mb")
-#: The smallest ``data.stream_buffer_mb`` that ``auto`` gives.
-MIN_STREAM_BUFFER_MB = 32
+                 "optim.freeze_last_layer")
 
 
 def derive_settings(cfg: IBOTConfig, steps_per_epoch: int | None = None) -> list[Derived]:
@@ -81,7 +75,6 @@ def derive_settings(cfg: IBOTConfig, steps_per_epoch: int | None = None) -> list
             "data.actor_batch_size", actor_batch_for(cfg),
             f"images whose crops fill about {ACTOR_BLOCK_BYTES >> 20} MiB ({sample_bytes(cfg):,} bytes each): one "
             "Ray Data block per actor call, few enough blocks that their fixed cost stays small"),
-        "data.stream_buffer_mb": lambda: _stream_buffer(cfg),
     }
     out = []
     for name in unresolved_auto(cfg):
@@ -125,15 +118,6 @@ def actor_batch_for(cfg: IBOTConfig) -> int:
     return int(min(1024, max(16, ACTOR_BLOCK_BYTES // sample_bytes(cfg) // 16 * 16)))
 
 
-def _stream_buffer(cfg: IBOTConfig) -> Derived:
-    actors = 1 if cfg.data.actors == AUTO else cfg.data.actors[1]  # auto: not planned yet (a run outside Ray)
-    rows = 4 * max(cfg.optim.batch_size, actors * actor_batch_for(cfg))
-    mb = max(MIN_STREAM_BUFFER_MB, math.ceil(rows * sample_bytes(cfg) / 2**20))
-    return Derived("data.stream_buffer_mb", mb,
-                   f"{rows:,} images of crops ahead of the workers (4 global batches or 4 rounds of the actor pool), "
-                   f"at least {MIN_STREAM_BUFFER_MB} MiB: the actors cut no epoch far ahead of the training")
-
-
 def _blur(cfg: IBOTConfig) -> Derived:
     return Derived("crops.blur_sigma", blur_sigma_for(cfg.crops.global_crops_size),
                    f"the paper's {PAPER_BLUR_SIGMA} px at 224 px, scaled to {cfg.crops.global_crops_size} px crops")
@@ -149,5 +133,5 @@ def resolved(cfg: IBOTConfig, steps_per_epoch: int) -> IBOTConfig:
     return out
 
 
-__all__ = ["ACTOR_BLOCK_BYTES", "MIN_STREAM_BUFFER_MB", "Derived", "actor_batch_for", "blur_sigma_for",
-           "derive_settings", "resolved", "sample_bytes"]
+__all__ = ["ACTOR_BLOCK_BYTES", "Derived", "actor_batch_for", "blur_sigma_for", "derive_settings", "resolved",
+           "sample_bytes"]

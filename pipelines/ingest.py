@@ -382,21 +382,13 @@ def build_train_dataset(
     return ds, info
 
 
-def ingest_execution_options(cfg: Optional[IBOTConfig] = None):
+def ingest_execution_options():
     """Ray Train's ingest options (``DataConfig.default_ingest_options``) with ``preserve_order``: the training stream
-    must deliver its data epochs in order (pass as ``DataConfig(execution_options=...)``). A numeric
-    ``cfg.data.stream_buffer_mb`` caps the object store the stream fills ahead of the workers: the stream holds more
-    epochs than the run trains (see :class:`TrainStream`), and uncapped, the actors of a one-machine run cut them as
-    fast as they can, on the cores the workers need."""
+    must deliver its data epochs in order (pass as ``DataConfig(execution_options=...)``)."""
     import ray.train
 
     opts = ray.train.DataConfig.default_ingest_options()
     opts.preserve_order = True
-    mb = cfg.data.stream_buffer_mb if cfg is not None else 0
-    if isinstance(mb, str):
-        raise ValueError("data.stream_buffer_mb is still 'auto': derive_settings(cfg, steps_per_epoch) sets it")
-    if mb:
-        opts.resource_limits = opts.resource_limits.copy(object_store_memory=mb * 2**20)
     return opts
 
 

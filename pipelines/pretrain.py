@@ -174,7 +174,7 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
                            "trained_keys_dir": os.environ.get(TRAINED_KEYS_ENV)},
         scaling_config=scaling,
         run_config=run_config,
-        dataset_config=ray.train.DataConfig(execution_options=ingest_execution_options(cfg)),
+        dataset_config=ray.train.DataConfig(execution_options=ingest_execution_options()),
         # a factory: Train calls it at every worker-group start, and it streams from the checkpoint's data epoch
         datasets={"train": TrainStream(cfg, listing, monitor_name, f"{resolve_storage(storage).rstrip('/')}/{name}",
                                        cfg.optim.epochs)},

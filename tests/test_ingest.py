@@ -30,7 +30,6 @@ from pipelines.ingest import (
     build_train_dataset,
     get_bad_input_stats,
     image_seed,
-    ingest_execution_options,
     key_id,
 )
 
@@ -253,32 +252,6 @@ def test_auto_actor_batch_sets_the_images_per_block(ray_cluster, tmp_path):
     ds, _ = build_train_dataset(cfg, source=str(tmp_path / "d.parquet"), monitor_name=_name())
     sizes = [m.num_rows for b in ds.materialize().iter_internal_ref_bundles() for m in b.metadata]
     assert sum(sizes) == 100 and max(sizes) == 48 and len(sizes) >= 3
-
-
-def test_stream_buffer_caps_how_far_the_actors_run_ahead(ray_cluster, tmp_path):
-    """``data.stream_buffer_mb``: a consumer that takes 64 rows and stops holds the actors to about 1 MiB of crops
-    (123 rows here) ahead of it, so they do not cut the later epochs; uncapped, they cut all six. The ledger shows
-    how far they got: it records the one bad file of every data epoch the actors processed."""
-    import time
-
-    write_images(tmp_path / "imgs", 200, kinds=["png"], bad=["text"])
-
-    def furthest_epoch(mb: int, wait_s: float) -> tuple[int, float]:
-        cfg = _cfg(f"data.stream_buffer_mb={mb}")
-        name = _name()
-        ds, _ = build_train_dataset(cfg, source=str(tmp_path / "imgs"), monitor_name=name, num_epochs=6)
-        ds.context.execution_options = ingest_execution_options(cfg)
-        it = iter(ds.iter_batches(batch_size=64))
-        next(it)
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < wait_s and max(get_bad_input_stats(name)["per_epoch"], default=-1) < 5:
-            time.sleep(0.25)
-        return max(get_bad_input_stats(name)["per_epoch"], default=-1), time.monotonic() - t0
-
-    uncapped, took = furthest_epoch(0, 30.0)
-    assert uncapped == 5  # all six epochs cut while the consumer holds its first 64 rows
-    capped, _ = furthest_epoch(1, took + 3.0)  # longer than the uncapped stream needed for all six
-    assert capped <= 1  # the first epoch, at most the start of the second
 
 
 def test_iter_train_batches_fixed_size_typed_batches(ray_cluster, tmp_path):
