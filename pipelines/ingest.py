@@ -45,6 +45,7 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ibot_ray.recipe import actor_batch_for
 from pipelines.sources import EPOCH_COLUMN, SourceInfo, SourceListing, build_source_dataset, resolve_uri
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -356,8 +357,6 @@ def build_train_dataset(
     ray.get(get_or_create_monitor(name).stats.remote())  # exists and answers before any actor needs it
     ds, info = build_source_dataset(cfg, source, shuffle_seed=cfg.data.seed if shuffle_files else None,
                                     start_epoch=start_epoch, num_epochs=num_epochs, listing=listing)
-    from ibot_ray.recipe import actor_batch_for
-
     d = cfg.data
     lo, hi = d.actors
     rows = actor_batch_for(cfg)
