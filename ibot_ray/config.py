@@ -143,6 +143,9 @@ class DataConfig:
     prefetch_batches: int = 2
     local_shuffle_buffer_size: int = 0  # rows; 0 disables the per-worker local shuffle
     max_image_pixels: int = 89_478_485  # decompression-bomb limit (PIL's default)
+    # unreadable share of the listed files that the training stream's data epochs allow for from the start; the
+    # fraction the run has measured is used once higher (pipelines/ingest.py stream_epochs)
+    expected_bad_fraction: float = 0.0
     seed: int = 0
 
 
@@ -495,6 +498,7 @@ def validate(cfg: IBOTConfig) -> None:
     _check(d.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0")
     _check(d.local_shuffle_buffer_size >= 0, "data.local_shuffle_buffer_size", "must be >= 0")
     _check(d.max_image_pixels > 0, "data.max_image_pixels", "must be positive")
+    _check(0 <= d.expected_bad_fraction <= 0.9, "data.expected_bad_fraction", "must be in [0, 0.9]")
     _check(d.eval_max_images >= 1, "data.eval_max_images", "must be >= 1")
 
     _check(t.use_gpu in ("auto", "true", "false"), "train.use_gpu", "must be auto, true or false")

@@ -28,7 +28,7 @@ Usage (driver, then every Train worker)::
 
     listing = list_source(cfg)                                    # the only listing of the run
     name = create_monitor(run_name)                               # keeps the actor alive as long as the driver
-    TorchTrainer(..., datasets={"train": TrainStream(cfg, listing, name, run_path, total_epochs)})
+    TorchTrainer(..., datasets={"train": TrainStream(cfg, listing, name, run_path, steps_per_epoch)})
     for batch in iter_train_batches(ray.train.get_dataset_shard("train"), cfg, per_rank_batch, device): ...
 """
 
@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Optional
@@ -391,17 +392,22 @@ def ingest_execution_options():
     return opts
 
 
-def resume_data_epoch(run_path: str) -> int:
-    """The data epoch that a (re)start of run ``run_path`` streams first: :data:`RESUME_EPOCH_METRIC` of the latest
-    checkpoint in Ray Train's checkpoint-manager snapshot (the checkpoint the workers resume from), 0 without one."""
+def latest_checkpoint_metrics(run_path: str) -> dict:
+    """The metrics of the checkpoint that a (re)start of run ``run_path`` resumes from (the latest one in Ray Train's
+    checkpoint-manager snapshot), ``{}`` without one."""
     fs, path = resolve_uri(run_path)
     try:
         with fs.open_input_stream(f"{path}/{CHECKPOINT_MANAGER_SNAPSHOT}") as f:
             snap = json.loads(f.read())
     except (FileNotFoundError, OSError):
-        return 0
-    latest = snap.get("latest_checkpoint_result") or {}
-    return int((latest.get("metrics") or {}).get(RESUME_EPOCH_METRIC, 0))
+        return {}
+    return (snap.get("latest_checkpoint_result") or {}).get("metrics") or {}
+
+
+def resume_data_epoch(run_path: str) -> int:
+    """The data epoch that a (re)start of run ``run_path`` streams first: :data:`RESUME_EPOCH_METRIC` of the
+    checkpoint it resumes from, 0 without one."""
+    return int(latest_checkpoint_metrics(run_path).get(RESUME_EPOCH_METRIC, 0))
 
 
 class TrainStream:
@@ -410,20 +416,23 @@ class TrainStream:
     Ray Train V2 calls it at every worker-group start, on the driver's node (``DatasetsCallback``), and splits the
     Dataset it returns over the new workers. It streams, in ONE execution, every data epoch the rest of the run can
     need, starting at the checkpoint's data epoch (:func:`resume_data_epoch`), so a restart, a resize or a driver
-    resume continues the data where the checkpoint left it, and no epoch starts a new execution. The stream holds
-    twice the remaining epochs (plus one): bad images make an epoch shorter than ``steps_per_epoch`` batches, so the
-    data epochs run ahead of the training epochs; the workers stop when the run's steps are done and the rest of
-    the stream is never produced.
+    resume continues the data where the checkpoint left it, and no epoch starts a new execution. How many data
+    epochs: :func:`stream_epochs`, the remaining ones, one spare, and as many more as the unreadable files take away
+    (the fraction the run's ledger has measured, or ``data.expected_bad_fraction`` when that is higher). Ray Data
+    cuts crops ahead of the workers until its share of the object store is full, so on a small dataset it cuts the
+    whole stream: every epoch it holds beyond the run's need is work thrown away. If more files turn out unreadable
+    than the stream allowed for, the workers' shards end before the run's last step; the worker loop raises, Ray
+    Train restarts from the latest checkpoint, and the new stream is sized for the fraction measured by then.
     """
 
     def __init__(self, cfg: IBOTConfig, listing: SourceListing, monitor_name: str, run_path: str,
-                 total_epochs: int) -> None:
+                 steps_per_epoch: int) -> None:
         import copy
 
         import ray.data
 
         self.cfg, self.listing, self.monitor_name = cfg, listing, monitor_name
-        self.run_path, self.total_epochs = run_path, int(total_epochs)
+        self.run_path, self.steps_per_epoch = run_path, int(steps_per_epoch)
         # the driver's Data settings: a Dataset keeps the DataContext current where it is built (the controller)
         self.data_context = copy.deepcopy(ray.data.DataContext.get_current())
 
@@ -431,17 +440,34 @@ class TrainStream:
         import ray.data
 
         ray.data.DataContext._set_current(self.data_context)
-        start = resume_data_epoch(self.run_path)
-        remaining = max(1, self.total_epochs - start)
+        resumed = latest_checkpoint_metrics(self.run_path)
+        start = int(resumed.get(RESUME_EPOCH_METRIC, 0))
+        remaining = self.cfg.optim.epochs - int(resumed.get("step", 0)) / self.steps_per_epoch  # training epochs
+        measured = get_bad_input_stats(self.monitor_name)["count"] / max(1, self.listing.info.num_items)
+        bad_fraction = max(measured, self.cfg.data.expected_bad_fraction)
         ds, _ = build_train_dataset(self.cfg, listing=self.listing, monitor_name=self.monitor_name,
-                                    start_epoch=start, num_epochs=2 * remaining + 1)
+                                    start_epoch=start, num_epochs=stream_epochs(remaining, bad_fraction))
         return ds
+
+
+#: The highest unreadable fraction :func:`stream_epochs` sizes a stream for (10 data epochs per training epoch).
+MAX_BAD_FRACTION = 0.9
+
+
+def stream_epochs(remaining_epochs: float, bad_fraction: float) -> int:
+    """Data epochs a training stream holds for ``remaining_epochs`` training epochs (fractional after a mid-epoch
+    checkpoint) when ``bad_fraction`` of the listed files are unreadable. A training epoch is ``steps_per_epoch``
+    full global batches, at most the listed count; a data epoch yields its readable ``1 - bad_fraction``; one spare
+    epoch covers the replay of the data epoch a restart resumes in."""
+    f = min(max(float(bad_fraction), 0.0), MAX_BAD_FRACTION)
+    return math.ceil(max(float(remaining_epochs), 1.0) / (1.0 - f) - 1e-9) + 1
 
 
 __all__ = [
     "CHECKPOINT_MANAGER_SNAPSHOT",
     "DEFAULT_MONITOR_NAME",
     "IngestMonitor",
+    "MAX_BAD_FRACTION",
     "MultiCropBatcher",
     "OUTPUT_COLUMNS",
     "RESUME_EPOCH_METRIC",
@@ -455,7 +481,9 @@ __all__ = [
     "ingest_execution_options",
     "key_id",
     "kill_monitor",
+    "latest_checkpoint_metrics",
     "merge_bad_input",
     "reset_bad_input_stats",
     "resume_data_epoch",
+    "stream_epochs",
 ]

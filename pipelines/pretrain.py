@@ -177,7 +177,7 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
         dataset_config=ray.train.DataConfig(execution_options=ingest_execution_options()),
         # a factory: Train calls it at every worker-group start, and it streams from the checkpoint's data epoch
         datasets={"train": TrainStream(cfg, listing, monitor_name, f"{resolve_storage(storage).rstrip('/')}/{name}",
-                                       cfg.optim.epochs)},
+                                       steps_per_epoch)},
     )
     return trainer, {"derived": derived, "warnings": plan.warnings,
                      "steps_per_epoch": steps_per_epoch, "num_items": info.num_items, "monitor_name": monitor_name,

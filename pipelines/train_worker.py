@@ -352,8 +352,9 @@ def _train_loop(config: dict) -> dict:
             bad = get_bad_input_stats(monitor_name) if monitor_name else {"count": "?"}
             raise RuntimeError(
                 f"the data stream of rank {rank} ended at step {runner.step} of {total} (data epoch {trained_epoch}):"
-                f" fewer than half of the images decode ({bad['count']} distinct bad files), or the dataset is "
-                "smaller than the global batch")
+                f" {bad['count']} of the {config.get('num_items')} listed files are unreadable, more than its data "
+                "epochs allowed for (data.expected_bad_fraction); the restart from the latest checkpoint streams "
+                "enough epochs for the fraction measured so far")
         row_epochs, row_ids = batch.pop("epoch"), batch.pop("key_id")
         trained_epoch = max(trained_epoch, int(row_epochs.max()))
         t1 = time.perf_counter()

@@ -26,11 +26,13 @@ from ibot_ray.recipe import actor_batch_for
 from pipelines.collate import IMAGENET_MEAN, IMAGENET_STD, MultiCropCollateFn, iter_train_batches
 from pipelines.ingest import (
     MAX_BAD_EXAMPLES,
+    MAX_BAD_FRACTION,
     IngestMonitor,
     build_train_dataset,
     get_bad_input_stats,
     image_seed,
     key_id,
+    stream_epochs,
 )
 
 G, L, S, SL, P = 2, 3, 32, 16, 8  # 2 global 32 px crops, 3 local 16 px crops, 8 px patches
@@ -374,3 +376,43 @@ def test_run_streams_all_epochs_in_one_execution(ray_cluster, tmp_path, monkeypa
     assert bad["count"] == 6 and {k for k, _ in bad["examples"]} == set(w["bad"])
     assert all(bad["per_epoch"][e] == 6 for e in (0, 1, 2)), bad["per_epoch"]
     assert res.metrics["bad_images"] == 6 and res.metrics["data_epoch"] == 3
+
+
+def test_stream_holds_the_epochs_the_rest_of_the_run_needs():
+    """The remaining training epochs over the readable fraction, plus one spare; half unreadable is the old rule's
+    twice the epochs plus one; beyond 90 % the stream stops growing."""
+    assert stream_epochs(16, 0.0) == 17
+    assert stream_epochs(16, 0.5) == 33
+    assert stream_epochs(2.5, 0.0) == 4  # resumed mid-epoch
+    assert stream_epochs(10, 0.2) == 14  # ceil(12.5) + 1
+    assert stream_epochs(1, 0.375) == 3
+    assert stream_epochs(0, 0.0) == 2  # a finished run still gets a stream of one epoch and its spare
+    assert stream_epochs(1, 0.99) == stream_epochs(1, MAX_BAD_FRACTION) == 11
+
+
+def test_more_bad_files_than_the_stream_allowed_restart_once_and_finish(ray_cluster, tmp_path):
+    """20 good and 12 unreadable files, global batch 16: 2 steps per epoch of the 32 listed, 6 steps need 96 rows.
+    Nothing is known about the files at the start, so the stream holds 3 + 1 data epochs = 80 readable rows: rank 0's
+    shard ends at step 5. Ray Train restarts from the epoch-end checkpoint at step 4, and the new stream, sized for
+    the 12 / 32 measured by then, finishes the run at exactly 6 steps, with the 12 bad files counted once each."""
+    import ray
+    from data_executions import counting_executions, start_execution_log
+    from test_pretrain import TINY
+
+    from pipelines.metrics import read_metrics
+    from pipelines.pretrain import pretrain
+
+    write_images(tmp_path / "imgs", 20, kinds=("jpeg", "png"), size=(40, 40),
+                 bad=["corrupt", "truncated", "empty", "text"] * 3)
+    log = start_execution_log()
+    cfg = load_config("demo", TINY + [f"data.source={tmp_path / 'imgs'}", "optim.epochs=3", "train.num_workers=[1,1]",
+                                      "train.checkpoint_every_steps=100", "data.local_shuffle_buffer_size=0"])
+    with counting_executions():
+        res = pretrain(cfg, storage=str(tmp_path / "runs"), name="short_stream", knn=False, export=False)
+    executions = ray.get(log.get.remote())
+    ray.kill(log)
+    assert res.steps == 6
+    rows = read_metrics(tmp_path / "runs" / "short_stream" / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r.get("event") == "start"] == [0, 4]
+    assert len(executions) == 2, executions  # the first stream, and the resized one after the restart
+    assert res.bad_images["count"] == 12 and res.metrics["bad_images"] == 12
