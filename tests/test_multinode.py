@@ -40,6 +40,22 @@ TRAINING_NODE = {"num_cpus": 2, "resources": {"trainer": 2}}
 DATA_NODE = {"num_cpus": 2, "resources": {"data": 1}}
 
 
+def refresh_autoscaling_coordinator() -> None:
+    """Have Ray's AutoscalingCoordinator re-read the cluster's nodes now, if a run has created it.
+
+    Ray Train's elastic policy sizes a worker group from the coordinator's reservations, and the coordinator re-reads
+    ``ray.nodes()`` only on its 20 s tick: right after a node is killed (or added), a run started next would plan on the
+    old layout: a group of the old size whose placement group can never be placed, failing only after
+    ``train.worker_start_timeout_s`` (or one that starts smaller and grows later). The tick's own re-read, on demand."""
+    import ray
+
+    try:
+        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    except ValueError:  # no run has created it yet: the first one reads the cluster as it is
+        return
+    ray.get(coordinator.get_reserved_resources.remote("ibot-tests", recompute=True), timeout=60)
+
+
 @dataclass
 class MultiNode:
     """The module's cluster: ``training``/``data`` hold the live nodes of each kind (tests keep them current)."""
@@ -62,6 +78,8 @@ class MultiNode:
         while ray.is_initialized() and ray.cluster_resources().get("trainer", 0) != want:
             assert time.time() - t0 < 60, f"trainer slots {ray.cluster_resources().get('trainer')} != {want}"
             time.sleep(0.2)
+        if ray.is_initialized():
+            refresh_autoscaling_coordinator()
         return node
 
     def add_data(self):
@@ -82,6 +100,7 @@ class MultiNode:
         while any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
             assert time.time() - t0 < 60, f"node {node.node_id} still alive 60 s after it was killed"
             time.sleep(0.2)
+        refresh_autoscaling_coordinator()
 
 
 @pytest.fixture(scope="module")
@@ -263,9 +282,12 @@ def test_drained_node_gets_one_just_in_time_checkpoint_then_the_run_continues(mu
     write_images(data, 192, kinds=("jpeg", "png"), size=(40, 40))
     cfg = load_config("demo", TINY + [
         f"data.source={data}", "optim.epochs=1", "train.num_workers=[1,2]", "train.worker_resource=trainer",
-        "train.worker_start_timeout_s=20", "train.checkpoint_every_steps=100", "train.keep_checkpoints=10",
+        "train.worker_start_timeout_s=10", "train.checkpoint_every_steps=100", "train.keep_checkpoints=10",
         "train.log_every_steps=1",
     ])  # 192 images / 16 = 12 steps (one epoch); no periodic checkpoint before the last step
+    # worker_start_timeout_s: when the drained node goes, the controller may first retry a group of 2 from Ray's
+    # AutoscalingCoordinator's view of the nodes (re-read every 20 s); that group can never be placed and each such
+    # try costs the whole timeout. Placing a group the cluster can hold takes under a second here.
     log = start_execution_log()  # Run counts the Data executions into it
     run = Run(cfg, tmp_path, "drain", monkeypatch)
 
