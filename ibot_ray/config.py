@@ -29,6 +29,9 @@ AUTO = "auto"
 #: The fields that may be ``auto``.
 AUTO_FIELDS = ("optim.momentum_teacher", "optim.warmup_epochs", "loss.warmup_teacher_temp_epochs",
                "optim.freeze_last_layer", "crops.blur_sigma", "data.actor_batch_size")
+#: The highest unreadable fraction of a source that a training stream is sized for (``data.expected_bad_fraction``
+#: and the measured one; pipelines/ingest.py stream_epochs): 10 data epochs per training epoch.
+MAX_BAD_FRACTION = 0.9
 #: The fields that may be ``auto`` and are sized to the cluster when the run starts (pipelines/cluster_plan.py).
 CLUSTER_AUTO_FIELDS = ("train.num_workers", "data.actors", "optim.micro_batch_size")
 
@@ -498,7 +501,8 @@ def validate(cfg: IBOTConfig) -> None:
     _check(d.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0")
     _check(d.local_shuffle_buffer_size >= 0, "data.local_shuffle_buffer_size", "must be >= 0")
     _check(d.max_image_pixels > 0, "data.max_image_pixels", "must be positive")
-    _check(0 <= d.expected_bad_fraction <= 0.9, "data.expected_bad_fraction", "must be in [0, 0.9]")
+    _check(0 <= d.expected_bad_fraction <= MAX_BAD_FRACTION, "data.expected_bad_fraction",
+           f"must be in [0, {MAX_BAD_FRACTION}]")
     _check(d.eval_max_images >= 1, "data.eval_max_images", "must be >= 1")
 
     _check(t.use_gpu in ("auto", "true", "false"), "train.use_gpu", "must be auto, true or false")
@@ -546,6 +550,7 @@ def replace(cfg: IBOTConfig, **sections: dict) -> IBOTConfig:
 __all__ = [
     "AUTO",
     "AUTO_FIELDS",
+    "MAX_BAD_FRACTION",
     "CLUSTER_AUTO_FIELDS",
     "ConfigError",
     "IBOTConfig",

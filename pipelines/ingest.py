@@ -46,6 +46,7 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ibot_ray.config import MAX_BAD_FRACTION
 from ibot_ray.recipe import actor_batch_for
 from pipelines.sources import EPOCH_COLUMN, SourceInfo, SourceListing, build_source_dataset, resolve_uri
 
@@ -404,19 +405,14 @@ def latest_checkpoint_metrics(run_path: str) -> dict:
     return (snap.get("latest_checkpoint_result") or {}).get("metrics") or {}
 
 
-def resume_data_epoch(run_path: str) -> int:
-    """The data epoch that a (re)start of run ``run_path`` streams first: :data:`RESUME_EPOCH_METRIC` of the
-    checkpoint it resumes from, 0 without one."""
-    return int(latest_checkpoint_metrics(run_path).get(RESUME_EPOCH_METRIC, 0))
-
-
 class TrainStream:
     """The training Dataset factory handed to ``TorchTrainer(datasets={"train": TrainStream(...)})``.
 
     Ray Train V2 calls it at every worker-group start, on the driver's node (``DatasetsCallback``), and splits the
     Dataset it returns over the new workers. It streams, in ONE execution, every data epoch the rest of the run can
-    need, starting at the checkpoint's data epoch (:func:`resume_data_epoch`), so a restart, a resize or a driver
-    resume continues the data where the checkpoint left it, and no epoch starts a new execution. How many data
+    need, starting at the checkpoint's data epoch (:data:`RESUME_EPOCH_METRIC` of :func:`latest_checkpoint_metrics`),
+    so a restart, a resize or a driver resume continues the data where the checkpoint left it, and no epoch starts a
+    new execution. How many data
     epochs: :func:`stream_epochs`, the remaining ones, one spare, and as many more as the unreadable files take away
     (the fraction the run's ledger has measured, or ``data.expected_bad_fraction`` when that is higher). Ray Data
     cuts crops ahead of the workers until its share of the object store is full, so on a small dataset it cuts the
@@ -450,10 +446,6 @@ class TrainStream:
         return ds
 
 
-#: The highest unreadable fraction :func:`stream_epochs` sizes a stream for (10 data epochs per training epoch).
-MAX_BAD_FRACTION = 0.9
-
-
 def stream_epochs(remaining_epochs: float, bad_fraction: float) -> int:
     """Data epochs a training stream holds for ``remaining_epochs`` training epochs (fractional after a mid-epoch
     checkpoint) when ``bad_fraction`` of the listed files are unreadable. A training epoch is ``steps_per_epoch``
@@ -467,7 +459,6 @@ __all__ = [
     "CHECKPOINT_MANAGER_SNAPSHOT",
     "DEFAULT_MONITOR_NAME",
     "IngestMonitor",
-    "MAX_BAD_FRACTION",
     "MultiCropBatcher",
     "OUTPUT_COLUMNS",
     "RESUME_EPOCH_METRIC",
@@ -484,6 +475,5 @@ __all__ = [
     "latest_checkpoint_metrics",
     "merge_bad_input",
     "reset_bad_input_stats",
-    "resume_data_epoch",
     "stream_epochs",
 ]

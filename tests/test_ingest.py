@@ -20,13 +20,12 @@ import pytest
 import torch
 from conftest import BAD_KINDS, GOOD_KINDS, write_images, write_parquet
 
-from ibot_ray.config import load_config
+from ibot_ray.config import MAX_BAD_FRACTION, load_config
 from ibot_ray.knn import normalize_images
 from ibot_ray.recipe import actor_batch_for
 from pipelines.collate import IMAGENET_MEAN, IMAGENET_STD, MultiCropCollateFn, iter_train_batches
 from pipelines.ingest import (
     MAX_BAD_EXAMPLES,
-    MAX_BAD_FRACTION,
     IngestMonitor,
     build_train_dataset,
     get_bad_input_stats,
