@@ -223,6 +223,37 @@ def ray_cluster():
         ray.shutdown()
 
 
+# ---- multi-node clusters -------------------------------------------------------------------------
+
+
+def refresh_autoscaling_coordinator() -> None:
+    """Have Ray's AutoscalingCoordinator re-read the cluster's nodes now, if a run has created it.
+
+    Ray Train's elastic policy sizes a worker group from the coordinator's reservations, and the coordinator re-reads
+    ``ray.nodes()`` only on its 20 s tick: right after a node is killed (or added), a run started next would plan on the
+    old layout: a group of the old size whose placement group can never be placed, failing only after
+    ``train.worker_start_timeout_s`` (or one that starts smaller and grows later). The tick's own re-read, on demand."""
+    import ray
+
+    try:
+        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    except ValueError:  # no run has created it yet: the first one reads the cluster as it is
+        return
+    ray.get(coordinator.get_reserved_resources.remote("ibot-tests", recompute=True), timeout=60)
+
+
+def await_layout(cond, what: str, timeout: float = 60) -> None:
+    """Poll ``cond()`` until the cluster shows a changed layout (a node marked dead, a new node's resources counted),
+    then have the AutoscalingCoordinator re-read it, so that the next worker group a run plans fits the new layout."""
+    import time
+
+    t0 = time.time()
+    while not cond():
+        assert time.time() - t0 < timeout, f"{what}: not within {timeout} s"
+        time.sleep(0.2)
+    refresh_autoscaling_coordinator()
+
+
 # ---- runs in a thread ----------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import InThread, start_local_ray, write_images
+from conftest import InThread, await_layout, start_local_ray, write_images
 from data_executions import counting_executions, start_execution_log
 from test_ingest import per_epoch_keys, trained_rows
 from test_pretrain import TINY
@@ -38,22 +38,6 @@ from pipelines.train_worker import TRAINED_KEYS_ENV
 
 TRAINING_NODE = {"num_cpus": 2, "resources": {"trainer": 2}}
 DATA_NODE = {"num_cpus": 2, "resources": {"data": 1}}
-
-
-def refresh_autoscaling_coordinator() -> None:
-    """Have Ray's AutoscalingCoordinator re-read the cluster's nodes now, if a run has created it.
-
-    Ray Train's elastic policy sizes a worker group from the coordinator's reservations, and the coordinator re-reads
-    ``ray.nodes()`` only on its 20 s tick: right after a node is killed (or added), a run started next would plan on the
-    old layout: a group of the old size whose placement group can never be placed, failing only after
-    ``train.worker_start_timeout_s`` (or one that starts smaller and grows later). The tick's own re-read, on demand."""
-    import ray
-
-    try:
-        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
-    except ValueError:  # no run has created it yet: the first one reads the cluster as it is
-        return
-    ray.get(coordinator.get_reserved_resources.remote("ibot-tests", recompute=True), timeout=60)
 
 
 @dataclass
@@ -74,12 +58,8 @@ class MultiNode:
         self.training.append(node)
         self.slots[node.node_id] = trainer
         want = sum(self.slots[n.node_id] for n in self.training)
-        t0 = time.time()
-        while ray.is_initialized() and ray.cluster_resources().get("trainer", 0) != want:
-            assert time.time() - t0 < 60, f"trainer slots {ray.cluster_resources().get('trainer')} != {want}"
-            time.sleep(0.2)
-        if ray.is_initialized():
-            refresh_autoscaling_coordinator()
+        if ray.is_initialized():  # the fixture adds the first nodes before it connects
+            await_layout(lambda: ray.cluster_resources().get("trainer", 0) == want, f"{want} trainer slots counted")
         return node
 
     def add_data(self):
@@ -96,11 +76,8 @@ class MultiNode:
         for group in (self.training, self.data):
             if node in group:
                 group.remove(node)
-        t0 = time.time()
-        while any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
-            assert time.time() - t0 < 60, f"node {node.node_id} still alive 60 s after it was killed"
-            time.sleep(0.2)
-        refresh_autoscaling_coordinator()
+        await_layout(lambda: not any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()),
+                     f"node {node.node_id} marked dead")
 
 
 @pytest.fixture(scope="module")
