@@ -85,7 +85,6 @@ def test_asha_sweep_is_interrupted_resumes_and_reports(ray_cluster, tmp_path):
     for o in overrides:
         args += ["--set", o]
     address = ray_cluster.get_runtime_context().gcs_address
-    pgs_before = _live_placement_groups()
     t0 = time.time()
     log = tmp_path / "sweep_cli.log"
     with open(log, "w") as logf:  # a file, not a pipe: Tune's progress output would fill a pipe and block
@@ -104,6 +103,10 @@ def test_asha_sweep_is_interrupted_resumes_and_reports(ray_cluster, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 3, log.read_text()[-3000:]  # 3 = interrupted with unfinished trials
+    # What the interrupt may leave: a trial whose worker group was still being placed when Ctrl+C came (its Train
+    # controller killed between creating the group's placement group and starting the group, a window that Ray
+    # Train's own PlacementGroupCleaner does not cover either). The check below is on what the resumed sweep leaves.
+    pgs_before = _live_placement_groups()
     with open(exp / "results.csv") as f:
         first = list(csv.DictReader(f))
     assert any(r["status"] == "unfinished" for r in first) or len(first) < len(TEMPS), first
