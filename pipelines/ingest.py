@@ -410,15 +410,15 @@ class TrainStream:
 
     Ray Train V2 calls it at every worker-group start, on the driver's node (``DatasetsCallback``), and splits the
     Dataset it returns over the new workers. It streams, in ONE execution, every data epoch the rest of the run can
-    need, starting at the checkpoint's data epoch (:data:`RESUME_EPOCH_METRIC` of :func:`latest_checkpoint_metrics`),
-    so a restart, a resize or a driver resume continues the data where the checkpoint left it, and no epoch starts a
-    new execution. How many data
-    epochs: :func:`stream_epochs`, the remaining ones, one spare, and as many more as the unreadable files take away
-    (the fraction the run's ledger has measured, or ``data.expected_bad_fraction`` when that is higher). Ray Data
-    cuts crops ahead of the workers until its share of the object store is full, so on a small dataset it cuts the
-    whole stream: every epoch it holds beyond the run's need is work thrown away. If more files turn out unreadable
-    than the stream allowed for, the workers' shards end before the run's last step; the worker loop raises, Ray
-    Train restarts from the latest checkpoint, and the new stream is sized for the fraction measured by then.
+    need, starting at the checkpoint's data epoch (:data:`RESUME_EPOCH_METRIC` of
+    :func:`latest_checkpoint_metrics`), so a restart, a resize or a driver resume continues the data where the
+    checkpoint left it, and no epoch starts a new execution. How many data epochs: :func:`stream_epochs`, the
+    remaining ones, one spare, and as many more as the unreadable files take away (the fraction the run's ledger has
+    measured, or ``data.expected_bad_fraction`` when that is higher). Ray Data cuts crops ahead of the workers until
+    its share of the object store is full, so on a small dataset it cuts the whole stream: every epoch it holds
+    beyond the run's need is work thrown away. If more files turn out unreadable than the stream allowed for, the
+    workers' shards end before the run's last step; the worker loop raises, Ray Train restarts from the latest
+    checkpoint, and the new stream is sized for the fraction measured by then.
     """
 
     def __init__(self, cfg: IBOTConfig, listing: SourceListing, monitor_name: str, run_path: str,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Optional
@@ -245,8 +246,6 @@ def refresh_autoscaling_coordinator() -> None:
 def await_layout(cond, what: str, timeout: float = 60) -> None:
     """Poll ``cond()`` until the cluster shows a changed layout (a node marked dead, a new node's resources counted),
     then have the AutoscalingCoordinator re-read it, so that the next worker group a run plans fits the new layout."""
-    import time
-
     t0 = time.time()
     while not cond():
         assert time.time() - t0 < timeout, f"{what}: not within {timeout} s"
@@ -287,8 +286,6 @@ class InThread:
 
     def wait(self, metrics: os.PathLike | str, cond, timeout: float = 240.0, poll: float = 0.2) -> list[dict]:
         """The rows of the metrics file once ``cond(rows)`` holds; fails when ``fn`` ends first or on timeout."""
-        import time
-
         from pipelines.metrics import read_metrics
 
         t0 = time.time()
