@@ -9,7 +9,8 @@ thread trains while another probe runs on the other core, so two recipes compare
 Each evaluation prints one JSON line: epoch, step, seconds, [CLS] / MIM loss, the run-health means of the epoch
 (``teacher_entropy_frac``, ``prototypes_used``, ``feature_std``), and the teacher's and the student's k-NN top-1.
 The first line holds the random-init k-NN and the raw-pixel k-NN of the same split; with ``--final-eval-max-images N``
-a last line judges all four again on larger splits (the full Fashion-MNIST bank, where the online k-NN uses 5,000).
+a last line judges all four again on larger splits (the full Fashion-MNIST bank, where the online k-NN uses 5,000),
+with the linear probe of the teacher's features (``ibot_ray.linear_probe``, the recipe ``ibot-ray eval`` uses).
 ``benchmarks/quality.py`` is the judge of a recipe (the real pipeline, the linear probe); this is for choosing what
 to give it.
 
@@ -35,6 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ibot_ray.knn import normalize_images
+from ibot_ray.linear_probe import linear_probe
 from ibot_ray.step import apply_schedule, param_groups
 
 
@@ -113,11 +115,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(json.dumps(row), flush=True)
     if a.final_eval_max_images:
         final = KNNEvaluator(load_config(a.config, [*a.overrides, f"data.eval_max_images={a.final_eval_max_images}"]))
+        bank, queries = final.features(teacher.backbone, device=device)
         row = {"final_eval_max_images": a.final_eval_max_images, "s": round(time.time() - t0),
                "random_init_knn": final.evaluate(initial, device=device)["knn_top1"],
                "pixel_knn": final.pixel_baseline()["knn_top1"],
                "teacher_knn": final.evaluate(teacher.backbone, device=device)["knn_top1"],
-               "student_knn": final.evaluate(student.backbone, device=device)["knn_top1"]}
+               "student_knn": final.evaluate(student.backbone, device=device)["knn_top1"],
+               "teacher_linear": linear_probe(bank, final.bank.labels, queries, final.queries.labels,
+                                              num_classes=final.num_classes, device=device)["top1"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

@@ -519,8 +519,9 @@ def eval_sources(cfg: IBOTConfig) -> tuple[str, str] | None:
 class KNNEvaluator:
     """The online k-NN: holds the two decoded eval splits (``data.eval_max_images`` each, one label map).
 
-    ``evaluate(backbone)`` -> {"knn_top1", "knn_top5"} in percent; ``pixel_baseline()`` -> {"knn_top1",
-    "knn_top5", "variant": "raw" | "centred", "view"}, the raw-pixel baseline on the same splits (computed once).
+    ``evaluate(backbone)`` -> {"knn_top1", "knn_top5"} in percent, from ``features(backbone)`` (bank, queries);
+    ``pixel_baseline()`` -> {"knn_top1", "knn_top5", "variant": "raw" | "centred", "view"}, the raw-pixel baseline
+    on the same splits (computed once).
     """
 
     def __init__(self, cfg: IBOTConfig) -> None:
@@ -535,13 +536,18 @@ class KNNEvaluator:
         self._pixel: Optional[dict] = None
 
     @torch.no_grad()
-    def evaluate(self, backbone: torch.nn.Module, *, device: torch.device | str = "cpu", batch_size: int = 256) -> dict:
+    def features(self, backbone: torch.nn.Module, *, device: torch.device | str = "cpu",
+                 batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone's [CLS] features of the bank and of the queries (what the k-NN reads)."""
         def batches(x: torch.Tensor):
             for i in range(0, len(x), batch_size):
                 yield x[i:i + batch_size]
 
-        fb = extract_features(backbone, batches(self.bank.images), device=device)
-        fq = extract_features(backbone, batches(self.queries.images), device=device)
+        return (extract_features(backbone, batches(self.bank.images), device=device),
+                extract_features(backbone, batches(self.queries.images), device=device))
+
+    def evaluate(self, backbone: torch.nn.Module, *, device: torch.device | str = "cpu", batch_size: int = 256) -> dict:
+        fb, fq = self.features(backbone, device=device, batch_size=batch_size)
         r = knn_accuracy(fb, self.bank.labels, fq, self.queries.labels, self.cfg, self.num_classes)
         return {"knn_top1": r["top1"], "knn_top5": r["top5"]}
 
