@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from ibot_ray.model import build_student_teacher
     from ibot_ray.multicrop import MultiCropTransform
     from ibot_ray.step import IBOTStep
-    from pipelines.knn_eval import KNNEvaluator
+    from pipelines.knn_eval import KNNEvaluator, knn_accuracy
     from pipelines.sources import resolve_source
 
     torch.set_num_threads(a.threads)
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = {"final_eval_max_images": a.final_eval_max_images, "s": round(time.time() - t0),
                "random_init_knn": final.evaluate(initial, device=device)["knn_top1"],
                "pixel_knn": final.pixel_baseline()["knn_top1"],
-               "teacher_knn": final.evaluate(teacher.backbone, device=device)["knn_top1"],
+               "teacher_knn": knn_accuracy(bank, final.bank.labels, queries, final.queries.labels, final.cfg,
+                                           final.num_classes)["top1"],
                "student_knn": final.evaluate(student.backbone, device=device)["knn_top1"],
                "teacher_linear": linear_probe(bank, final.bank.labels, queries, final.queries.labels,
                                               num_classes=final.num_classes, device=device)["top1"]}
