@@ -18,6 +18,8 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from ibot_ray.conv_stem import ConvStemPatchEmbed
+
 
 class MaskedViT(nn.Module):
     """Any timm ViT (``vit_*``, ``deit*``, register variants) returning the final-normed CLS + patch tokens.
@@ -31,6 +33,8 @@ class MaskedViT(nn.Module):
         mask_token: create the ``(1, D)`` zero-initialised mask token (the student has one, the teacher not).
         depth: override of the number of transformer blocks (``None``: the architecture's own).
         embed_dim, num_heads: overrides of the width and the attention heads (``None``: the architecture's own).
+        stem: ``"patch"`` (timm's linear patch embedding, iBOT's) or ``"conv"`` (:mod:`ibot_ray.conv_stem`; masked
+            patches are then also zeroed in pixels, so that no token's receptive field sees their content).
     """
 
     def __init__(
@@ -44,8 +48,11 @@ class MaskedViT(nn.Module):
         depth: Optional[int] = None,
         embed_dim: Optional[int] = None,
         num_heads: Optional[int] = None,
+        stem: str = "patch",
     ) -> None:
         super().__init__()
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
         kwargs = dict(pretrained=False, num_classes=0, img_size=img_size, dynamic_img_size=True,
                       drop_path_rate=drop_path_rate)
         if patch_size is not None:
@@ -53,6 +60,8 @@ class MaskedViT(nn.Module):
         for name, value in (("depth", depth), ("embed_dim", embed_dim), ("num_heads", num_heads)):
             if value is not None:
                 kwargs[name] = value
+        if stem == "conv":
+            kwargs["embed_layer"] = ConvStemPatchEmbed
         vit = timm.create_model(arch, **kwargs)
         if not isinstance(vit, VisionTransformer):
             raise TypeError(f"arch {arch!r} builds a {type(vit).__name__}, not a timm VisionTransformer")
@@ -66,6 +75,7 @@ class MaskedViT(nn.Module):
             raise ValueError(f"arch {arch!r}: non-square patches {tuple(p)} are not supported")
         self.patch_size: int = int(p[0])
         self.num_prefix_tokens: int = int(vit.num_prefix_tokens)
+        self.stem = stem
         self.mask_token: Optional[nn.Parameter] = (
             nn.Parameter(torch.zeros(1, self.embed_dim)) if mask_token else None
         )
@@ -86,6 +96,15 @@ class MaskedViT(nn.Module):
         m = mask.reshape(b, *grid, 1)
         return torch.where(m, self.mask_token.to(x.dtype), x)  # (1, D) broadcasts over the grid
 
+    def _mask_pixels(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Zero the pixels of masked patches (an overlapping stem would otherwise show them to their neighbours)."""
+        p = self.patch_size
+        b, h, w = x.shape[0], x.shape[-2] // p, x.shape[-1] // p
+        if mask.shape[0] != b or mask[0].numel() != h * w:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not match {b} images of {h}x{w} patches")
+        m = mask.reshape(b, 1, h, w).repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
+        return x.masked_fill(m, 0.0)
+
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Encode images, optionally masked.
 
@@ -104,6 +123,8 @@ class MaskedViT(nn.Module):
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
         vit = self.vit
+        if mask is not None and self.stem == "conv":
+            x = self._mask_pixels(x, mask)
         t = vit.patch_embed(x)
         if mask is not None:
             t = self._apply_mask(t, mask)

@@ -43,6 +43,9 @@ class ModelConfig:
     depth: Optional[int] = None  # None: the architecture's own number of blocks (smaller for CPU demos)
     embed_dim: Optional[int] = None  # None: the architecture's own width
     num_heads: Optional[int] = None  # None: the architecture's own number of attention heads
+    # "patch": timm's linear patch embedding (iBOT's); "conv": a convolutional stem (ibot_ray/conv_stem.py), for
+    # small images; its exports load into timm with embed_layer=ibot_ray.conv_stem.ConvStemPatchEmbed
+    stem: str = "patch"
     drop_path_rate: float = 0.1  # student only; the teacher has none
 
 
@@ -415,6 +418,11 @@ def validate(cfg: IBOTConfig) -> None:
     _check(m.depth is None or m.depth > 0, "model.depth", "must be positive")
     _check(m.embed_dim is None or m.embed_dim > 0, "model.embed_dim", "must be positive")
     _check(m.num_heads is None or m.num_heads > 0, "model.num_heads", "must be positive")
+    _check(m.stem in ("patch", "conv"), "model.stem", f"must be 'patch' or 'conv', got {m.stem!r}")
+    if m.stem == "conv":
+        p = cfg.patch_size
+        _check(p >= 2 and not p & (p - 1), "model.stem",
+               f"conv needs a patch size that is a power of two >= 2 (stride-2 convolutions), got {p}")
     _check(not (m.embed_dim and m.num_heads) or m.embed_dim % m.num_heads == 0, "model.embed_dim",
            f"{m.embed_dim} is not divisible by model.num_heads {m.num_heads}")
     _check(0 <= m.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")

@@ -8,6 +8,10 @@ loads it with no missing or unexpected keys. ``timm_kwargs`` (``img_size``, ``pa
 ``depth``, ``embed_dim``, ``num_heads``) and ``arch`` are recorded in the file's metadata; :func:`load_exported` does
 the call above from them.
 
+A backbone with a convolutional stem (``model.stem: conv``) is a timm ViT built with ``embed_layer=
+ibot_ray.conv_stem.ConvStemPatchEmbed``; its metadata names that layer (``embed_layer``) and :func:`load_exported`
+passes it to timm.
+
 The iBOT mask token is left out on purpose: besides not being part of a timm ViT, a top-level ``mask_token`` key
 makes timm's ViT checkpoint filter treat the file as a DINOv2 checkpoint.
 As in the reference, the teacher is exported by default (it is "generally better" for downstream use).
@@ -26,8 +30,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ibot_ray.checkpoint import CheckpointError, load_checkpoint, unwrap_model
+from ibot_ray.conv_stem import ConvStemPatchEmbed
 
 PathLike = Union[str, Path]
+#: the metadata value naming the convolutional stem's embed layer (``model.stem: conv``)
+CONV_STEM_LAYER = "ibot_ray.conv_stem.ConvStemPatchEmbed"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -106,6 +113,8 @@ def export_backbone(backbone: nn.Module, path: PathLike, *, metadata: Optional[d
     """
     vit = _timm_vit(backbone)
     meta: dict[str, Any] = {"format": "pt", "producer": "ibot_ray", "timm_kwargs": _timm_kwargs(vit)}
+    if isinstance(getattr(vit, "patch_embed", None), ConvStemPatchEmbed):
+        meta["embed_layer"] = CONV_STEM_LAYER
     arch = (getattr(vit, "pretrained_cfg", None) or {}).get("architecture")
     if arch:
         meta["arch"] = arch
@@ -163,7 +172,8 @@ def export_from_checkpoint(checkpoint_path: PathLike, out_path: PathLike, *, whi
 def export_metadata(config: dict, tensors: Optional[dict[str, Tensor]] = None) -> dict[str, Any]:
     """``{"arch", "timm_kwargs"}`` of an export, from a run config (as a dict) and, where the config leaves a value
     to the architecture, from the weights: ``img_size`` (the global crop size), ``patch_size``, ``depth``,
-    ``embed_dim``, ``num_heads`` and ``dynamic_img_size``, everything ``timm.create_model`` needs to rebuild it."""
+    ``embed_dim``, ``num_heads`` and ``dynamic_img_size``, everything ``timm.create_model`` needs to rebuild it, and
+    ``embed_layer`` for a convolutional stem."""
     model = config.get("model") or {}
     crops = config.get("crops") or {}
     tensors = tensors or {}
@@ -182,6 +192,8 @@ def export_metadata(config: dict, tensors: Optional[dict[str, Tensor]] = None) -
     if model.get("num_heads"):  # not recoverable from the weights
         kwargs["num_heads"] = int(model["num_heads"])
     meta: dict[str, Any] = {"timm_kwargs": kwargs}
+    if model.get("stem") == "conv":
+        meta["embed_layer"] = CONV_STEM_LAYER
     if model.get("arch"):
         meta["arch"] = model["arch"]
     return meta
@@ -212,6 +224,11 @@ def load_exported(path: PathLike, arch: Optional[str] = None, **kwargs: Any) -> 
         raise ValueError(f"{path}: no 'arch' in the metadata; pass arch=")
     create_kwargs = {**(meta.get("timm_kwargs") or {}), **kwargs}
     create_kwargs.setdefault("num_classes", 0)
+    layer = meta.get("embed_layer")
+    if layer is not None and "embed_layer" not in kwargs:
+        if layer != CONV_STEM_LAYER:
+            raise ValueError(f"{path}: unknown embed_layer {layer!r} in the metadata; pass embed_layer=")
+        create_kwargs["embed_layer"] = ConvStemPatchEmbed
     return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **create_kwargs)
 
 

@@ -43,7 +43,7 @@ def patch_logit_dim(cfg: IBOTConfig) -> int:
 def _build(cfg: IBOTConfig, *, drop_path_rate: float, mask_token: bool, shared_head: bool) -> IBOTModel:
     backbone = MaskedViT(cfg.model.arch, img_size=cfg.crops.global_crops_size, patch_size=cfg.model.patch_size,
                          drop_path_rate=drop_path_rate, mask_token=mask_token, depth=cfg.model.depth,
-                         embed_dim=cfg.model.embed_dim, num_heads=cfg.model.num_heads)
+                         embed_dim=cfg.model.embed_dim, num_heads=cfg.model.num_heads, stem=cfg.model.stem)
     h = cfg.head
     head = IBOTHead(backbone.embed_dim, out_dim=h.out_dim, patch_out_dim=patch_logit_dim(cfg), hidden_dim=h.hidden_dim,
                     bottleneck_dim=h.bottleneck_dim, nlayers=h.nlayers, norm_last_layer=h.norm_last_layer,

@@ -111,7 +111,7 @@ def _load_checkpoint_model(state_path: Path, overrides: list[str]) -> LoadedMode
         raise ModelLoadError(f"checkpoint {state_path} has no teacher state dict")
     m = cfg.model
     backbone = MaskedViT(m.arch, img_size=cfg.crops.global_crops_size, patch_size=m.patch_size, depth=m.depth,
-                         embed_dim=m.embed_dim, num_heads=m.num_heads, mask_token=False)
+                         embed_dim=m.embed_dim, num_heads=m.num_heads, stem=m.stem, mask_token=False)
     try:
         backbone.vit.load_state_dict(_strip_to_timm_keys(state["teacher"]), strict=True)
     except RuntimeError as e:
