@@ -74,14 +74,15 @@ def test_conv_stem_gradient_reaches_the_stem_and_not_through_masked_pixels():
 
 
 def test_config_option_builds_student_and_teacher_with_the_same_stem():
-    cfg = load_config("demo", ["model.stem=conv"])
+    cfg = load_config("demo")
     student, teacher = build_student_teacher(cfg)
     for model in (student, teacher):
         assert isinstance(model.backbone.vit.patch_embed, ConvStemPatchEmbed)
     s = student.backbone.vit.patch_embed.state_dict()
     t = teacher.backbone.vit.patch_embed.state_dict()
     assert s.keys() == t.keys() and all(torch.equal(s[k], t[k]) for k in s)
-    assert load_config("demo").model.stem == "patch"
+    assert load_config("vit_small_16").model.stem == "patch"  # the paper's recipe keeps iBOT's patch embedding
+    assert load_config("demo").model.stem == "conv"
     with pytest.raises(ConfigError, match="model.stem"):
         load_config("demo", ["model.stem=resnet"])
     with pytest.raises(ConfigError, match="power of two"):
@@ -112,3 +113,27 @@ def test_conv_stem_checkpoint_exports_with_its_embed_layer(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.forward_features(x)[:, 0], teacher.backbone.eval()(x)[:, 0])
+
+
+def test_the_step_trains_the_stem_and_the_teacher_follows_it():
+    from ibot_ray.step import IBOTStep
+
+    cfg = load_config("demo", ["model.depth=2", "optim.batch_size=8", "train.num_workers=[1,1]", "optim.epochs=1",
+                               "optim.warmup_epochs=0", "optim.freeze_last_layer=0"])
+    torch.manual_seed(0)
+    student, teacher = build_student_teacher(cfg)
+    runner = IBOTStep(cfg, student, teacher, steps_per_epoch=4)
+    first = student.backbone.vit.patch_embed.proj[0].weight.detach().clone()
+    t_first = teacher.backbone.vit.patch_embed.proj[0].weight.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        batch = {"global_crops": torch.randint(0, 256, (8, 2, 3, 32, 32), dtype=torch.uint8, generator=g),
+                 "local_crops": torch.randint(0, 256, (8, 2, 3, 16, 16), dtype=torch.uint8, generator=g),
+                 "masks": torch.rand(8, 2, 4, 4, generator=g) < 0.3}
+        m = runner(batch)
+        assert not m["step_skipped"] and all(torch.isfinite(torch.tensor(m[k])) for k in ("loss", "cls", "mim"))
+    s_w = student.backbone.vit.patch_embed.proj[0].weight.detach()
+    t_w = teacher.backbone.vit.patch_embed.proj[0].weight.detach()
+    assert (s_w - first).abs().max() > 1e-4  # the optimiser moved the stem
+    assert (t_w - t_first).abs().max() > 0  # the EMA carried it to the teacher, part of the way
+    assert (t_w - first).norm() < (s_w - first).norm()
