@@ -9,6 +9,8 @@
 #    seconds (each times its own steps first and plans its epochs to fit, so its schedules end with the budget):
 #    small_gpu (8 px patches), small_gpu with 4 px patches, and the CPU demo recipe as shipped. Each ends with the k-NN of random
 #    init, raw pixels, teacher and student on the full splits (FINAL_MAX images at most, 70,000 by default).
+#    WITH_STEM=1 adds a fourth: small_gpu with the demo's convolutional stem (model.stem=conv), not yet measured on a
+#    GPU (the README's figures shared the GPU three ways).
 # Results: OUT_DIR/step_time.txt and one JSON-lines file per recipe. DEVICE, WORKERS, EVAL_MAX, FINAL_MAX and
 # EVAL_EVERY override the defaults; PROBE_ARGS adds arguments to every probe (a CPU smoke run on a few hundred
 # images: DEVICE=cpu WORKERS=1 STEP_BATCH=2 EVAL_MAX=300 FINAL_MAX=600 PROBE_ARGS='--set optim.batch_size=16' ... 5).
@@ -33,6 +35,10 @@ python3 benchmarks/recipe_probe.py --config small_gpu --set model.patch_size=4 "
     > "$out/small_gpu_patch4.jsonl" 2> "$out/small_gpu_patch4.err" &
 python3 benchmarks/recipe_probe.py --config demo "${common[@]}" \
     > "$out/demo.jsonl" 2> "$out/demo.err" &
+if [ "${WITH_STEM:-0}" = 1 ]; then
+    python3 benchmarks/recipe_probe.py --config small_gpu --set model.stem=conv "${common[@]}" \
+        > "$out/small_gpu_stem.jsonl" 2> "$out/small_gpu_stem.err" &
+fi
 wait
 for f in "$out"/*.jsonl; do
     echo "== $f"; cat "$f"; tail -3 "${f%.jsonl}.err"
