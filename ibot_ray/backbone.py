@@ -100,6 +100,8 @@ class MaskedViT(nn.Module):
         """Zero the pixels of masked patches (an overlapping stem would otherwise show them to their neighbours)."""
         p = self.patch_size
         b, h, w = x.shape[0], x.shape[-2] // p, x.shape[-1] // p
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
         if mask.shape[0] != b or mask[0].numel() != h * w:
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not match {b} images of {h}x{w} patches")
         m = mask.reshape(b, 1, h, w).repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)

@@ -53,6 +53,10 @@ def test_masked_patch_content_reaches_no_token_with_the_conv_stem():
     y[1, :, 0:16, 0:16] = torch.randn(3, 16, 16) * 5
     with torch.no_grad():
         torch.testing.assert_close(m(x, mask), m(y, mask), rtol=0, atol=0)
+        with pytest.raises(TypeError, match="bool"):
+            m(x, mask.float())
+        with pytest.raises(ValueError, match="does not match"):
+            m(x, torch.zeros(2, 3, 3, dtype=torch.bool))
         # unmasked, the same change reaches the neighbouring patch tokens, not only the changed patch's own
         diff = (m(x) - m(y)).abs().amax(-1)
     assert diff[0, 1 + 1 * 4 + 1] > 1e-3 and diff[0, 1 + 2 * 4 + 2] > 1e-3  # (1,1) and (2,2) border patch (1,2)
