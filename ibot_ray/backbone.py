@@ -21,6 +21,14 @@ from torch import Tensor, nn
 from ibot_ray.conv_stem import ConvStemPatchEmbed
 
 
+def _check_mask(mask: Tensor, b: int, n: int, grid: tuple) -> None:
+    """A patch mask must be bool, one row of ``n`` patches (any shape) per image."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+    if mask.shape[0] != b or mask[0].numel() != n:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not match {b} images of {grid} patches")
+
+
 class MaskedViT(nn.Module):
     """Any timm ViT (``vit_*``, ``deit*``, register variants) returning the final-normed CLS + patch tokens.
 
@@ -89,10 +97,7 @@ class MaskedViT(nn.Module):
         n = 1
         for s in grid:
             n *= s
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
-        if mask.shape[0] != b or mask[0].numel() != n:
-            raise ValueError(f"mask of shape {tuple(mask.shape)} does not match {b} images of {tuple(grid)} patches")
+        _check_mask(mask, b, n, tuple(grid))
         m = mask.reshape(b, *grid, 1)
         return torch.where(m, self.mask_token.to(x.dtype), x)  # (1, D) broadcasts over the grid
 
@@ -100,10 +105,7 @@ class MaskedViT(nn.Module):
         """Zero the pixels of masked patches (an overlapping stem would otherwise show them to their neighbours)."""
         p = self.patch_size
         b, h, w = x.shape[0], x.shape[-2] // p, x.shape[-1] // p
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
-        if mask.shape[0] != b or mask[0].numel() != h * w:
-            raise ValueError(f"mask of shape {tuple(mask.shape)} does not match {b} images of {h}x{w} patches")
+        _check_mask(mask, b, h * w, (h, w))
         m = mask.reshape(b, 1, h, w).repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
         return x.masked_fill(m, 0.0)
 

@@ -420,9 +420,12 @@ def validate(cfg: IBOTConfig) -> None:
     _check(m.num_heads is None or m.num_heads > 0, "model.num_heads", "must be positive")
     _check(m.stem in ("patch", "conv"), "model.stem", f"must be 'patch' or 'conv', got {m.stem!r}")
     if m.stem == "conv":
-        p = cfg.patch_size
-        _check(p >= 2 and not p & (p - 1), "model.stem",
-               f"conv needs a patch size that is a power of two >= 2 (stride-2 convolutions), got {p}")
+        from ibot_ray.conv_stem import conv_stem_widths
+
+        try:
+            conv_stem_widths(cfg.patch_size, 1)
+        except ValueError as e:
+            raise ConfigError(f"model.stem: conv: {e}") from None
     _check(not (m.embed_dim and m.num_heads) or m.embed_dim % m.num_heads == 0, "model.embed_dim",
            f"{m.embed_dim} is not divisible by model.num_heads {m.num_heads}")
     _check(0 <= m.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")

@@ -33,9 +33,9 @@ from ibot_ray.checkpoint import CheckpointError, load_checkpoint, unwrap_model
 from ibot_ray.conv_stem import ConvStemPatchEmbed
 
 PathLike = Union[str, Path]
-#: the metadata value naming the convolutional stem's embed layer (``model.stem: conv``)
-CONV_STEM_LAYER = "ibot_ray.conv_stem.ConvStemPatchEmbed"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+#: the metadata value naming the convolutional stem's embed layer (``model.stem: conv``)
+CONV_STEM_LAYER = f"{ConvStemPatchEmbed.__module__}.{ConvStemPatchEmbed.__qualname__}"
 
 
 def _timm_vit(backbone: nn.Module) -> nn.Module:
