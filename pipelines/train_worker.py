@@ -17,6 +17,11 @@ Every (re)start of the worker group, whether first start, failure, resize or dri
   Data cannot seek).
 * Checkpoints (rank 0 writes, every rank reports) every ``train.checkpoint_every_steps`` steps, at each epoch end,
   at the last step, and just in time when Ray Train reports that a node is being drained for preemption.
+* Only checkpoints are reported to Ray Train (:func:`is_checkpoint_step`); the metrics of every
+  ``train.log_every_steps`` go to the run's own log and console. Ray Train's controller takes one report per worker
+  per poll (every 2 s, ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``) through a queue of one, so a worker that reports more
+  often blocks in ``ray.train.report`` until the next poll: reporting every 10 steps cost the demo 19 % of its
+  training thread's time, and would cap a GPU run at 10 steps per 2 s.
 * Randomness: every rank builds the same initial weights from ``train.seed``; each step then runs on its own stream,
   seeded from ``(train.seed, rank, step)``, so ranks differ (drop-path masks) and a resumed step draws exactly what it
   would have drawn without the restart. A checkpoint therefore needs no RNG state restored.
@@ -126,6 +131,13 @@ class PreemptionNotices:
         return True
 
 
+def is_checkpoint_step(step: int, *, steps_per_epoch: int, total: int, every: int) -> bool:
+    """Whether the loop checkpoints (and reports to Ray Train) after optimiser step ``step``: every ``every``
+    (``train.checkpoint_every_steps``) steps, at each epoch end and at the last step. Preemption notices and
+    ``train.stop_on_collapse`` add checkpoints that no schedule predicts."""
+    return step >= total or step % steps_per_epoch == 0 or step % every == 0
+
+
 def _checkpoint_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -146,12 +158,10 @@ def _trained_keys_log(rank: int, folder: str | None):
     return open(Path(folder) / f"rank{rank}_{os.getpid()}.jsonl", "a")
 
 
-def _report(metrics: dict, *, step_runner: IBOTStep, cfg: IBOTConfig, data_epoch: int | None, rank: int,
-            with_checkpoint: bool, local_log_dir: Path, epoch_length: dict,
-            monitor_name: str | None = None) -> None:
-    if not with_checkpoint:
-        ray.train.report(metrics)
-        return
+def _report_checkpoint(metrics: dict, *, step_runner: IBOTStep, cfg: IBOTConfig, data_epoch: int | None,
+                       rank: int, local_log_dir: Path, epoch_length: dict, monitor_name: str | None = None) -> None:
+    """Rank 0 writes the checkpoint; every rank reports it with the step's metrics (Ray Train commits it once all
+    have)."""
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:
@@ -370,8 +380,8 @@ def _train_loop(config: dict) -> dict:
         busy_s += t0 - t1
         step = runner.step
         epoch_end = step % steps_per_epoch == 0
-        done = step >= total
-        do_ckpt = done or epoch_end or step % cfg.train.checkpoint_every_steps == 0
+        do_ckpt = is_checkpoint_step(step, steps_per_epoch=steps_per_epoch, total=total,
+                                     every=cfg.train.checkpoint_every_steps)
         do_log = do_ckpt or step % cfg.train.log_every_steps == 0
         preempted = new_notice = False
         if do_log and cfg.train.check_preemption:
@@ -429,10 +439,10 @@ def _train_loop(config: dict) -> dict:
                       f"{metrics['images_per_s']:.1f} img/s wait {metrics['data_wait_fraction']:.0%}"
                       + (f" knn {metrics['knn_top1']:.1f}%" if "knn_top1" in metrics else ""), flush=True)
             report = {k: v for k, v in metrics.items() if not isinstance(v, list)}
-            _report(report, step_runner=runner, cfg=cfg, data_epoch=metrics.get(RESUME_EPOCH_METRIC), rank=rank,
-                    with_checkpoint=do_ckpt, local_log_dir=writer.folder if writer else Path("."),
-                    epoch_length=epoch_length, monitor_name=monitor_name)
-            if do_ckpt:
+            if do_ckpt:  # only checkpoints go to Ray Train (module doc): a report between polls blocks the step
+                _report_checkpoint(report, step_runner=runner, cfg=cfg, data_epoch=metrics.get(RESUME_EPOCH_METRIC),
+                                   rank=rank, local_log_dir=writer.folder if writer else Path("."),
+                                   epoch_length=epoch_length, monitor_name=monitor_name)
                 console.event("checkpoint", name=_checkpoint_dir_name(step), step=step,
                               epoch=step // steps_per_epoch)
             if new_notice:

@@ -5,6 +5,7 @@ The elastic (node loss / node add) scenario needs its own simulated multi-node c
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -110,6 +111,39 @@ def test_second_invocation_with_the_same_name_resumes(ray_cluster, tmp_path, fol
     for r in rows:
         if "lr" in r:
             assert r["lr"] == pytest.approx(sched.at(r["step"] - 1)["lr"])
+
+
+def test_only_checkpoints_reach_ray_train(ray_cluster, tmp_path, folder_data):
+    """The loop logs every step but reports to Ray Train only at its checkpoints: the controller takes one report
+    per worker per poll (2 s), so a report per log step would block the step until the next poll. The steps Ray
+    Train receives are exactly the ones the sweep's ASHA arithmetic expects, each with a checkpoint."""
+    import ray.train
+
+    from pipelines.failures import fit_or_raise_fatal
+    from pipelines.pretrain import build_trainer
+    from tune.sweep import report_steps
+
+    log = tmp_path / "reports.jsonl"
+
+    class ReportLog(ray.train.UserCallback):  # runs in the Train controller: it appends to a file
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(log, "a") as f:
+                f.write(json.dumps({"steps": [m["step"] for m in metrics], "checkpoint": checkpoint is not None})
+                        + "\n")
+
+    storage = tmp_path / "runs"
+    cfg = load_config("demo", TINY + [f"data.source={folder_data}", "optim.epochs=2", "train.checkpoint_every_steps=4",
+                                      "train.max_failures=0"])
+    trainer, info = build_trainer(cfg, storage=str(storage), name="reports", callbacks=[ReportLog()])
+    fit_or_raise_fatal(trainer)
+    spe = int(info["steps_per_epoch"])
+    assert spe == 6
+    reports = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["steps"] for r in reports] == [[s, s] for s in report_steps(cfg, spe)] == [[4, 4], [6, 6], [8, 8],
+                                                                                         [12, 12]]
+    assert all(r["checkpoint"] for r in reports)
+    logged = _steps(read_metrics(storage / "reports" / "logs" / "metrics.jsonl"))
+    assert logged == list(range(1, 13))  # every step still reaches the run's own log
 
 
 def test_bad_config_fails_before_any_cluster_resource():

@@ -191,18 +191,18 @@ def test_refusals_before_any_cluster_work(tmp_path, capsys):
 
 
 def test_report_arithmetic_matches_the_worker_loop():
-    """Reports happen at multiples of log_every_steps and checkpoint_every_steps, at epoch ends and the last step;
-    ASHA's rungs are counted in optimiser steps (a restarted trial replays steps; Tune's training_iteration would
-    count the replayed reports again) and fall on report steps."""
+    """Reports happen at the checkpoints only (multiples of checkpoint_every_steps, epoch ends, the last step), not
+    every log_every_steps; ASHA's rungs are counted in optimiser steps (a restarted trial replays steps; Tune's
+    training_iteration would count the replayed reports again) and fall on report steps."""
     from tune.sweep import ASHA_TIME_ATTR, asha_rungs, report_steps
 
     cfg = load_config("demo", ["optim.epochs=2", "train.log_every_steps=2", "train.checkpoint_every_steps=3",
                                "train.knn_every_epochs=2"])
     spe = 5
-    expected = sorted(set(range(2, 11, 2)) | set(range(3, 11, 3)) | {5, 10})
-    assert report_steps(cfg, spe) == expected == [2, 3, 4, 5, 6, 8, 9, 10]
+    expected = sorted(set(range(3, 11, 3)) | {5, 10})
+    assert report_steps(cfg, spe) == expected == [3, 5, 6, 9, 10]
     assert asha_rungs(cfg, spe, "loss", 1) == (5, 10)  # the last report of epoch 1 is step 5; the run ends at 10
-    assert asha_rungs(cfg, spe, "loss", 0.5) == (2, 10)  # step 2 <= 2.5
+    assert asha_rungs(cfg, spe, "loss", 0.5) == (3, 10)  # no report by step 2.5: the first report, step 3
     assert asha_rungs(cfg, spe, "knn_top1", 1) == (10, 10)  # k-NN every 2 epochs: the first rung needs epoch 2
     assert ASHA_TIME_ATTR == "step"
 

@@ -121,13 +121,14 @@ def write_text(path: str, text: str) -> None:
 
 
 def report_steps(cfg: IBOTConfig, steps_per_epoch: int) -> list[int]:
-    """The optimiser steps at which the worker loop reports (pipelines/train_worker.py): every
-    ``log_every_steps``, every ``checkpoint_every_steps``, each epoch end and the last step."""
-    t = cfg.train
+    """The optimiser steps at which the worker loop reports to Ray Train, and so to Tune: its checkpoint steps
+    (``pipelines.train_worker.is_checkpoint_step``: every ``checkpoint_every_steps``, each epoch end, the last step)."""
+    from pipelines.train_worker import is_checkpoint_step
+
     total = steps_per_epoch * cfg.optim.epochs
     return [s for s in range(1, total + 1)
-            if s % t.log_every_steps == 0 or s % t.checkpoint_every_steps == 0 or s % steps_per_epoch == 0
-            or s == total]
+            if is_checkpoint_step(s, steps_per_epoch=steps_per_epoch, total=total,
+                                  every=cfg.train.checkpoint_every_steps)]
 
 
 def asha_rungs(cfg: IBOTConfig, steps_per_epoch: int, objective: str, grace_epochs: float) -> tuple[int, int]:
