@@ -131,8 +131,9 @@ class FailureBudget(UserCallback):
     """A ``ray.train`` callback on the Train controller that ends the run on deterministic errors (module doc).
 
     ``max_repeated``: the same unclassified worker exception ending this many attempts without progress (a new
-    highest reported step) ends the run; 0 turns that fallback off. A typed :class:`FatalTrainingError` always ends
-    it. Attempts that lost a worker (system errors) are not counted: Ray's failure budgets handle them."""
+    highest reported step; the loop reports its checkpoints, so: a new checkpoint to restart from) ends the run; 0
+    turns that fallback off. A typed :class:`FatalTrainingError` always ends it. Attempts that lost a worker (system
+    errors) are not counted: Ray's failure budgets handle them."""
 
     def __init__(self, max_repeated: int = 3) -> None:
         self.max_repeated = int(max_repeated)

@@ -31,9 +31,10 @@ TINY = [
     "optim.epochs=1", "optim.batch_size=16", "optim.warmup_epochs=0", "loss.warmup_teacher_temp_epochs=0",
     "train.num_workers=[1,1]", "train.cpus_per_worker=0.5", "model.depth=2", "crops.global_crops_size=32",
     "crops.local_crops_size=16", "crops.local_crops_number=2", "head.out_dim=64", "head.patch_out_dim=64",
-    "head.hidden_dim=64", "head.bottleneck_dim=32", "train.log_every_steps=2", "train.checkpoint_every_steps=100",
-    "train.knn_every_epochs=0", "data.eval_source=null", "data.cpus_per_actor=0.5", "data.actors=[1,1]",
-    "eval.image_size=32",
+    "head.hidden_dim=64", "head.bottleneck_dim=32", "train.log_every_steps=2",
+    # a report (a checkpoint) every 2 of the run's 4 steps: ASHA's half-epoch grace period needs one mid-epoch
+    "train.checkpoint_every_steps=2", "train.knn_every_epochs=0", "data.eval_source=null", "data.cpus_per_actor=0.5",
+    "data.actors=[1,1]", "eval.image_size=32",
 ]
 # CE(teacher, student) = H(teacher) + KL grows with the teacher's entropy: 0.2 (a nearly uniform teacher over 64
 # prototypes) has by far the highest loss, 0.02 and 0.04 are close to each other.
