@@ -152,6 +152,9 @@ class DataConfig:
     # unreadable share of the listed files that the training stream's data epochs allow for from the start; the
     # fraction the run has measured is used once higher (pipelines/ingest.py stream_epochs)
     expected_bad_fraction: float = 0.0
+    # Ray Data's scheduling loop (in the training stream's coordinator) spins while its output is backpressured;
+    # at most one loop step per this many ms (0: Ray's own loop). pipelines/ingest.py SchedulingLoopPacer
+    executor_min_step_ms: float = 20.0
     seed: int = 0
 
 
@@ -511,6 +514,7 @@ def validate(cfg: IBOTConfig) -> None:
     _check(d.actor_batch_size == AUTO or d.actor_batch_size >= 1, "data.actor_batch_size", "must be >= 1")
     _check(d.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0")
     _check(d.local_shuffle_buffer_size >= 0, "data.local_shuffle_buffer_size", "must be >= 0")
+    _check(0 <= d.executor_min_step_ms <= 1000, "data.executor_min_step_ms", "must be in [0, 1000]")
     _check(d.max_image_pixels > 0, "data.max_image_pixels", "must be positive")
     _check(0 <= d.expected_bad_fraction <= MAX_BAD_FRACTION, "data.expected_bad_fraction",
            f"must be in [0, {MAX_BAD_FRACTION}]")

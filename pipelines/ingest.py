@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import ray
+from ray.data._internal.execution.execution_callback import ExecutionCallback  # Ray is pinned (pyproject.toml)
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ibot_ray.config import MAX_BAD_FRACTION
@@ -378,9 +379,45 @@ def build_train_dataset(
     # Read tasks of adjacent epochs run at the same time (small epochs are a single task): rows must still leave in
     # epoch order, else epochs interleave. Ray Train sets its own options: see ingest_execution_options.
     ds.context.execution_options.preserve_order = True
+    pace_scheduling_loop(ds, d.executor_min_step_ms)
     logger.info("ingest: %s source %s with %d items, data epochs %d..%d, built in %.1fs", info.format, info.uri,
                 info.num_items, start_epoch, start_epoch + num_epochs - 1, time.perf_counter() - t0)
     return ds, info
+
+
+#: DataContext key of the scheduling loop's minimum step (seconds), read by SchedulingLoopPacer in the executor
+MIN_STEP_KEY = "ibot_ray.executor_min_step_s"
+
+
+class SchedulingLoopPacer(ExecutionCallback):
+    """Holds Ray Data's scheduling loop to at most one step per ``data.executor_min_step_ms``.
+
+    The streaming executor's loop waits on its running tasks with ``ray.wait`` only until one has output; when the
+    output is backpressured (the object store budget is full because the trainers consume slower than the actors
+    crop, the steady state of any dataset larger than that budget), the task's output stays ready and unread, and
+    the loop spins. Measured on the full Fashion-MNIST on 2 cores: the training stream's coordinator (the
+    ``SplitCoordinator`` actor) took 30 % of a core after 15 minutes and 54 % after 25, taken from the training
+    workers. The loop's own work per step (resource accounting, dispatch) is unchanged; a step only starts no sooner
+    than the minimum after the previous one. Finished blocks reach the output queue at most that much later, far
+    inside the blocks the trainers prefetch."""
+
+    def __init__(self) -> None:
+        self._last = None
+
+    def on_execution_step(self, executor) -> None:
+        period = float(executor._data_context.get_config(MIN_STEP_KEY, 0.0) or 0.0)
+        now = time.perf_counter()
+        if period > 0 and self._last is not None and now - self._last < period:
+            time.sleep(period - (now - self._last))
+        self._last = time.perf_counter()
+
+
+def pace_scheduling_loop(ds, min_step_ms: float) -> None:
+    """Have every execution of ``ds`` paced by :class:`SchedulingLoopPacer` (``min_step_ms`` 0: Ray's own loop)."""
+    ctx = ds.context
+    ctx.set_config(MIN_STEP_KEY, float(min_step_ms) / 1000.0)
+    if min_step_ms > 0 and SchedulingLoopPacer not in ctx.custom_execution_callback_classes:
+        ctx.custom_execution_callback_classes = [*ctx.custom_execution_callback_classes, SchedulingLoopPacer]
 
 
 def ingest_execution_options():
@@ -459,9 +496,11 @@ __all__ = [
     "CHECKPOINT_MANAGER_SNAPSHOT",
     "DEFAULT_MONITOR_NAME",
     "IngestMonitor",
+    "MIN_STEP_KEY",
     "MultiCropBatcher",
     "OUTPUT_COLUMNS",
     "RESUME_EPOCH_METRIC",
+    "SchedulingLoopPacer",
     "TrainStream",
     "bad_input_snapshot",
     "build_train_dataset",
@@ -474,6 +513,7 @@ __all__ = [
     "kill_monitor",
     "latest_checkpoint_metrics",
     "merge_bad_input",
+    "pace_scheduling_loop",
     "reset_bad_input_stats",
     "stream_epochs",
 ]

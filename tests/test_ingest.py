@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import BAD_KINDS, GOOD_KINDS, write_images, write_parquet
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from ibot_ray.config import MAX_BAD_FRACTION, load_config
 from ibot_ray.knn import normalize_images
@@ -27,6 +29,7 @@ from pipelines.collate import IMAGENET_MEAN, IMAGENET_STD, MultiCropCollateFn, i
 from pipelines.ingest import (
     MAX_BAD_EXAMPLES,
     IngestMonitor,
+    SchedulingLoopPacer,
     build_train_dataset,
     get_bad_input_stats,
     image_seed,
@@ -253,6 +256,35 @@ def test_auto_actor_batch_sets_the_images_per_block(ray_cluster, tmp_path):
     ds, _ = build_train_dataset(cfg, source=str(tmp_path / "d.parquet"), monitor_name=_name())
     sizes = [m.num_rows for b in ds.materialize().iter_internal_ref_bundles() for m in b.metadata]
     assert sum(sizes) == 100 and max(sizes) == 48 and len(sizes) >= 3
+
+
+STEP_TIMES: list[float] = []
+
+
+class _StepClock(ExecutionCallback):
+    """Records when each step of a real execution's scheduling loop ends (the executor runs in this process)."""
+
+    def on_execution_step(self, executor) -> None:
+        STEP_TIMES.append(time.perf_counter())
+
+
+def test_scheduling_loop_steps_are_paced(ray_cluster, tmp_path):
+    """``data.executor_min_step_ms`` spaces the steps of Ray Data's scheduling loop (which spins while its output is
+    backpressured): with 50 ms no two steps of the stream's execution are closer than that; with 0 the pacer is
+    not installed and the loop runs at its own speed."""
+    write_parquet(tmp_path / "d.parquet", 48)
+    gaps = {}
+    for ms in (50, 0):
+        ds, _ = build_train_dataset(_cfg(f"data.executor_min_step_ms={ms}"), source=str(tmp_path / "d.parquet"),
+                                    monitor_name=_name())
+        assert (SchedulingLoopPacer in ds.context.custom_execution_callback_classes) == (ms > 0)
+        ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, _StepClock]
+        STEP_TIMES.clear()
+        assert ds.count() == 48
+        gaps[ms] = np.diff(STEP_TIMES)
+        assert len(gaps[ms]) >= 5
+    assert gaps[50].min() >= 0.045  # the clock runs after the pacer, so consecutive marks are a full step apart
+    assert gaps[0].min() < 0.045 and len(gaps[0]) > len(gaps[50]) / 4
 
 
 def test_iter_train_batches_fixed_size_typed_batches(ray_cluster, tmp_path):
