@@ -392,12 +392,12 @@ MIN_STEP_KEY = "ibot_ray.executor_min_step_s"
 class SchedulingLoopPacer(ExecutionCallback):
     """Holds Ray Data's scheduling loop to at most one step per ``data.executor_min_step_ms``.
 
-    The streaming executor's loop waits on its running tasks with ``ray.wait`` only until one has output; when the
-    output is backpressured (the object store budget is full because the trainers consume slower than the actors
-    crop, the steady state of any dataset larger than that budget), the task's output stays ready and unread, and
-    the loop spins. Measured on the full Fashion-MNIST on 2 cores: the training stream's coordinator (the
-    ``SplitCoordinator`` actor) took 30 % of a core after 15 minutes and 54 % after 25, taken from the training
-    workers. The loop's own work per step (resource accounting, dispatch) is unchanged; a step only starts no sooner
+    Each step of the streaming executor's loop waits in ``ray.wait`` (at most 0.1 s) for its running tasks'
+    outputs. When the output is backpressured (the object store budget is full because the trainers consume slower
+    than the actors crop, the steady state of any dataset larger than that budget), outputs stay ready and unread,
+    ``ray.wait`` returns at once, and the loop spins. Measured on the full Fashion-MNIST on 2 cores: the training
+    stream's coordinator (the ``SplitCoordinator`` actor) took 30 % of a core after 15 minutes and 54 % after 25,
+    taken from the training workers. The loop's own work per step (resource accounting, dispatch) is unchanged; a step only starts no sooner
     than the minimum after the previous one. Finished blocks reach the output queue at most that much later, far
     inside the blocks the trainers prefetch."""
 
