@@ -397,9 +397,9 @@ class SchedulingLoopPacer(ExecutionCallback):
     than the actors crop, the steady state of any dataset larger than that budget), outputs stay ready and unread,
     ``ray.wait`` returns at once, and the loop spins. Measured on the full Fashion-MNIST on 2 cores: the training
     stream's coordinator (the ``SplitCoordinator`` actor) took 30 % of a core after 15 minutes and 54 % after 25,
-    taken from the training workers. The loop's own work per step (resource accounting, dispatch) is unchanged; a step only starts no sooner
-    than the minimum after the previous one. Finished blocks reach the output queue at most that much later, far
-    inside the blocks the trainers prefetch."""
+    taken from the training workers. The loop's own work per step (resource accounting, dispatch) is unchanged; a
+    step only starts no sooner than the minimum after the previous one. Finished blocks reach the output queue at
+    most that much later, far inside the blocks the trainers prefetch."""
 
     def __init__(self) -> None:
         self._last = None
