@@ -446,6 +446,9 @@ def _train_loop(config: dict) -> dict:
                 console.event("checkpoint", name=_checkpoint_dir_name(step), step=step,
                               epoch=step // steps_per_epoch)
             if new_notice:
+                # the just-in-time checkpoint must reach Ray Train before the node goes: a report waits until the
+                # controller has taken the previous one from this worker's queue (its next poll, <= 2 s)
+                ray.train.report(report)
                 console.event("preempted", step=step)
                 if writer is not None:  # the run's history records which checkpoint answered which notice
                     writer.write({"event": "preemption_checkpoint", "step": step,

@@ -193,8 +193,9 @@ def test_resize_to_odd_world_streams_once_per_group(multinode, images, tmp_path,
     extra row rotating). Leaves the layout with 2 training nodes (2 and 1 trainer slots) and the data node."""
     multinode.kill(multinode.training[1])  # one training node left: 2 worker slots
     log = start_execution_log()
-    # 5 epochs (20 steps): however late the resize, the 3 workers have steps enough to stream a data epoch whole
-    run = Run(_cfg(Path(images["good"][0]).parent, "train.num_workers=[1,3]", "optim.epochs=5"), tmp_path, "odd_world",
+    # 16 epochs (64 steps): the 2 workers cannot finish before the new node is seen (the controller re-reads the
+    # nodes every 20 s), and the 3 workers have steps enough to stream a data epoch whole
+    run = Run(_cfg(Path(images["good"][0]).parent, "train.num_workers=[1,3]", "optim.epochs=16"), tmp_path, "odd_world",
               monkeypatch)
     # the step-2 checkpoint is committed; the node joins early enough that the 2 workers cannot finish the run first
     run.wait(lambda rows: any(r.get("step", 0) >= 3 for r in _trained(rows)))
@@ -207,7 +208,7 @@ def test_resize_to_odd_world_streams_once_per_group(multinode, images, tmp_path,
     rows = read_metrics(run.metrics)
     starts = [r for r in rows if r.get("event") == "start"]
     assert [s["world_size"] for s in starts] == [2, 3], starts
-    assert res.steps == 20 and all(sum(s["per_rank_share"]) == 16 for s in starts)
+    assert res.steps == 64 and all(sum(s["per_rank_share"]) == 16 for s in starts)
     # one Data execution per worker-group start: not one per epoch (5 epochs), none inside an epoch
     assert len(executions) == len(starts) == 2, executions
     # the 3-worker group streams from the data epoch of the checkpoint it resumed from
