@@ -443,12 +443,11 @@ def _train_loop(config: dict) -> dict:
                 _report_checkpoint(report, step_runner=runner, cfg=cfg, data_epoch=metrics.get(RESUME_EPOCH_METRIC),
                                    rank=rank, local_log_dir=writer.folder if writer else Path("."),
                                    epoch_length=epoch_length, monitor_name=monitor_name)
+                if preempted:  # a draining node may go any moment: a report returns once the controller has taken
+                    ray.train.report(report)  # the previous one from this worker's queue (its next poll, <= 2 s)
                 console.event("checkpoint", name=_checkpoint_dir_name(step), step=step,
                               epoch=step // steps_per_epoch)
             if new_notice:
-                # the just-in-time checkpoint must reach Ray Train before the node goes: a report waits until the
-                # controller has taken the previous one from this worker's queue (its next poll, <= 2 s)
-                ray.train.report(report)
                 console.event("preempted", step=step)
                 if writer is not None:  # the run's history records which checkpoint answered which notice
                     writer.write({"event": "preemption_checkpoint", "step": step,

@@ -259,10 +259,11 @@ def test_drained_node_gets_one_just_in_time_checkpoint_then_the_run_continues(mu
     data = tmp_path / "images"
     write_images(data, 192, kinds=("jpeg", "png"), size=(40, 40))
     cfg = load_config("demo", TINY + [
-        f"data.source={data}", "optim.epochs=1", "train.num_workers=[1,2]", "train.worker_resource=trainer",
+        f"data.source={data}", "optim.epochs=3", "train.num_workers=[1,2]", "train.worker_resource=trainer",
         "train.worker_start_timeout_s=10", "train.checkpoint_every_steps=100", "train.keep_checkpoints=10",
         "train.log_every_steps=1",
-    ])  # 192 images / 16 = 12 steps (one epoch); no periodic checkpoint before the last step
+    ])  # 192 images / 16 = 12 steps per epoch, 36 in all (the run must outlast the drain window); no periodic
+    # checkpoint: only epoch ends and the notice write one
     # worker_start_timeout_s: when the drained node goes, the controller may first retry a group of 2 from Ray's
     # AutoscalingCoordinator's view of the nodes (re-read every 20 s); that group can never be placed and each such
     # try costs the whole timeout. Placing a group the cluster can hold takes under a second here.
@@ -306,7 +307,7 @@ def test_drained_node_gets_one_just_in_time_checkpoint_then_the_run_continues(mu
     assert sizes[0] == 2 and sizes[1] == 1, sizes
     # from the latest checkpoint before the node went: the just-in-time one (unless an epoch ended in between)
     assert starts[1]["resumed_from"] == max(jit_step, step_at_remove // 12 * 12)
-    assert res.steps == 12 and step_rows(rows)[-1]["step"] == 12
+    assert res.steps == 36 and step_rows(rows)[-1]["step"] == 36
     assert len(executions) == len(starts), executions  # one Data execution per worker-group start
     print(f"drain -> just-in-time checkpoint: {t_jit - t_drain:.1f} s; node gone -> resumed: "
           f"{starts[1]['time'] - t_remove:.1f} s")
