@@ -21,7 +21,8 @@ Every (re)start of the worker group, whether first start, failure, resize or dri
   ``train.log_every_steps`` go to the run's own log and console. Ray Train's controller takes one report per worker
   per poll (every 2 s, ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``) through a queue of one, so a worker that reports more
   often blocks in ``ray.train.report`` until the next poll: reporting every 10 steps cost the demo 19 % of its
-  training thread's time, and would cap a GPU run at 10 steps per 2 s.
+  training thread's time, and would cap a GPU run at 10 steps per 2 s. While a node is drained, each checkpoint is
+  followed by one more report, which returns once the controller has taken the checkpoint (not lost with the node).
 * Randomness: every rank builds the same initial weights from ``train.seed``; each step then runs on its own stream,
   seeded from ``(train.seed, rank, step)``, so ranks differ (drop-path masks) and a resumed step draws exactly what it
   would have drawn without the restart. A checkpoint therefore needs no RNG state restored.
