@@ -87,8 +87,12 @@ def derive_settings(cfg: IBOTConfig, steps_per_epoch: int | None = None) -> list
 
 
 def _momentum(cfg: IBOTConfig, total: int) -> Derived:
-    m = min(0.996, max(0.9, 1.0 - 25.0 / total))
-    m = round(min(m, cfg.optim.momentum_teacher_end), 4)
+    m = round(min(0.996, max(0.9, 1.0 - 25.0 / total)), 4)
+    end = cfg.optim.momentum_teacher_end
+    if end < m:  # the start may not exceed the end: a constant momentum, the end's horizon
+        return Derived("optim.momentum_teacher", end,
+                       f"capped at optim.momentum_teacher_end = {end}: the teacher averages over ~{1 / (1 - end):.0f} "
+                       f"steps throughout, {100 / (1 - end) / total:.1f} % of the {total}-step run (uncapped: {m})")
     return Derived("optim.momentum_teacher", m,
                    f"the teacher averages over ~{1 / (1 - m):.0f} steps, 4 % of the {total}-step run "
                    "(at most the paper's 250)")
