@@ -29,13 +29,13 @@ def test_auto_fields_are_derived_from_the_run_length_and_crop_size():
 
 
 def test_a_momentum_end_under_the_derived_start_caps_it_and_says_so():
-    cfg = load_config("demo", ["optim.epochs=36"])  # the demo ends at 0.98; 36 x 62 steps would derive 0.9888
-    assert cfg.optim.momentum_teacher == "auto" and cfg.optim.momentum_teacher_end == 0.98
+    base = ["optim.epochs=36", "optim.momentum_teacher=auto"]  # 36 x 62 steps would derive 0.9888
+    cfg = load_config("vit_small_16", base + ["optim.momentum_teacher_end=0.98"])
     why = {d.field: d.why for d in derive_settings(cfg, steps_per_epoch=62)}["optim.momentum_teacher"]
     assert cfg.optim.momentum_teacher == 0.98
     assert "capped at optim.momentum_teacher_end" in why and "~50 steps" in why and "0.9888" in why
     assert Schedules(cfg, 62).momentum.tolist() == pytest.approx([0.98] * 36 * 62)  # constant: no rise, no fall
-    free = load_config("demo", ["optim.epochs=36", "optim.momentum_teacher_end=1.0"])
+    free = load_config("vit_small_16", base)  # the paper's end, 1
     why = {d.field: d.why for d in derive_settings(free, steps_per_epoch=62)}["optim.momentum_teacher"]
     assert free.optim.momentum_teacher == 0.9888 and "capped" not in why
 

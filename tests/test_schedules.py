@@ -108,5 +108,5 @@ def test_momentum_schedule_shapes():
         assert lin[i] == pytest.approx(0.99 + 0.01 * i / (n - 1))
     const = Schedules(load_config("demo", base + ["optim.momentum_schedule=constant"]), spe).momentum
     assert (const == 0.99).all()
-    cos = Schedules(load_config("demo", base), spe).momentum
+    cos = Schedules(load_config("demo", base + ["optim.momentum_schedule=cosine"]), spe).momentum
     assert cos[0] == pytest.approx(0.99) and cos[n // 2] == pytest.approx(1.0 - 0.005 * (1 + math.cos(math.pi * 0.5)))
