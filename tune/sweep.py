@@ -19,7 +19,8 @@
   failing trial (even after ``max_failures`` retries) never ends the sweep.
 * **Stopped trials release their workers.** ASHA ends a trial's driver actor, and the Train controller dies with
   it without shutting its worker group down. A small reaper (:func:`_pg_reaper_callback`) removes that worker
-  group's placement group; Ray Train's own cleaner cannot when the State API is unavailable (no dashboard).
+  group's placement group, also one still being placed; Ray Train's own cleaner cannot when the State API is
+  unavailable (no dashboard), and never sees a group that was still being placed.
 * **Output.** A table (printed and ``results.csv``), ``best_config.yaml`` (the best trial's full config, for
   ``ibot-ray pretrain --config``) and ``objective_vs_params.png``; see :mod:`tune.report`.
 
@@ -174,16 +175,19 @@ def _pg_reaper_callback():
     State API, which needs the dashboard (local clusters here start without it) and a single Ray instance per host;
     without it the stopped trial's worker bundle stays reserved and later trials' data pipelines starve. This reaper
     (a detached, zero-CPU actor per Train run) watches the controller through its actor handle instead, and only acts
-    when the controller died without shutting down or aborting.
+    when the controller died without shutting down or aborting. It then removes every placement group the controller
+    created, read from the GCS's table, which names each group's creator: also a group still being placed when the
+    controller died, which no callback has been handed yet (Train hands the group over only once the workers run).
     """
     import ray
     from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 
     class PlacementGroupReaper:
-        def __init__(self, controller: Any, poll_s: float = 1.0) -> None:
+        def __init__(self, controller: Any, controller_id: str, poll_s: float = 1.0) -> None:
             import threading
 
             self.controller = controller
+            self.controller_id = controller_id
             self.pg = None
             self.poll_s = poll_s
             self.done = threading.Event()
@@ -195,6 +199,21 @@ def _pg_reaper_callback():
         def stop(self) -> None:  # the controller shuts its worker group down itself
             self.done.set()
             ray.actor.exit_actor()
+
+        def _created_by_controller(self) -> list:
+            """The live placement groups whose creator is the controller, from the GCS's table (Ray's public
+            ``placement_group_table`` leaves the creator out)."""
+            from ray._private.state import state
+            from ray.core.generated import gcs_pb2
+            from ray.util.placement_group import PlacementGroup
+
+            found = []
+            for raw in state._connect_and_get_accessor().get_placement_group_table():
+                row = gcs_pb2.PlacementGroupTableData.FromString(raw)
+                if row.creator_actor_id.hex() == self.controller_id \
+                        and row.state != gcs_pb2.PlacementGroupTableData.REMOVED:
+                    found.append(PlacementGroup(ray.PlacementGroupID(row.placement_group_id)))
+            return found
 
         def _watch(self) -> None:
             from ray.exceptions import GetTimeoutError, RayActorError
@@ -208,16 +227,21 @@ def _pg_reaper_callback():
                 except RayActorError:
                     break
                 self.done.wait(self.poll_s)
-            if not self.done.is_set() and self.pg is not None:
+            if not self.done.is_set():
+                groups = {self.pg.id.hex(): self.pg} if self.pg is not None else {}
                 try:
-                    if placement_group_table(self.pg).get("state") != "REMOVED":
-                        remove_placement_group(self.pg)
-                        print(f"[ibot-ray tune] removed the placement group {self.pg.id.hex()} of a Train "
-                              "controller that ended without shutting down", flush=True)
-                except Exception as e:
-                    print(f"[ibot-ray tune] could not remove a placement group: {e}", flush=True)
-            if not self.done.is_set():  # (stop() ends the actor itself)
-                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                    groups.update((g.id.hex(), g) for g in self._created_by_controller())
+                except Exception as e:  # a Ray whose table reads differently: the registered group alone
+                    print(f"[ibot-ray tune] could not list the controller's placement groups: {e}", flush=True)
+                for pg_id, pg in groups.items():
+                    try:
+                        if placement_group_table(pg).get("state") != "REMOVED":
+                            remove_placement_group(pg)
+                            print(f"[ibot-ray tune] removed the placement group {pg_id} of a Train controller "
+                                  "that ended without shutting down", flush=True)
+                    except Exception as e:
+                        print(f"[ibot-ray tune] could not remove the placement group {pg_id}: {e}", flush=True)
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)  # (stop() ends it otherwise)
 
     class ReaperCallback(ControllerCallback, WorkerGroupCallback):
         def __init__(self) -> None:
@@ -225,11 +249,12 @@ def _pg_reaper_callback():
 
         def after_controller_start(self, train_run_context) -> None:
             try:
-                controller = ray.get_runtime_context().current_actor
+                context = ray.get_runtime_context()
                 # DEFAULT scheduling: outside the Tune trial's placement group, which the controller inherits and
                 # Tune removes when it stops the trial (that would end the reaper with it).
                 self._reaper = ray.remote(num_cpus=0)(PlacementGroupReaper).options(
-                    lifetime="detached", max_concurrency=2, scheduling_strategy="DEFAULT").remote(controller)
+                    lifetime="detached", max_concurrency=2, scheduling_strategy="DEFAULT").remote(
+                    context.current_actor, context.get_actor_id())
             except Exception as e:  # best effort, as Ray Train's own cleaner
                 print(f"[ibot-ray tune] no placement-group reaper: {e}", flush=True)
 
