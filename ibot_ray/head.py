@@ -8,6 +8,9 @@ logits are cosine similarities between the normalised bottleneck and the prototy
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
@@ -79,15 +82,31 @@ class IBOTHead(nn.Module):
     def _embed(self, x: Tensor) -> Tensor:
         return F.normalize(self.mlp(x), dim=-1)
 
-    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, 1+N, D) tokens -> ([CLS] logits (B, out_dim), patch logits (B, N, patch_out_dim))."""
+    def forward(self, tokens: Tensor, patch_rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """(B, 1+N, D) tokens -> ([CLS] logits (B, out_dim), patch logits (B, N, patch_out_dim)).
+
+        ``patch_rows``: a bool (B, N) selection (the student's mask). Only the selected patch tokens then go through
+        the head, and the patch logits are (M, patch_out_dim) for the M selected tokens, in row-major order (image,
+        then position), as ``logits[patch_rows]`` would give them: L_mim reads nothing else, and the head is a
+        per-token map, so the values are those of the full computation at a fraction of its cost."""
         if tokens.ndim != 3 or tokens.shape[1] < 2:
             raise ValueError(f"expected tokens (B, 1+N, D) with N >= 1, got shape {tuple(tokens.shape)}")
-        z = self._embed(tokens)
+        if patch_rows is None:
+            z = self._embed(tokens)
+            if self.shared_head:
+                out = self.last_layer(z)  # one matmul for all tokens; both outputs are views of it
+                return out[:, 0], out[:, 1:]
+            return self.last_layer(z[:, 0]), self.last_layer2(z[:, 1:])
+        b, n = tokens.shape[0], tokens.shape[1] - 1
+        if patch_rows.dtype != torch.bool or patch_rows.shape[0] != b or patch_rows[0].numel() != n:
+            raise ValueError(f"patch_rows: expected bool ({b}, {n}), got {patch_rows.dtype} "
+                             f"{tuple(patch_rows.shape)}")
+        rows = torch.cat([tokens[:, 0], tokens[:, 1:][patch_rows.reshape(b, n)]])  # (B + M, D)
+        z = self._embed(rows)
         if self.shared_head:
-            out = self.last_layer(z)  # one matmul for all tokens; both outputs are views of it
-            return out[:, 0], out[:, 1:]
-        return self.last_layer(z[:, 0]), self.last_layer2(z[:, 1:])
+            out = self.last_layer(z)
+            return out[:b], out[b:]
+        return self.last_layer(z[:b]), self.last_layer2(z[b:])
 
     def forward_cls(self, cls_token: Tensor) -> Tensor:
         """(B, D) [CLS] tokens -> (B, out_dim) logits (local crops: no patch logits)."""

@@ -13,7 +13,8 @@ EMA of their batch mean and sharpened with a (scheduled) temperature; there is n
   it reads the backbone's features, not the head's logits that ``IBOTLoss`` takes.
 
 The patch term only evaluates masked tokens (selected once), which saves most of the memory and compute of the
-(G*B, N, K) softmaxes at typical mask ratios; the selection costs one device-to-host sync.
+(G*B, N, K) softmaxes at typical mask ratios; the selection costs one device-to-host sync. The student's head can
+skip the unmasked tokens altogether (``IBOTModel(..., patches="masked")``) and pass only the masked tokens' logits.
 """
 
 from __future__ import annotations
@@ -82,13 +83,16 @@ class IBOTLoss(nn.Module):
         b = s_gc.shape[0] // g
         if t_gc.shape != s_gc.shape:
             raise ValueError(f"teacher_global_cls shape {tuple(t_gc.shape)} != student's {tuple(s_gc.shape)}")
-        if s_gp.ndim != 3 or s_gp.shape[0] != g * b or s_gp.shape[2] != self.patch_out_dim:
-            raise ValueError(f"student_global_patch: expected ({g * b}, N, {self.patch_out_dim}), "
-                             f"got {tuple(s_gp.shape)}")
-        if t_gp.shape != s_gp.shape:
-            raise ValueError(f"teacher_global_patch shape {tuple(t_gp.shape)} != student's {tuple(s_gp.shape)}")
-        if masks.dtype != torch.bool or masks.shape[0] != g * b or masks[0].numel() != s_gp.shape[1]:
-            raise ValueError(f"masks: expected bool ({g * b}, {s_gp.shape[1]}), got {masks.dtype} "
+        if t_gp.ndim != 3 or t_gp.shape[0] != g * b or t_gp.shape[2] != self.patch_out_dim:
+            raise ValueError(f"teacher_global_patch: expected ({g * b}, N, {self.patch_out_dim}), "
+                             f"got {tuple(t_gp.shape)}")
+        if s_gp.ndim == 3 and s_gp.shape != t_gp.shape:
+            raise ValueError(f"student_global_patch shape {tuple(s_gp.shape)} != the teacher's {tuple(t_gp.shape)}")
+        if s_gp.ndim not in (2, 3) or s_gp.shape[-1] != self.patch_out_dim:
+            raise ValueError(f"student_global_patch: expected ({g * b}, N, {self.patch_out_dim}) or the masked "
+                             f"tokens' (M, {self.patch_out_dim}), got {tuple(s_gp.shape)}")
+        if masks.dtype != torch.bool or masks.shape[0] != g * b or masks[0].numel() != t_gp.shape[1]:
+            raise ValueError(f"masks: expected bool ({g * b}, {t_gp.shape[1]}), got {masks.dtype} "
                              f"{tuple(masks.shape)}")
         n_loc = 0 if s_lc is None else s_lc.shape[0]
         if n_loc != self.n_local * b:
@@ -109,6 +113,9 @@ class IBOTLoss(nn.Module):
         teacher_patch_temp: float,
     ) -> dict[str, Tensor]:
         """Return ``{"loss": lambda_cls * cls + lambda_mim * mim, "cls": ..., "mim": ..., "health": ...}``.
+
+        ``student_global_patch`` is either every token's logits, (G*B, N, Kp) like the teacher's, or only the masked
+        tokens' (M, Kp) in ``masks`` order (the student's head then skipped the tokens L_mim does not read).
 
         ``loss`` carries the graph; ``cls`` and ``mim`` are detached float32 copies for logging (so accumulating them
         across steps never keeps a graph alive); ``health`` holds the sums of :meth:`_target_stats`.
@@ -135,8 +142,12 @@ class IBOTLoss(nn.Module):
             # ---- MIM: same-view pairs, masked tokens only, per-image normalised --------------------------------
             m = masks.reshape(g * b, -1)
             weight = m.float() / m.sum(dim=1, keepdim=True).clamp(min=1).float()  # (G*B, N): 1/count where masked
-            s_sel = student_global_patch[m].float()  # (M, Kp)
+            # (M, Kp): the student's logits of the masked tokens, selected here or already by the head
+            s_sel = (student_global_patch[m] if student_global_patch.ndim == 3 else student_global_patch).float()
             t_sel = teacher_global_patch.detach()[m].float()
+            if s_sel.shape[0] != t_sel.shape[0]:
+                raise ValueError(f"student_global_patch: {s_sel.shape[0]} rows of masked tokens, but the masks "
+                                 f"select {t_sel.shape[0]}")
             t_patch = F.softmax((t_sel - self.center_patch.view(1, -1)) / teacher_patch_temp, dim=-1)
             ce = -torch.einsum("mk,mk->m", t_patch, F.log_softmax(s_sel / self.student_temp, dim=-1))  # (M,)
             loss_mim = (ce * weight[m]).sum() / (g * b)

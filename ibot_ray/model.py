@@ -20,13 +20,22 @@ class IBOTModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, patches: bool = True,
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, patches: bool | str = True,
                 with_features: bool = False) -> tuple:
         """Return ([CLS] logits (B, K), patch logits (B, N, Kp)); with ``patches=False`` only the [CLS] token goes
-        through the head and the second item is ``None`` (local crops). ``with_features`` appends the backbone's
-        [CLS] token (B, D), the feature that k-NN evaluates, as a third item."""
+        through the head and the second item is ``None`` (local crops); with ``patches="masked"`` only the masked
+        patch tokens do, and the second item is their (M, Kp) logits in ``mask`` order (the student's global crops:
+        L_mim reads nothing else). ``with_features`` appends the backbone's [CLS] token (B, D), the feature that
+        k-NN evaluates, as a third item."""
         tokens = self.backbone(x, mask)
-        out = self.head(tokens) if patches else (self.head.forward_cls(tokens[:, 0]), None)
+        if patches == "masked":
+            if mask is None:
+                raise ValueError('patches="masked" needs a mask')
+            out = self.head(tokens, patch_rows=mask.reshape(mask.shape[0], -1))
+        elif patches:
+            out = self.head(tokens)
+        else:
+            out = (self.head.forward_cls(tokens[:, 0]), None)
         return (*out, tokens[:, 0]) if with_features else out
 
 

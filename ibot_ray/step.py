@@ -207,7 +207,8 @@ class IBOTStep:
                 with torch.no_grad(), self._autocast():
                     t_cls, t_patch, t_feat = self.teacher(g, patches=True, with_features=True)
                 with self._autocast():
-                    s_cls, s_patch, *s_feat = self.student(g, mask=m, with_features=koleo > 0)
+                    # the head only on [CLS] and the masked patches: L_mim reads no other student patch logits
+                    s_cls, s_patch, *s_feat = self.student(g, mask=m, patches="masked", with_features=koleo > 0)
                     s_local = None
                     if n_local:
                         lc = normalize_images(self._crop_major(locals_u8[sl]), self.mean, self.std)

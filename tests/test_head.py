@@ -98,6 +98,24 @@ def test_shared_vs_separate_patch_prototypes():
     assert len(proto_names(sep)) == 4 and sum("last_layer2" in n for n in proto_names(sep)) == 2
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_patch_rows_give_the_selected_tokens_logits(shared):
+    torch.manual_seed(0)
+    h = IBOTHead(16, out_dim=20, patch_out_dim=12, hidden_dim=24, bottleneck_dim=8, shared_head=shared)
+    tokens = torch.randn(3, 1 + 6, 16)
+    rows = torch.rand(3, 6) < 0.4
+    rows[1] = False  # an image with no selected token
+    cls, patches = h(tokens)
+    cls_sel, sel = h(tokens, patch_rows=rows)
+    assert sel.shape == (int(rows.sum()), h.patch_out_dim)
+    torch.testing.assert_close(cls_sel, cls)
+    torch.testing.assert_close(sel, patches[rows])
+    with pytest.raises(ValueError, match="patch_rows"):
+        h(tokens, patch_rows=rows[:, :5])
+    with pytest.raises(ValueError, match="patch_rows"):
+        h(tokens, patch_rows=rows.float())
+
+
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="nlayers"):
         IBOTHead(16, nlayers=0)

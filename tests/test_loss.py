@@ -88,6 +88,27 @@ def test_matches_double_loop_reference(G, L):
     assert all(out[k].dtype == torch.float32 and out[k].ndim == 0 for k in ("loss", "cls", "mim"))
 
 
+@pytest.mark.parametrize("G,L", [(2, 3), (3, 0)])
+def test_student_patches_of_the_masked_tokens_only_give_the_same_loss_and_gradient(G, L):
+    B, N, K, Kp = 3, 5, 7, 6
+    s_gc, s_gp, s_lc, t_gc, t_gp, masks = _inputs(G, L, B, N, K, Kp)
+    loss = IBOTLoss(K, Kp, n_global=G, n_local=L)
+    loss.center_patch.copy_(torch.randn(1, 1, Kp, generator=torch.Generator().manual_seed(3)))
+    full_in = s_gp.clone().requires_grad_(True)
+    sel_in = s_gp[masks].clone().requires_grad_(True)
+    full = loss(s_gc, full_in, s_lc, t_gc, t_gp, masks, 0.04, 0.07)
+    sel = loss(s_gc, sel_in, s_lc, t_gc, t_gp, masks, 0.04, 0.07)
+    assert sel["mim"].item() == full["mim"].item() and sel["loss"].item() == full["loss"].item()
+    torch.testing.assert_close(sel["health"], full["health"], rtol=0, atol=0)
+    full["loss"].backward()
+    sel["loss"].backward()
+    torch.testing.assert_close(sel_in.grad, full_in.grad[masks], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rows of masked tokens"):
+        loss(s_gc, s_gp[masks][1:], s_lc, t_gc, t_gp, masks, 0.04, 0.07)
+    with pytest.raises(ValueError, match="student_global_patch"):
+        loss(s_gc, s_gp[masks][:, :-1], s_lc, t_gc, t_gp, masks, 0.04, 0.07)
+
+
 def test_empty_local_tensor_equals_none():
     s_gc, s_gp, _, t_gc, t_gp, masks = _inputs(2, 0, 2, 4, 5, 5)
     loss = IBOTLoss(5, 5, n_local=0)

@@ -111,6 +111,36 @@ def test_cpu_smoke_training_loss_falls_and_stays_finite():
     assert last < first - 0.5, (first, last, losses)
 
 
+def test_student_head_on_masked_patches_only_gives_the_full_heads_loss_and_gradients():
+    """The step runs the student's head on [CLS] and the masked patches only; loss and every gradient are those of
+    the head on all tokens (the reference's computation)."""
+    cfg = tiny_cfg()
+    g = torch.Generator().manual_seed(0)
+    batch = make_batch(cfg, make_images(8, size=40), g)
+    runner = build(cfg)
+    x = normalize_images(runner._crop_major(batch["global_crops"]), runner.mean, runner.std)
+    m = runner._crop_major(batch["masks"].unsqueeze(2)).squeeze(1)
+    local = normalize_images(runner._crop_major(batch["local_crops"]), runner.mean, runner.std)
+    with torch.no_grad():
+        t_cls, t_patch = runner.teacher(x)
+    results = []
+    for patches in (True, "masked"):
+        runner.student.zero_grad(set_to_none=True)
+        s_cls, s_patch = runner.student(x, mask=m, patches=patches)
+        s_local, _ = runner.student(local, patches=False)
+        out = runner.loss(s_cls, s_patch, s_local, t_cls, t_patch, m.flatten(1), teacher_temp=0.04,
+                          teacher_patch_temp=0.04)
+        out["loss"].backward()
+        results.append((out["loss"].item(), out["mim"].item(),
+                        {n: p.grad.clone() for n, p in runner.student.named_parameters() if p.grad is not None}))
+    (loss_a, mim_a, grads_a), (loss_b, mim_b, grads_b) = results
+    assert s_patch.shape == (int(m.sum()), cfg.head.patch_out_dim) and mim_a > 0
+    assert loss_b == pytest.approx(loss_a, rel=1e-6) and mim_b == pytest.approx(mim_a, rel=1e-6)
+    assert grads_a.keys() == grads_b.keys() and any("last_layer" in n for n in grads_a)
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_nonfinite_loss_skips_update_and_stops_after_the_limit():
     cfg = tiny_cfg("optim.max_nonfinite_steps=3", "optim.freeze_last_layer=0", "optim.warmup_epochs=0")
     runner = build(cfg)
