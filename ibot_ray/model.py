@@ -27,6 +27,8 @@ class IBOTModel(nn.Module):
         patch tokens do, and the second item is their (M, Kp) logits in ``mask`` order (the student's global crops:
         L_mim reads nothing else). ``with_features`` appends the backbone's [CLS] token (B, D), the feature that
         k-NN evaluates, as a third item."""
+        if isinstance(patches, str) and patches != "masked":
+            raise ValueError(f'patches must be True, False or "masked", got {patches!r}')
         tokens = self.backbone(x, mask)
         if patches == "masked":
             if mask is None:

@@ -135,6 +135,10 @@ def test_student_head_on_masked_patches_only_gives_the_full_heads_loss_and_gradi
                         {n: p.grad.clone() for n, p in runner.student.named_parameters() if p.grad is not None}))
     (loss_a, mim_a, grads_a), (loss_b, mim_b, grads_b) = results
     assert s_patch.shape == (int(m.sum()), cfg.head.patch_out_dim) and mim_a > 0
+    with pytest.raises(ValueError, match="needs a mask"):
+        runner.student(x, patches="masked")
+    with pytest.raises(ValueError, match="patches must be"):
+        runner.student(x, mask=m, patches="all")
     assert loss_b == pytest.approx(loss_a, rel=1e-6) and mim_b == pytest.approx(mim_a, rel=1e-6)
     assert grads_a.keys() == grads_b.keys() and any("last_layer" in n for n in grads_a)
     for n in grads_a:
