@@ -93,20 +93,18 @@ class IBOTHead(nn.Module):
             raise ValueError(f"expected tokens (B, 1+N, D) with N >= 1, got shape {tuple(tokens.shape)}")
         if patch_rows is None:
             z = self._embed(tokens)
-            if self.shared_head:
-                out = self.last_layer(z)  # one matmul for all tokens; both outputs are views of it
-                return out[:, 0], out[:, 1:]
-            return self.last_layer(z[:, 0]), self.last_layer2(z[:, 1:])
-        b, n = tokens.shape[0], tokens.shape[1] - 1
-        if patch_rows.dtype != torch.bool or patch_rows.shape[0] != b or patch_rows[0].numel() != n:
-            raise ValueError(f"patch_rows: expected bool ({b}, {n}), got {patch_rows.dtype} "
-                             f"{tuple(patch_rows.shape)}")
-        rows = torch.cat([tokens[:, 0], tokens[:, 1:][patch_rows.reshape(b, n)]])  # (B + M, D)
-        z = self._embed(rows)
+            split = lambda t: (t[:, 0], t[:, 1:])
+        else:
+            b, n = tokens.shape[0], tokens.shape[1] - 1
+            if patch_rows.dtype != torch.bool or patch_rows.shape[0] != b or patch_rows[0].numel() != n:
+                raise ValueError(f"patch_rows: expected bool ({b}, {n}), got {patch_rows.dtype} "
+                                 f"{tuple(patch_rows.shape)}")
+            z = self._embed(torch.cat([tokens[:, 0], tokens[:, 1:][patch_rows.reshape(b, n)]]))  # (B + M, D)
+            split = lambda t: (t[:b], t[b:])
         if self.shared_head:
-            out = self.last_layer(z)
-            return out[:b], out[b:]
-        return self.last_layer(z[:b]), self.last_layer2(z[b:])
+            return split(self.last_layer(z))  # one matmul for all tokens; both outputs are views of it
+        cls_z, patch_z = split(z)
+        return self.last_layer(cls_z), self.last_layer2(patch_z)
 
     def forward_cls(self, cls_token: Tensor) -> Tensor:
         """(B, D) [CLS] tokens -> (B, out_dim) logits (local crops: no patch logits)."""
