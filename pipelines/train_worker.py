@@ -61,6 +61,9 @@ from pipelines.metrics import MetricsWriter
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+#: the metrics reported with a checkpoint, beside it: a Tune trial that resumes hands them to Tune again
+#: (:func:`tune.sweep.sweep_trial`), since a report Train committed may never have reached Tune
+METRICS_FILE = "metrics.json"
 
 
 def rank_batch(global_batch: int, world: int, rank: int) -> tuple[int, int, float]:
@@ -143,6 +146,12 @@ def _checkpoint_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def checkpoint_dir_step(name: str) -> int | None:
+    """The optimiser step of a checkpoint folder named by :func:`_checkpoint_dir_name`, else None."""
+    head, _, digits = name.partition("_")
+    return int(digits) if head == "step" and len(digits) == 8 and digits.isdigit() else None
+
+
 def _all_ranks_max(value: int, world: int, device: torch.device) -> int:
     """``max(value)`` over the ranks (a collective: every rank calls it at the same step)."""
     if world == 1:
@@ -176,6 +185,7 @@ def _report_checkpoint(metrics: dict, *, step_runner: IBOTStep, cfg: IBOTConfig,
             )
             save_checkpoint(Path(d) / STATE_FILE, state)
             cfg.save(Path(d) / "config.yaml")
+            (Path(d) / METRICS_FILE).write_text(json.dumps(metrics, default=float))
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=_checkpoint_dir_name(step_runner.step))
     if rank == 0:

@@ -128,8 +128,8 @@ def test_only_checkpoints_reach_ray_train(ray_cluster, tmp_path, folder_data):
     class ReportLog(ray.train.UserCallback):  # runs in the Train controller: it appends to a file
         def after_report(self, run_context, metrics, checkpoint):
             with open(log, "a") as f:
-                f.write(json.dumps({"steps": [m["step"] for m in metrics], "checkpoint": checkpoint is not None})
-                        + "\n")
+                f.write(json.dumps({"steps": [m["step"] for m in metrics], "checkpoint": checkpoint is not None,
+                                    "rank0": metrics[0]}) + "\n")
 
     storage = tmp_path / "runs"
     cfg = load_config("demo", TINY + [f"data.source={folder_data}", "optim.epochs=2", "train.checkpoint_every_steps=4",
@@ -144,6 +144,11 @@ def test_only_checkpoints_reach_ray_train(ray_cluster, tmp_path, folder_data):
     assert all(r["checkpoint"] for r in reports)
     logged = _steps(read_metrics(storage / "reports" / "logs" / "metrics.jsonl"))
     assert logged == list(range(1, 13))  # every step still reaches the run's own log
+    # Each checkpoint keeps the metrics reported with it: a sweep trial that resumes hands the newest to Tune again.
+    from tune.sweep import latest_checkpoint_metrics
+
+    assert latest_checkpoint_metrics(str(storage / "reports")) == reports[-1]["rank0"]
+    assert latest_checkpoint_metrics(str(storage / "no such run")) is None
 
 
 def test_bad_config_fails_before_any_cluster_resource():

@@ -6,7 +6,9 @@
   :func:`pipelines.pretrain.build_trainer` (workers per trial from the config) and calls ``fit()``. Ray Train V2
   hands every rank-0 ``ray.train.report`` to Tune through ``ray.tune.integration.ray_train.TuneReportCallback``, so
   one worker report is one Tune ``training_iteration``. The Train run is named ``<sweep>_<trial id>`` under
-  ``<storage>/<sweep>/train_runs``: a restarted trial (a retry, or a resumed sweep) resumes its own Train checkpoint.
+  ``<storage>/<sweep>/train_runs``: a restarted trial (a retry, or a resumed sweep) resumes its own Train checkpoint,
+  and first replays that checkpoint's report to Tune (:func:`latest_checkpoint_metrics`), which an interrupt may have
+  kept from Tune.
 * **Trial drivers** need a Ray resource: ``cfg.train.driver_resource`` (``TRAIN_DRIVER``, only the on-demand head of
   ``cluster.yaml`` has it) when set, else a small CPU fraction (``{"CPU": 0}`` is rejected by Ray).
 * **Objective.** ``knn_top1`` (online k-NN top-1 on ``data.eval_source``, mode max; measured at epoch ends) or
@@ -310,16 +312,35 @@ def sweep_trial(config: dict, spec: Optional[dict] = None, listing: Any = None) 
     callback.extra.update(total_steps=total, steps_per_epoch=int(info["steps_per_epoch"]))
     print(f"[ibot-ray tune] trial {trial_id}: {', '.join(f'{k}={v}' for k, v in config.items())}; "
           f"Train run {name} ({total} steps)", flush=True)
-    # A Train run that already wrote its last checkpoint (its trial was interrupted between the last step and Tune
-    # recording it) resumes with nothing left to do and reports nothing: hand its final metrics to Tune here.
-    from pipelines.train_worker import _checkpoint_dir_name
-
-    finished_before = _exists(f"{spec['train_storage']}/{name}/{_checkpoint_dir_name(total)}")
+    # A trial that resumes its Train run (a retry, or a resumed sweep) first hands Tune the metrics of the run's
+    # latest checkpoint. The sweep may have been interrupted after Train committed a report and before Tune recorded
+    # it: ASHA then judges that report at its rung now, instead of one report interval later (or never, when the next
+    # report is the last); a run that had already finished has nothing more to report. Tune records a report it had
+    # already seen again, with no effect on ASHA (a recorded rung is not judged twice).
+    replay = latest_checkpoint_metrics(f"{spec['train_storage']}/{name}")
+    if replay is not None:
+        ray.tune.report({k: v for k, v in {**replay, **callback.extra}.items() if not isinstance(v, list)})
     from pipelines.failures import fit_or_raise_fatal
 
-    result = fit_or_raise_fatal(trainer)  # a diverged or misconfigured trial ends as an error at once
-    if finished_before and result.metrics:
-        ray.tune.report({k: v for k, v in {**result.metrics, **callback.extra}.items() if not isinstance(v, list)})
+    fit_or_raise_fatal(trainer)  # a diverged or misconfigured trial ends as an error at once
+
+
+def latest_checkpoint_metrics(run_path: str) -> Optional[dict]:
+    """The metrics reported with the newest checkpoint of a Train run (local or remote) that has them, or None."""
+    import pyarrow.fs as pafs
+
+    from pipelines.train_worker import METRICS_FILE, checkpoint_dir_step
+
+    fs, p = _fs(run_path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return None
+    found = [(s, i.path) for i in fs.get_file_info(pafs.FileSelector(p))
+             if i.type == pafs.FileType.Directory and (s := checkpoint_dir_step(i.base_name)) is not None]
+    for _, d in sorted(found, reverse=True):  # newest first; one still being written may lack the file
+        if fs.get_file_info(f"{d}/{METRICS_FILE}").type == pafs.FileType.File:
+            with fs.open_input_stream(f"{d}/{METRICS_FILE}") as f:
+                return json.loads(f.read())
+    return None
 
 
 def trial_dirname(trial: Any) -> str:
