@@ -104,13 +104,6 @@ def read_text(path: str) -> Optional[str]:
         return f.read().decode()
 
 
-def _exists(path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, p = _fs(path)
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
-
-
 def write_text(path: str, text: str) -> None:
     fs, p = _fs(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
