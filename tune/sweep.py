@@ -327,12 +327,12 @@ def latest_checkpoint_metrics(run_path: str) -> Optional[dict]:
     fs, p = _fs(run_path)
     if fs.get_file_info(p).type != pafs.FileType.Directory:
         return None
-    found = [(s, i.path) for i in fs.get_file_info(pafs.FileSelector(p))
+    found = [(s, i.base_name) for i in fs.get_file_info(pafs.FileSelector(p))
              if i.type == pafs.FileType.Directory and (s := checkpoint_dir_step(i.base_name)) is not None]
     for _, d in sorted(found, reverse=True):  # newest first; one still being written may lack the file
-        if fs.get_file_info(f"{d}/{METRICS_FILE}").type == pafs.FileType.File:
-            with fs.open_input_stream(f"{d}/{METRICS_FILE}") as f:
-                return json.loads(f.read())
+        text = read_text(f"{run_path}/{d}/{METRICS_FILE}")
+        if text:
+            return json.loads(text)
     return None
 
 
