@@ -126,15 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(args)
         if args.command == "pretrain":
-            overrides = list(args.overrides)
-            if args.data:
-                overrides.append(f"data.source={args.data}")
-            cfg = load_config(args.config, overrides)  # validated before any cluster resource is requested
-            from pipelines.pretrain import pretrain
+            from pipelines.pretrain import run_pretrain
 
-            name = args.name or (args.config if args.config and "/" not in args.config else "run")
             try:
-                result = pretrain(cfg, storage=args.storage, name=name, address=args.address, verbose=args.verbose)
+                result = run_pretrain(args.config, args.overrides, data=args.data, storage=args.storage,
+                                      name=args.name, address=args.address, verbose=args.verbose)
             except Exception as e:
                 from ray.train import TrainingFailedError
 

@@ -287,6 +287,20 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
     return out
 
 
+def run_pretrain(config: str | None = None, overrides: list[str] | tuple[str, ...] = (), *, data: str | None = None,
+                 storage: str | None = None, name: str | None = None, address: str | None = None,
+                 verbose: bool = False) -> PretrainResult:
+    """What ``ibot-ray pretrain`` runs: resolve the config (``config``: a preset name or YAML file, then the
+    ``key=value`` ``overrides``, then ``data`` as ``data.source``), validate it before any cluster resource is
+    requested, name the run, and :func:`pretrain` it. Raises :class:`ConfigError` for a bad setting."""
+    from ibot_ray.config import load_config
+
+    overrides = list(overrides) + ([f"data.source={data}"] if data else [])
+    cfg = load_config(config, overrides)
+    name = name or (config if config and "/" not in config else "run")
+    return pretrain(cfg, storage=storage, name=name, address=address, verbose=verbose)
+
+
 def _export(teacher, cfg: IBOTConfig, run_path: str) -> str:
     import pyarrow.fs as pafs
 
