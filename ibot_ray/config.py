@@ -173,6 +173,8 @@ class TrainConfig:
     max_repeated_errors: int = 3  # the same worker exception ending this many attempts without progress: end (0: off)
     worker_start_timeout_s: int = 30
     images_per_device: int = 0  # images one forward pass may hold on a device (0: estimated on GPU, no limit on CPU)
+    # torch.compile the transformer blocks and the head MLP in place (auto: on CUDA, not on a CPU; ibot_ray/step.py)
+    compile: str = "auto"
     elastic_resize_interval_s: float = 60.0
     log_every_steps: int = 10
     knn_every_epochs: int = 1  # online k-NN on data.eval_source (0: off)
@@ -529,6 +531,7 @@ def validate(cfg: IBOTConfig) -> None:
     _check(t.max_repeated_errors >= 0, "train.max_repeated_errors", "must be >= 0")
     _check(t.worker_start_timeout_s >= 1, "train.worker_start_timeout_s", "must be >= 1")
     _check(t.images_per_device >= 0, "train.images_per_device", "must be >= 0")
+    _check(t.compile in ("auto", "true", "false"), "train.compile", f"must be auto, true or false, got {t.compile!r}")
     _check(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
     _check(t.knn_every_epochs >= 0, "train.knn_every_epochs", "must be >= 0")
 

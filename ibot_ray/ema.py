@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -49,8 +51,12 @@ class TeacherEMA:
             raise ValueError("student and teacher share no parameter names; nothing to average")
 
     @torch.no_grad()
-    def update(self, momentum: float) -> None:
-        """One EMA step with teacher momentum ``momentum`` in [0, 1]."""
+    def update(self, momentum: float, apply: Optional[torch.Tensor] = None) -> None:
+        """One EMA step with teacher momentum ``momentum`` in [0, 1].
+
+        ``apply``: a bool device tensor; where it is False the teacher stays as it is (a skipped step). The decision
+        then stays on the device: three multi-tensor kernels (teacher * m, student * (1 - m), their sum) with m and
+        1 - m picked on the device, instead of two with Python scalars; the arithmetic is the same."""
         m = float(momentum)
         if not 0.0 <= m <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
@@ -58,8 +64,14 @@ class TeacherEMA:
             return
         teacher = [t.data for t in self._teacher]
         student = [s.data.to(dtype=t.dtype, device=t.device) for s, t in zip(self._student, teacher)]
-        torch._foreach_mul_(teacher, m)
-        torch._foreach_add_(teacher, student, alpha=1.0 - m)
+        if apply is None:
+            torch._foreach_mul_(teacher, m)
+            torch._foreach_add_(teacher, student, alpha=1.0 - m)
+            return
+        keep = torch.where(apply, m, 1.0).to(teacher[0].dtype)
+        take = torch.where(apply, 1.0 - m, 0.0).to(teacher[0].dtype)
+        torch._foreach_mul_(teacher, keep)
+        torch._foreach_add_(teacher, torch._foreach_mul(student, take))
 
 
 __all__ = ["TeacherEMA"]

@@ -82,29 +82,59 @@ class IBOTHead(nn.Module):
     def _embed(self, x: Tensor) -> Tensor:
         return F.normalize(self.mlp(x), dim=-1)
 
-    def forward(self, tokens: Tensor, patch_rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    def forward(self, tokens: Tensor, patch_rows: Optional[Tensor] = None, *,
+                patch_mean: bool = False) -> tuple[Tensor, ...]:
         """(B, 1+N, D) tokens -> ([CLS] logits (B, out_dim), patch logits (B, N, patch_out_dim)).
 
-        ``patch_rows``: a bool (B, N) selection (the student's mask). Only the selected patch tokens then go through
-        the head, and the patch logits are (M, patch_out_dim) for the M selected tokens, in row-major order (image,
-        then position), as ``logits[patch_rows]`` would give them: L_mim reads nothing else, and the head is a
-        per-token map, so the values are those of the full computation at a fraction of its cost."""
+        ``patch_rows``: the patch tokens to put through the prototypes, as a bool (B, N) selection (the student's
+        mask) or as their flat positions in (B*N), int64 ascending (:func:`ibot_ray.loss.mask_positions`, built on
+        the host: a bool selection on a device costs a device-to-host sync). The patch logits are then (M,
+        patch_out_dim) for the M selected tokens, in row-major order (image, then position), as ``logits[patch_rows]``
+        would give them: L_mim reads nothing else, and the head is a per-token map, so the values are those of the
+        full computation at a fraction of its cost.
+
+        ``patch_mean``: also return each image's mean patch logits over all N tokens, (B, patch_out_dim) in float32,
+        which the patch centre averages. The prototype layer is linear, so that is the prototypes of the mean
+        normalised bottleneck feature: the MLP still runs on every token, the (B, N, patch_out_dim) logits are
+        never made."""
         if tokens.ndim != 3 or tokens.shape[1] < 2:
             raise ValueError(f"expected tokens (B, 1+N, D) with N >= 1, got shape {tuple(tokens.shape)}")
-        if patch_rows is None:
+        b, n = tokens.shape[0], tokens.shape[1] - 1
+        index = None
+        if patch_rows is not None:
+            if patch_rows.dtype == torch.bool:
+                if patch_rows.shape[0] != b or patch_rows[0].numel() != n:
+                    raise ValueError(f"patch_rows: expected bool ({b}, {n}), got {tuple(patch_rows.shape)}")
+                index = torch.nonzero(patch_rows.reshape(-1)).squeeze(1)
+            elif patch_rows.dtype == torch.int64 and patch_rows.ndim == 1:
+                index = patch_rows
+            else:
+                raise ValueError(f"patch_rows: expected bool ({b}, {n}) or int64 flat positions (M,), got "
+                                 f"{patch_rows.dtype} {tuple(patch_rows.shape)}")
+        mean = None
+        if index is None and not patch_mean:
             z = self._embed(tokens)
-            split = lambda t: (t[:, 0], t[:, 1:])
+            cls_z, patch_z = z[:, 0], z[:, 1:]
+        elif patch_mean:  # every token through the MLP (the mean needs them all), the prototypes on the selection
+            z = self._embed(tokens)
+            cls_z, patch_z = z[:, 0], z[:, 1:]
+            with torch.autocast(device_type=tokens.device.type, enabled=False):
+                mean = self.last_layer2(patch_z.mean(dim=1, dtype=torch.float32))
+            if index is not None:
+                patch_z = patch_z.reshape(b * n, -1).index_select(0, index)
+        else:  # the MLP only on [CLS] and the selected tokens
+            sel = tokens[:, 1:].reshape(b * n, -1).index_select(0, index)
+            z = self._embed(torch.cat([tokens[:, 0], sel]))  # (B + M, D)
+            cls_z, patch_z = z[:b], z[b:]
+        if self.shared_head and patch_z.ndim == 3:  # one matmul for all tokens; both outputs are views of it
+            logits = self.last_layer(z)
+            out = (logits[:, 0], logits[:, 1:])
+        elif self.shared_head:  # one matmul for [CLS] and the selected tokens
+            logits = self.last_layer(torch.cat([cls_z, patch_z]))
+            out = (logits[:b], logits[b:])
         else:
-            b, n = tokens.shape[0], tokens.shape[1] - 1
-            if patch_rows.dtype != torch.bool or patch_rows.shape[0] != b or patch_rows[0].numel() != n:
-                raise ValueError(f"patch_rows: expected bool ({b}, {n}), got {patch_rows.dtype} "
-                                 f"{tuple(patch_rows.shape)}")
-            z = self._embed(torch.cat([tokens[:, 0], tokens[:, 1:][patch_rows.reshape(b, n)]]))  # (B + M, D)
-            split = lambda t: (t[:b], t[b:])
-        if self.shared_head:
-            return split(self.last_layer(z))  # one matmul for all tokens; both outputs are views of it
-        cls_z, patch_z = split(z)
-        return self.last_layer(cls_z), self.last_layer2(patch_z)
+            out = (self.last_layer(cls_z), self.last_layer2(patch_z))
+        return out if mean is None else (*out, mean)
 
     def forward_cls(self, cls_token: Tensor) -> Tensor:
         """(B, D) [CLS] tokens -> (B, out_dim) logits (local crops: no patch logits)."""

@@ -21,22 +21,32 @@ class IBOTModel(nn.Module):
         self.head = head
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, patches: bool | str = True,
-                with_features: bool = False) -> tuple:
+                patch_rows: Optional[Tensor] = None, patch_mean: bool = False, with_features: bool = False) -> tuple:
         """Return ([CLS] logits (B, K), patch logits (B, N, Kp)); with ``patches=False`` only the [CLS] token goes
-        through the head and the second item is ``None`` (local crops); with ``patches="masked"`` only the masked
-        patch tokens do, and the second item is their (M, Kp) logits in ``mask`` order (the student's global crops:
-        L_mim reads nothing else). ``with_features`` appends the backbone's [CLS] token (B, D), the feature that
-        k-NN evaluates, as a third item."""
+        through the head and the second item is ``None`` (local crops); with ``patches="masked"`` only the selected
+        patch tokens do, and the second item is their (M, Kp) logits in row-major order. The selection is
+        ``patch_rows`` (bool (B, N), or int64 flat positions built on the host: :meth:`IBOTHead.forward`), else
+        ``mask`` (L_mim reads no other token). ``mask`` also masks the backbone's input (the student); the teacher
+        selects with ``patch_rows`` alone and sees its crops whole.
+
+        ``patch_mean`` appends each image's mean patch logits over all tokens, (B, Kp) float32 (the patch centre's
+        input, :meth:`IBOTHead.forward`); ``with_features`` appends the backbone's [CLS] token (B, D), the feature
+        that k-NN evaluates."""
         if isinstance(patches, str) and patches != "masked":
             raise ValueError(f'patches must be True, False or "masked", got {patches!r}')
         tokens = self.backbone(x, mask)
         if patches == "masked":
-            if mask is None:
-                raise ValueError('patches="masked" needs a mask')
-            out = self.head(tokens, patch_rows=mask.reshape(mask.shape[0], -1))
+            rows = patch_rows if patch_rows is not None else mask
+            if rows is None:
+                raise ValueError('patches="masked" needs a mask or patch_rows')
+            if rows.dtype == torch.bool:
+                rows = rows.reshape(rows.shape[0], -1)
+            out = self.head(tokens, patch_rows=rows, patch_mean=patch_mean)
         elif patches:
-            out = self.head(tokens)
+            out = self.head(tokens, patch_mean=patch_mean)
         else:
+            if patch_mean:
+                raise ValueError("patch_mean needs the patch tokens (patches=True or \"masked\")")
             out = (self.head.forward_cls(tokens[:, 0]), None)
         return (*out, tokens[:, 0]) if with_features else out
 

@@ -19,6 +19,7 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -27,7 +28,7 @@ from torch.nn import functional as F
 from .config import IBOTConfig
 from .ema import TeacherEMA
 from .knn import IMAGENET_MEAN, IMAGENET_STD, normalize_images
-from .loss import IBOTLoss, health_metrics, koleo_loss
+from .loss import IBOTLoss, health_metrics, koleo_loss, mask_positions
 from .schedules import Schedules
 
 log = logging.getLogger(__name__)
@@ -80,31 +81,63 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 def feature_spread_sums(features: Tensor) -> Tensor:
     """float64 ``[sum of the L2-normalised rows (D), sum of their squares (D), rows]``, summable over ranks."""
     f = F.normalize(features.float(), dim=-1).double()
-    return torch.cat([f.sum(0), (f * f).sum(0), torch.tensor([float(f.shape[0])], device=f.device, dtype=f.dtype)])
+    return torch.cat([f.sum(0), (f * f).sum(0), f.new_full((1,), f.shape[0])])
 
 
-def feature_spread(sums: Tensor, dim: int) -> float:
+def feature_spread(sums, dim: int) -> float:
     """Per-dimension standard deviation of the L2-normalised features across the batch, averaged over dimensions and
     scaled by sqrt(D): about 1 for directions spread like random ones, 0 when every image gets the same feature
-    (representation collapse)."""
-    s = sums.double().cpu()
+    (representation collapse). ``sums``: :func:`feature_spread_sums` (summed over ranks), a tensor or its values."""
+    s = np.asarray(sums.detach().double().cpu() if torch.is_tensor(sums) else sums, dtype=np.float64)
     n = float(s[2 * dim])
     if n < 2:
         return float("nan")
     mean = s[:dim] / n
-    var = (s[dim:2 * dim] / n - mean * mean).clamp_min(0.0) * n / (n - 1)
-    return float(var.sqrt().mean() * math.sqrt(dim))
+    var = np.maximum(s[dim:2 * dim] / n - mean * mean, 0.0) * n / (n - 1)
+    return float(np.sqrt(var).mean() * math.sqrt(dim))
 
 
 @dataclass
 class StepCounters:
     step: int = 0  # the global step that runs next
-    skipped_steps: int = 0  # steps skipped because the loss or gradient was not finite
-    consecutive_nonfinite: int = 0
+    skipped_steps: int = 0  # steps skipped because the loss or gradient was not finite (as of the last logged step)
+    consecutive_nonfinite: int = 0  # (as of the last logged step)
+
+
+#: The key :meth:`IBOTStep.stage` adds: one int64 tensor of masked-token positions per micro-batch.
+MASK_INDEX = "mask_index"
+
+
+def resolve_compile(setting: str | bool, device: torch.device) -> bool:
+    """``train.compile``: ``auto`` compiles on CUDA only (on a CPU the compile costs minutes and buys little)."""
+    if isinstance(setting, bool):
+        return setting
+    if setting not in ("auto", "true", "false"):
+        raise ValueError(f"train.compile must be auto, true or false, got {setting!r}")
+    return device.type == "cuda" if setting == "auto" else setting == "true"
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """Compile an :class:`~ibot_ray.model.IBOTModel`'s transformer blocks and head MLP in place.
+
+    ``nn.Module.compile`` keeps every module and parameter name (no ``_orig_mod.`` prefix), so checkpoints and
+    exports of a compiled model load into an uncompiled one and back. The blocks see one static shape per crop size
+    (and per grad mode: student and teacher); the head's row count (images + masked tokens) changes every step and
+    is compiled dynamic from the start."""
+    core = unwrap(model)
+    for block in core.backbone.vit.blocks:
+        block.compile(dynamic=False)
+    core.head.mlp.compile(dynamic=True)
 
 
 class IBOTStep:
-    """Owns the optimiser, loss (with its centers), schedules and teacher EMA of one training process."""
+    """Owns the optimiser, loss (with its centers), schedules and teacher EMA of one training process.
+
+    The step never waits for the device except once on a logged step (``log=True``), when it reads its metrics back:
+    the masked tokens are found on the host (:meth:`stage`), the skip decision on a non-finite loss or gradient is
+    taken on the device (fused AdamW's ``found_inf``, the EMA and the centres keep their values where it is set),
+    and the health metrics are computed on logged steps only. With a process group the centre sums, the loss parts
+    and the skip flag (and on logged steps the health sums) ride one all-reduce."""
 
     def __init__(
         self,
@@ -134,17 +167,24 @@ class IBOTStep:
             lambda_mim=cfg.loss.lambda_mim,
         ).to(self.device)
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(param_groups(core), lr=0.0, betas=o.betas, eps=o.eps)
+        self.optimizer, self.fused = _adamw(param_groups(core), o.betas, o.eps)
         self.schedules = Schedules(cfg, steps_per_epoch)
         self.ema = TeacherEMA(student, teacher)
         self.amp_dtype = resolve_precision(o.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.counters = StepCounters()
+        # on the device: [skipped since the last logged step, consecutive skips now, longest run since that step]
+        self._nonfinite = torch.zeros(3, device=self.device, dtype=torch.float64)
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         self._params = [(n, p) for n, p in core.named_parameters() if p.requires_grad]
         self._last_layer = [p for n, p in self._params if "last_layer" in n]
         self._feature_dim = int(core.backbone.embed_dim)
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.compiled = resolve_compile(cfg.train.compile, self.device)
+        if self.compiled:
+            compile_blocks(student)
+            compile_blocks(teacher)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -171,24 +211,61 @@ class IBOTStep:
         return [slice(i, min(i + mb, batch_size)) for i in range(0, batch_size, mb)]
 
     # ------------------------------------------------------------------------------------------
-    def __call__(self, batch: dict[str, Tensor], *, loss_weight: float = 1.0) -> dict[str, float]:
+    def stage(self, batch: dict[str, Tensor]) -> dict:
+        """The host side of a step: find each micro-batch's masked tokens on the host (where the masks are) and
+        start the batch's copy to the device.
+
+        Returns ``{"global_crops", "local_crops", "masks"}`` on the device and ``MASK_INDEX``: per micro-batch, the
+        flat positions of its masked tokens in its crop-major (G*b*N) masks. On a CUDA device the host tensors are
+        pinned (unless Ray Data pinned them already) and copied on a side stream, which the step's stream waits for:
+        the copy of the next batch overlaps the kernels of the step before it, which the host has queued without
+        waiting. Masks that are already on a device are searched there (one sync per micro-batch)."""
+        masks = batch["masks"].bool()
+        index = [mask_positions(self._crop_major(masks[sl].unsqueeze(2))) for sl in self._micro_batches(masks.shape[0])]
+        host = {"global_crops": batch["global_crops"], "masks": masks, MASK_INDEX: index}
+        if batch.get("local_crops") is not None and batch["local_crops"].shape[1]:
+            host["local_crops"] = batch["local_crops"]
+        return self._to_device(host)
+
+    def _to_device(self, host: dict) -> dict:
+        def move(t: Tensor) -> Tensor:
+            if t.device == self.device:
+                return t
+            if self._copy_stream is not None and t.device.type == "cpu" and not t.is_pinned():
+                t = t.pin_memory()
+            return t.to(self.device, non_blocking=True)
+
+        if self._copy_stream is None:
+            return {k: [move(t) for t in v] if isinstance(v, list) else move(v) for k, v in host.items()}
+        compute = torch.cuda.current_stream(self.device)
+        self._copy_stream.wait_stream(compute)  # the host tensors' producers (if any) ran on the compute stream
+        with torch.cuda.stream(self._copy_stream):
+            out = {k: [move(t) for t in v] if isinstance(v, list) else move(v) for k, v in host.items()}
+        compute.wait_stream(self._copy_stream)
+        for v in out.values():
+            for t in v if isinstance(v, list) else [v]:
+                t.record_stream(compute)  # memory made on the copy stream, used on the compute stream
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    def __call__(self, batch: dict[str, Tensor], *, loss_weight: float = 1.0, log: bool = True) -> dict[str, float]:
         """Run one step on a batch of uint8 crops and masks.
 
-        ``{"global_crops": uint8 (B,G,3,S,S), "local_crops": uint8 (B,L,3,s,s), "masks": bool (B,G,h,w)}``.
+        ``{"global_crops": uint8 (B,G,3,S,S), "local_crops": uint8 (B,L,3,s,s), "masks": bool (B,G,h,w)}`` on the
+        host (or the output of :meth:`stage`).
 
-        Returns the step's metrics. A non-finite loss or gradient skips the update (counted, with a warning); after
-        ``optim.max_nonfinite_steps`` consecutive skips :class:`NonFiniteLossError` is raised."""
+        Returns the step's metrics. ``log=False`` queues the step and returns without waiting for the device: only
+        the scheduled values (lr, momentum, ...) are in the metrics, and no health metric is computed. ``log=True``
+        reads the loss, the gradient norm and the health metrics back (one sync). A non-finite loss or gradient skips
+        the update on the device (counted); skipped steps are reported, with a warning, at the next logged step, which
+        raises :class:`NonFiniteLossError` if ``optim.max_nonfinite_steps`` consecutive steps were skipped."""
         cfg = self.cfg
         s = self.schedules.at(self.counters.step)
         apply_schedule(self.optimizer, s)
-
-        globals_u8 = batch["global_crops"].to(self.device, non_blocking=True)
-        locals_u8 = batch.get("local_crops")
-        masks = batch["masks"].to(self.device, non_blocking=True).bool()
+        staged = batch if MASK_INDEX in batch else self.stage(batch)
+        globals_u8, locals_u8, masks = staged["global_crops"], staged.get("local_crops"), staged["masks"]
         b = globals_u8.shape[0]
         n_local = 0 if locals_u8 is None else locals_u8.shape[1]
-        if n_local:
-            locals_u8 = locals_u8.to(self.device, non_blocking=True)
 
         self.optimizer.zero_grad(set_to_none=True)
         self.student.train()
@@ -196,8 +273,11 @@ class IBOTStep:
         center_sums: list[Tensor] | None = None
         health_sums: Tensor | None = None
         chunks = self._micro_batches(b)
+        if len(chunks) != len(staged[MASK_INDEX]):
+            raise ValueError(f"the batch was staged as {len(staged[MASK_INDEX])} micro-batches, the step makes "
+                             f"{len(chunks)}")
         koleo = cfg.loss.lambda_koleo
-        for ci, sl in enumerate(chunks):
+        for ci, (sl, index) in enumerate(zip(chunks, staged[MASK_INDEX])):
             share = (sl.stop - sl.start) / b
             g = normalize_images(self._crop_major(globals_u8[sl]), self.mean, self.std)
             m = self._crop_major(masks[sl].unsqueeze(2)).squeeze(1)  # (G*b, h, w)
@@ -205,10 +285,14 @@ class IBOTStep:
             ctx = contextlib.nullcontext() if sync else self.student.no_sync()
             with ctx:
                 with torch.no_grad(), self._autocast():
-                    t_cls, t_patch, t_feat = self.teacher(g, patches=True, with_features=True)
+                    # the prototypes only on [CLS] and the masked patches (L_mim reads no other target); the patch
+                    # centre's mean of every token's logits comes from the mean bottleneck feature
+                    t_cls, t_patch, t_mean, t_feat = self.teacher(g, patches="masked", patch_rows=index,
+                                                                  patch_mean=True, with_features=True)
                 with self._autocast():
                     # the head only on [CLS] and the masked patches: L_mim reads no other student patch logits
-                    s_cls, s_patch, *s_feat = self.student(g, mask=m, patches="masked", with_features=koleo > 0)
+                    s_cls, s_patch, *s_feat = self.student(g, mask=m, patches="masked", patch_rows=index,
+                                                           with_features=koleo > 0)
                     s_local = None
                     if n_local:
                         lc = normalize_images(self._crop_major(locals_u8[sl]), self.mean, self.std)
@@ -216,18 +300,20 @@ class IBOTStep:
                 parts = self.loss(
                     s_cls, s_patch, s_local, t_cls, t_patch, m.flatten(1),
                     teacher_temp=s["teacher_temp"], teacher_patch_temp=s["teacher_patch_temp"],
+                    mask_index=index, with_health=log,
                 )
                 spread = koleo_loss(s_feat[0], cfg.crops.global_crops_number) if koleo > 0 else None
                 total = parts["loss"] if spread is None else parts["loss"] + koleo * spread
                 weighted = total * (share * loss_weight)
                 self.scaler.scale(weighted).backward()
-            parts_v = torch.stack([total.detach(), parts["cls"].detach(), parts["mim"].detach(),
+            parts_v = torch.stack([total.detach(), parts["cls"], parts["mim"],
                                    total.new_zeros(()) if spread is None else spread.detach()])
             totals += parts_v.double() * share
-            stats = self.loss.center_stats(t_cls, t_patch)
+            stats = self.loss.center_stats(t_cls, t_mean)
             center_sums = list(stats) if center_sums is None else [a + c for a, c in zip(center_sums, stats)]
-            chunk_health = torch.cat([parts["health"], feature_spread_sums(t_feat)])
-            health_sums = chunk_health if health_sums is None else health_sums + chunk_health
+            if log:
+                chunk_health = torch.cat([parts["health"], feature_spread_sums(t_feat)])
+                health_sums = chunk_health if health_sums is None else health_sums + chunk_health
 
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
@@ -236,69 +322,115 @@ class IBOTStep:
             for p in self._last_layer:
                 p.grad = None
 
-        # One all-reduce makes the metrics global and the skip decision identical on every rank; the health sums
-        # (target entropies, the batch's prototype histogram, the feature spread) ride along with them.
-        finite = torch.isfinite(totals).all() & torch.isfinite(grad_norm)
-        flags = torch.cat([totals, (~finite).double().view(1), health_sums])
+        # One all-reduce makes the centres' batch means and the metrics global and the skip decision identical on
+        # every rank; on logged steps the health sums (target entropies, the batch's prototype histogram, the
+        # feature spread) ride along.
+        bad = ~(torch.isfinite(totals).all() & torch.isfinite(grad_norm))
+        packed = [*center_sums, totals, bad.double()] + ([health_sums] if log else [])
         world = 1
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size()
-            dist.all_reduce(flags)
-            flags[:4] /= world
-        loss_v, cls_v, mim_v, koleo_v, bad = flags[:5].tolist()
-        n_target = health_sums.numel() - self._feature_dim * 2 - 1
-        health = health_metrics(flags[5:5 + n_target], cls_v, self.loss.out_dim, self.loss.patch_out_dim)
-        health["feature_std"] = feature_spread(flags[5 + n_target:], self._feature_dim)
+            sizes = [t.numel() for t in packed]
+            flat = torch.cat([t.reshape(-1).double() for t in packed])
+            dist.all_reduce(flat)
+            packed = [p.view_as(t).to(t.dtype) for p, t in zip(flat.split(sizes), packed)]
+            packed[3] = packed[3] / world  # the loss parts: the mean over ranks
+        cls_sum, patch_sum, count, totals, bad = packed[:5]
+        apply = bad == 0
 
-        skipped = bad > 0
-        if skipped:
-            self.counters.skipped_steps += 1
-            self.counters.consecutive_nonfinite += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler.is_enabled():
-                self.scaler.update()
-            log.warning("step %d: non-finite loss or gradient (loss=%s); update skipped (%d skipped so far)",
-                        self.counters.step, loss_v, self.counters.skipped_steps)
-            if self.counters.consecutive_nonfinite >= cfg.optim.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"{self.counters.consecutive_nonfinite} consecutive non-finite steps (last at step "
-                    f"{self.counters.step}); lower optim.lr or the teacher temperature, or use precision fp32/bf16")
-        else:
-            self.counters.consecutive_nonfinite = 0
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.ema.update(s["momentum"])
-            self.loss.apply_center_update(*center_sums)
+        if self.fused:  # the fused kernel skips the update (and the step count) where found_inf is 1
+            self.optimizer.found_inf = (~apply).float()
+            self.optimizer.step()
+        elif bool(apply):  # an optimiser without a fused kernel on this device: the decision is read back (a sync)
+            self.optimizer.step()
+        if self.scaler.is_enabled():
+            self.scaler.update()  # backs off its scale on the inf/NaN its unscale_ found
+        self.ema.update(s["momentum"], apply=apply)
+        self.loss.apply_center_update(cls_sum, patch_sum, count, reduce=False, apply=apply)
+        nf = self._nonfinite
+        skipped = (~apply).double()
+        nf[0] += skipped
+        nf[1] = (nf[1] + 1) * skipped
+        nf[2] = torch.maximum(nf[2], nf[1])
 
         self.counters.step += 1
-        return {
+        metrics = {
             "step": self.counters.step,
             "epoch": s["epoch"],
-            "loss": loss_v,
-            "cls": cls_v,
-            "mim": mim_v,
-            **({"koleo": koleo_v} if koleo > 0 else {}),
             "lr": s["lr"],
             "wd": s["wd"],
             "momentum": s["momentum"],
             "teacher_temp": s["teacher_temp"],
             "teacher_patch_temp": s["teacher_patch_temp"],
-            "grad_norm": float(grad_norm) if math.isfinite(float(grad_norm)) else float("nan"),
-            "skipped_steps": self.counters.skipped_steps,
-            "step_skipped": bool(skipped),
             "world_size": world,
+        }
+        if log:
+            metrics.update(self._read_metrics(totals, grad_norm, packed[5], koleo > 0))
+        return metrics
+
+    def _read_metrics(self, totals: Tensor, grad_norm: Tensor, health_sums: Tensor, koleo: bool) -> dict:
+        """The logged step's one device-to-host read: loss parts, gradient norm, skip counters and health sums."""
+        values = torch.cat([totals, grad_norm.double().view(1), self._nonfinite, health_sums]).tolist()
+        loss_v, cls_v, mim_v, koleo_v, gn, skipped, consecutive, longest = values[:8]
+        self._nonfinite[0] = 0.0
+        self._nonfinite[2] = consecutive
+        sums = values[8:]
+        n_target = len(sums) - self._feature_dim * 2 - 1
+        health = health_metrics(sums[:n_target], cls_v, self.loss.out_dim, self.loss.patch_out_dim)
+        health["feature_std"] = feature_spread(sums[n_target:], self._feature_dim)
+        c = self.counters
+        c.skipped_steps += int(skipped)
+        c.consecutive_nonfinite = int(consecutive)
+        step_skipped = consecutive > 0
+        if skipped:
+            log.warning("step %d: %d of the steps since the last log skipped for a non-finite loss or gradient "
+                        "(this step's loss=%s; %d skipped so far)", c.step, int(skipped), loss_v, c.skipped_steps)
+        if longest >= self.cfg.optim.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{int(longest)} consecutive non-finite steps (by step {c.step}); lower optim.lr or the teacher "
+                "temperature, or use precision fp32/bf16")
+        return {
+            "loss": loss_v,
+            "cls": cls_v,
+            "mim": mim_v,
+            **({"koleo": koleo_v} if koleo else {}),
+            "grad_norm": gn if math.isfinite(gn) else float("nan"),
+            "skipped_steps": c.skipped_steps,
+            "step_skipped": step_skipped,
             **health,
         }
 
     @torch.no_grad()
     def _clip_gradients(self, clip: float) -> Tensor:
-        """Per-parameter norm clipping (as the reference does); returns the total gradient norm before clipping."""
+        """Per-parameter norm clipping (as the reference does); returns the total gradient norm before clipping.
+
+        The norms are one multi-tensor kernel, the clip coefficients three kernels on their stack, and the scaling
+        one multi-tensor call; nothing is read back."""
         grads = [p.grad for _, p in self._params if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.device)
-        norms = torch._foreach_norm(grads)
-        total = torch.linalg.vector_norm(torch.stack(norms).float())
+        norms = torch.stack(torch._foreach_norm(grads))
+        total = torch.linalg.vector_norm(norms.float())
         if clip > 0:
-            coefs = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
-            torch._foreach_mul_(grads, coefs)
+            coefs = torch.clamp(clip / (norms + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, list(coefs.unbind(0)))
         return total
+
+
+def _adamw(groups: list[dict], betas, eps: float) -> tuple[torch.optim.AdamW, bool]:
+    """AdamW with the fused kernel where the device has one (CUDA, CPU: one pass over each parameter, and the skip
+    of a non-finite step decided on the device through ``found_inf``); torch's default implementation elsewhere."""
+    try:
+        opt, fused = torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps, fused=True), True
+    except (RuntimeError, ValueError):
+        opt, fused = torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps), False
+
+    def keep_implementation(optimizer, state_dict: dict) -> dict:
+        """A checkpoint's groups replace the optimiser's on load, their implementation flags included: keep this
+        one's (a checkpoint of the unfused AdamW resumes fused, its step counts moved to the device)."""
+        groups = [{**g, "fused": fused, "foreach": None if fused else g.get("foreach")}
+                  for g in state_dict["param_groups"]]
+        return {**state_dict, "param_groups": groups}
+
+    opt.register_load_state_dict_pre_hook(keep_implementation)
+    return opt, fused
