@@ -372,8 +372,8 @@ class IBOTStep:
         """The logged step's one device-to-host read: loss parts, gradient norm, skip counters and health sums."""
         values = torch.cat([totals, grad_norm.double().view(1), self._nonfinite, health_sums]).tolist()
         loss_v, cls_v, mim_v, koleo_v, gn, skipped, consecutive, longest = values[:8]
-        self._nonfinite[0] = 0.0
-        self._nonfinite[2] = consecutive
+        self._nonfinite[0].fill_(0.0)  # fill_ takes the value as a kernel argument: no copy to the device
+        self._nonfinite[2].fill_(consecutive)
         sums = values[8:]
         n_target = len(sums) - self._feature_dim * 2 - 1
         health = health_metrics(sums[:n_target], cls_v, self.loss.out_dim, self.loss.patch_out_dim)

@@ -81,7 +81,8 @@ def rotated_rank(rank: int, step: int, world: int) -> int:
 
 class RowCarry:
     """Batches of exactly ``n`` rows (``n`` may change from step to step) cut from a stream of batches: the rows a
-    step does not use are kept, on the device, for the next step, so no row that was read is dropped."""
+    step does not use are kept (on the host, where the stream's batches are) for the next step, so no row that was
+    read is dropped."""
 
     def __init__(self, batches) -> None:
         self._it = iter(batches)
@@ -140,6 +141,14 @@ def is_checkpoint_step(step: int, *, steps_per_epoch: int, total: int, every: in
     (``train.checkpoint_every_steps``) steps, at each epoch end and at the last step. Preemption notices and
     ``train.stop_on_collapse`` add checkpoints that no schedule predicts."""
     return step >= total or step % steps_per_epoch == 0 or step % every == 0
+
+
+def is_log_step(step: int, *, steps_per_epoch: int, total: int, cfg: IBOTConfig) -> bool:
+    """Whether the loop logs the metrics of optimiser step ``step``: every ``train.log_every_steps`` and at every
+    checkpoint step. Known before the step runs, so that only these steps wait for their metrics."""
+    every = cfg.train.checkpoint_every_steps
+    return (is_checkpoint_step(step, steps_per_epoch=steps_per_epoch, total=total, every=every)
+            or step % cfg.train.log_every_steps == 0)
 
 
 def _checkpoint_dir_name(step: int) -> str:
@@ -362,7 +371,10 @@ def _train_loop(config: dict) -> dict:
     # One pass over the shard for the whole life of this worker group: the stream holds every data epoch.
     # the local shuffle mixes rows near epoch boundaries only: at most a quarter of this rank's rows of an epoch
     shuffle_rows = min(cfg.data.local_shuffle_buffer_size, steps_per_epoch * cfg.optim.batch_size // world // 4)
-    rows = RowCarry(iter_train_batches(shard, cfg, read, device, shuffle_rows=shuffle_rows))
+    # host batches (pinned by Ray Data's collate threads on a GPU): the step finds the masked tokens on the host and
+    # copies the batch on a side stream (IBOTStep.stage), and nothing here reads a value back from the device
+    rows = RowCarry(iter_train_batches(shard, cfg, read, "cpu", shuffle_rows=shuffle_rows,
+                                       pin_memory=device.type == "cuda"))
     keys_log = _trained_keys_log(rank, config.get("trained_keys_dir"))
     trained_epoch = data_epoch  # the highest data epoch this rank has trained on
     while runner.step < total and not stop_on_collapse:
@@ -381,7 +393,9 @@ def _train_loop(config: dict) -> dict:
         t1 = time.perf_counter()
         wait_s += t1 - t0
         seed_stream(cfg.train.seed, rank, runner.step)  # this rank's stream for this step (module doc)
-        metrics = runner(batch, loss_weight=weight)
+        # only a logged step reads its metrics back from the device (the others queue their kernels and go on)
+        metrics = runner(batch, loss_weight=weight, log=is_log_step(runner.step + 1, steps_per_epoch=steps_per_epoch,
+                                                                   total=total, cfg=cfg))
         images_seen += share
         if keys_log is not None:
             keys_log.write(json.dumps({"step": runner.step, "world": world, "epoch": row_epochs.tolist(),
@@ -393,7 +407,7 @@ def _train_loop(config: dict) -> dict:
         epoch_end = step % steps_per_epoch == 0
         do_ckpt = is_checkpoint_step(step, steps_per_epoch=steps_per_epoch, total=total,
                                      every=cfg.train.checkpoint_every_steps)
-        do_log = do_ckpt or step % cfg.train.log_every_steps == 0
+        do_log = is_log_step(step, steps_per_epoch=steps_per_epoch, total=total, cfg=cfg)
         preempted = new_notice = False
         if do_log and cfg.train.check_preemption:
             info = ray.train.get_preemption_info()  # a barrier: every rank calls it
