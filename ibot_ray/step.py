@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch._dynamo
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -117,16 +118,24 @@ def resolve_compile(setting: str | bool, device: torch.device) -> bool:
     return device.type == "cuda" if setting == "auto" else setting == "true"
 
 
-def compile_blocks(model: nn.Module) -> None:
-    """Compile an :class:`~ibot_ray.model.IBOTModel`'s transformer blocks and head MLP in place.
+#: Compiled variants dynamo keeps per function before it falls back to eager: the backbone has one per crop size,
+#: grad mode (student, teacher) and batch size (an elastic run's ranks alternate between two shares; a last
+#: micro-batch can be smaller)
+RECOMPILE_LIMIT = 32
 
-    ``nn.Module.compile`` keeps every module and parameter name (no ``_orig_mod.`` prefix), so checkpoints and
-    exports of a compiled model load into an uncompiled one and back. The blocks see one static shape per crop size
-    (and per grad mode: student and teacher); the head's row count (images + masked tokens) changes every step and
-    is compiled dynamic from the start."""
+
+def compile_model(model: nn.Module) -> None:
+    """Compile an :class:`~ibot_ray.model.IBOTModel`'s backbone and head MLP in place (``nn.Module.compile``).
+
+    In place keeps every module and parameter name (no ``_orig_mod.`` prefix), so checkpoints and exports of a
+    compiled model load into an uncompiled one and back. The backbone (patch embedding, mask token, position
+    embedding, the blocks and the final norm: one graph, so the drop-path rate of each block is a constant in it) is
+    compiled with static shapes, one graph per crop size and grad mode (the student's global and local crops, the
+    teacher's global crops); the head MLP's row count ([CLS] + masked tokens) changes every step, so it is compiled
+    dynamic from the start."""
     core = unwrap(model)
-    for block in core.backbone.vit.blocks:
-        block.compile(dynamic=False)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    core.backbone.compile(dynamic=False)
     core.head.mlp.compile(dynamic=True)
 
 
@@ -183,8 +192,8 @@ class IBOTStep:
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.compiled = resolve_compile(cfg.train.compile, self.device)
         if self.compiled:
-            compile_blocks(student)
-            compile_blocks(teacher)
+            compile_model(student)
+            compile_model(teacher)
 
     # ------------------------------------------------------------------------------------------
     @property
