@@ -55,8 +55,8 @@ class TeacherEMA:
         """One EMA step with teacher momentum ``momentum`` in [0, 1].
 
         ``apply``: a bool device tensor; where it is False the teacher stays as it is (a skipped step). The decision
-        then stays on the device: three multi-tensor kernels (teacher * m, student * (1 - m), their sum) with m and
-        1 - m picked on the device, instead of two with Python scalars; the arithmetic is the same."""
+        then stays on the device: m and 1 - m are picked there, and the update is three multi-tensor kernels on a GPU
+        (teacher * m, student * (1 - m), their sum), a lerp per tensor on a CPU (equal up to rounding)."""
         m = float(momentum)
         if not 0.0 <= m <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
@@ -68,10 +68,12 @@ class TeacherEMA:
             torch._foreach_mul_(teacher, m)
             torch._foreach_add_(teacher, student, alpha=1.0 - m)
             return
-        keep = torch.where(apply, m, 1.0).to(teacher[0].dtype)
         take = torch.where(apply, 1.0 - m, 0.0).to(teacher[0].dtype)
-        torch._foreach_mul_(teacher, keep)
-        torch._foreach_add_(teacher, torch._foreach_mul(student, take))
+        if teacher[0].is_cuda:  # multi-tensor kernels: three launches for all the parameters
+            torch._foreach_mul_(teacher, torch.where(apply, m, 1.0).to(teacher[0].dtype))
+            torch._foreach_add_(teacher, torch._foreach_mul(student, take))
+        else:  # a CPU loops over the tensors anyway: one pass over each, nothing allocated (t + take * (s - t))
+            torch._foreach_lerp_(teacher, student, [take] * len(teacher))
 
 
 __all__ = ["TeacherEMA"]

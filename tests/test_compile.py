@@ -5,13 +5,13 @@ import shutil
 
 import pytest
 import torch
+from test_step import build, make_batch, make_images, tiny_cfg
 from torch._dynamo.utils import counters
 
 from ibot_ray.config import load_config
 from ibot_ray.export import backbone_state_dict
 from ibot_ray.model import build_student_teacher
 from ibot_ray.step import compile_model, resolve_compile
-from test_step import build, make_batch, make_images, tiny_cfg
 
 
 def test_compile_setting_resolves_per_device():

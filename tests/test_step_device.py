@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
+from test_step import build, make_batch, make_images, tiny_cfg
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ibot_ray.knn import normalize_images
-from ibot_ray.loss import mask_positions
-from ibot_ray.step import MASK_INDEX, IBOTStep
-from test_step import build, make_batch, make_images, tiny_cfg
+from ibot_ray.loss import koleo_loss, mask_positions
+from ibot_ray.step import MASK_INDEX, IBOTStep, param_groups
 
 aten = torch.ops.aten
 
@@ -141,7 +141,7 @@ def test_fused_adamw_makes_the_unfused_update_and_skips_where_found_inf():
     fused = [torch.nn.Parameter(p.detach().clone()) for p in ref]
     kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.04)
     opt_r, opt_f = torch.optim.AdamW(ref, foreach=False, **kw), torch.optim.AdamW(fused, fused=True, **kw)
-    for step in range(4):
+    for _ in range(4):
         for a, b in zip(ref, fused):
             a.grad = torch.randn_like(a)
             b.grad = a.grad.clone()
@@ -179,8 +179,6 @@ def _reference_step(runner: IBOTStep, batch: dict, opt: torch.optim.Optimizer) -
         t_cls, t_patch, t_feat = runner.teacher(g, with_features=True)
     s_cls, s_patch, s_feat = runner.student(g, mask=m, with_features=True)
     s_local, _ = runner.student(local, patches=False)
-    from ibot_ray.loss import koleo_loss
-
     parts = runner.loss(s_cls, s_patch, s_local, t_cls, t_patch, m.flatten(1), s["teacher_temp"],
                         s["teacher_patch_temp"])
     total = parts["loss"] + cfg.loss.lambda_koleo * koleo_loss(s_feat, cfg.crops.global_crops_number)
@@ -211,8 +209,6 @@ def test_the_step_equals_the_reference_computation():
                    "loss.center_momentum=0.5", "loss.center_momentum_patch=0.5", "optim.lr=0.01")
     ours, ref = build(cfg, steps_per_epoch=1), build(cfg, steps_per_epoch=1)
     assert ours.fused  # fused AdamW on this device (CPU)
-    from ibot_ray.step import param_groups
-
     ref_opt = torch.optim.AdamW(param_groups(ref.student), lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                 foreach=False)
     g = torch.Generator().manual_seed(4)
