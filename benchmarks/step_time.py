@@ -143,7 +143,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="demo")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", default="32", help="images per step; a comma list measures each in turn, \"max\" "
+                    "the largest that fits on the GPU (measured, and printed beside the planner's estimate)")
     ap.add_argument("--steps", type=int, default=10, help="steps per timed round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--log-every", type=int, default=0, help="a logged step every N (0: train.log_every_steps)")
@@ -158,20 +159,62 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    fixed = ["train.num_workers=[1,1]", "optim.warmup_epochs=0", f"optim.batch_size={max(a.batch, 1)}",
+    for b in a.batch.split(","):
+        if b == "max":
+            b = measure_max(a, device)
+        measure(a, int(b), device)
+
+
+def config_for(a, b_n: int):
+    fixed = ["train.num_workers=[1,1]", "optim.warmup_epochs=0", f"optim.batch_size={max(b_n, 1)}",
              "optim.micro_batch_size=0"]
     cfg = load_config(a.config, a.overrides + fixed + [f"train.compile={'true' if a.compile else 'false'}"])
-    cfg = resolved(cfg, STEPS_PER_EPOCH)  # `auto` settings derived as a run of this length would (the original too)
-    batch = make_batch(cfg, a.batch, device)
+    return resolved(cfg, STEPS_PER_EPOCH)  # `auto` settings derived as a run of this length would (the original too)
+
+
+def measure_max(a, device: torch.device) -> int:
+    """The largest micro-batch the step fits on this GPU (measured), printed beside the cluster planner's estimate."""
+    if device.type != "cuda":
+        raise SystemExit("--batch max needs a CUDA device (a CPU has no memory budget to measure)")
+    from ibot_ray.device_budget import measure_images_per_device
+    from pipelines.cluster_plan import USABLE_MEMORY_FRACTION, bytes_per_image, estimate_images_per_device
+
+    cfg = config_for(a, 64)
+    t0 = time.perf_counter()
+    m = measure_images_per_device(cfg, device)
+    gib = m["device_bytes"] / 2**30
+    est = estimate_images_per_device(cfg, gib)
+    at_planned = int((USABLE_MEMORY_FRACTION * m["device_bytes"] - m["fixed_bytes"]) // m["bytes_per_image"])
+    frac, took = f"{USABLE_MEMORY_FRACTION:.0%}", time.perf_counter() - t0
+    print(f"images_per_device measured   : {m['images_per_device']} images fit in one pass on this {gib:.0f} GiB card "
+          f"(peak {m['peak_bytes'] / 2**30:.1f} GiB; {m['bytes_per_image'] / 2**20:.0f} MiB an image + "
+          f"{m['fixed_bytes'] / 2**30:.2f} GiB fixed; {len(m['tries'])} tries in {took:.0f} s) | planner: {est} images "
+          f"at {frac} of the memory ({bytes_per_image(cfg) / 2**20:.0f} MiB an image), measured at {frac}: "
+          f"{at_planned}", flush=True)
+    line = {"config": a.config, "overrides": a.overrides, "device": torch.cuda.get_device_name(device),
+            "images_per_device": m["images_per_device"], "measured_mib_per_image": m["bytes_per_image"] / 2**20,
+            "fixed_gib": m["fixed_bytes"] / 2**30, "planner_estimate": est, "measured_at_planner_fraction": at_planned,
+            "planner_mib_per_image": bytes_per_image(cfg) / 2**20, "tries": m["tries"]}
+    print("RESULT " + json.dumps(line), flush=True)
+    if a.json:
+        with open(a.json, "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+    return m["images_per_device"]
+
+
+def measure(a, b_n: int, device: torch.device) -> None:
+    """Every figure of one batch size (see the module doc)."""
+    cfg = config_for(a, b_n)
+    batch = make_batch(cfg, b_n, device)
     log_every = a.log_every or cfg.train.log_every_steps
     c = cfg.crops
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    out: dict = {"config": a.config, "overrides": a.overrides, "arch": cfg.model.arch, "batch": a.batch,
+    out: dict = {"config": a.config, "overrides": a.overrides, "arch": cfg.model.arch, "batch": b_n,
                  "device": dev_name, "threads": torch.get_num_threads(), "precision": cfg.optim.precision,
                  "compile": a.compile, "masked_fraction": float(batch["masks"].float().mean())}
     print(f"config {a.config} {' '.join(a.overrides)} | arch {cfg.model.arch} depth {cfg.model.depth or 'default'} "
           f"| {c.global_crops_number}x{c.global_crops_size} + {c.local_crops_number}x{c.local_crops_size} px "
-          f"| batch {a.batch} | {dev_name} threads {torch.get_num_threads()} | compile {a.compile} "
+          f"| batch {b_n} | {dev_name} threads {torch.get_num_threads()} | compile {a.compile} "
           f"| masked {out['masked_fraction']:.1%} of the global patches", flush=True)
 
     flops = count_flops(cfg, batch, device)
@@ -191,13 +234,13 @@ def main() -> None:
     out["first_steps_s"] = time.perf_counter() - t_compile
     full = timed_rounds(ours, a.steps, a.rounds, device)
     f = statistics.median(full)
-    out.update(ms_per_step=f * 1e3, ms_range=[min(full) * 1e3, max(full) * 1e3], img_per_s=a.batch / f,
-               gflop_per_img=flops / a.batch / 1e9, tflops=flops / f / 1e12)
+    out.update(ms_per_step=f * 1e3, ms_range=[min(full) * 1e3, max(full) * 1e3], img_per_s=b_n / f,
+               gflop_per_img=flops / b_n / 1e9, tflops=flops / f / 1e12)
     peak = peak_tflops(device)
     mfu = f" MFU {out['tflops'] / peak:6.1%} (of {peak:.0f} bf16)" if peak else ""
     out["mfu"] = out["tflops"] / peak if peak else None
     print(f"full iBOT step               : {f * 1e3:8.1f} ms/step ({min(full) * 1e3:.1f}-{max(full) * 1e3:.1f}) "
-          f"{a.batch / f:8.1f} img/s | {flops / a.batch / 1e9:.1f} GFLOP/img {out['tflops']:.2f} TFLOP/s{mfu} "
+          f"{b_n / f:8.1f} img/s | {flops / b_n / 1e9:.1f} GFLOP/img {out['tflops']:.2f} TFLOP/s{mfu} "
           f"| first two steps {out['first_steps_s']:.1f} s", flush=True)
 
     if a.profile:
@@ -232,7 +275,7 @@ def main() -> None:
         base = timed_rounds(baseline, a.steps, a.rounds, device)
         b = statistics.median(base)
         out.update(baseline_ms_per_step=b * 1e3, full_over_baseline=f / b)
-        print(f"baseline student-only update : {b * 1e3:8.1f} ms/step  {a.batch / b:8.1f} img/s | full / baseline "
+        print(f"baseline student-only update : {b * 1e3:8.1f} ms/step  {b_n / b:8.1f} img/s | full / baseline "
               f"{f / b:.2f}x", flush=True)
         del base_student, opt, dev
 
@@ -249,16 +292,16 @@ def main() -> None:
         crops += [normalize(batch["local_crops"][:, i]) for i in range(c.local_crops_number)]
         masks = [batch["masks"][:, i] for i in range(c.global_crops_number)]
         grid = c.local_crops_size // cfg.patch_size
-        masks += [torch.zeros(a.batch, grid, grid, dtype=torch.bool)] * c.local_crops_number  # unused, as there
+        masks += [torch.zeros(b_n, grid, grid, dtype=torch.bool)] * c.local_crops_number  # unused, as there
         if device.type == "cuda":
             crops, masks = [t.pin_memory() for t in crops], [t.pin_memory() for t in masks]
         o_times = timed_rounds(lambda i: orig.step(crops, masks), a.steps, a.rounds, device)
         o = statistics.median(o_times)
         o_mfu = f" MFU {flops / o / 1e12 / peak:6.1%}" if peak else ""
         out.update(original_ms_per_step=o * 1e3, original_ms_range=[min(o_times) * 1e3, max(o_times) * 1e3],
-                   original_img_per_s=a.batch / o, speedup_vs_original=o / f)
+                   original_img_per_s=b_n / o, speedup_vs_original=o / f)
         print(f"original iBOT step ({'fp16' if orig.fp16_scaler else 'fp32'})     : {o * 1e3:8.1f} ms/step "
-              f"({min(o_times) * 1e3:.1f}-{max(o_times) * 1e3:.1f}) {a.batch / o:8.1f} img/s{o_mfu} | ours is "
+              f"({min(o_times) * 1e3:.1f}-{max(o_times) * 1e3:.1f}) {b_n / o:8.1f} img/s{o_mfu} | ours is "
               f"{o / f:.2f}x faster", flush=True)
     print("RESULT " + json.dumps(out), flush=True)
     if a.json:

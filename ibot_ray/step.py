@@ -134,7 +134,9 @@ def compile_model(model: nn.Module) -> None:
     teacher's global crops); the head MLP's row count ([CLS] + masked tokens) changes every step, so it is compiled
     dynamic from the start."""
     core = unwrap(model)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    dyn = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"  # its name before torch 2.6
+    setattr(dyn, limit, max(getattr(dyn, limit), RECOMPILE_LIMIT))
     core.backbone.compile(dynamic=False)
     core.head.mlp.compile(dynamic=True)
 
