@@ -3,6 +3,7 @@ AdamW, and a full step that still equals the reference computation (teacher prot
 masks, unfused AdamW, one clamp per parameter) within float32 rounding."""
 
 import contextlib
+import copy
 import math
 
 import pytest
@@ -232,3 +233,28 @@ def test_mask_positions_are_the_boolean_selection_order():
     m = torch.rand(3, 4, 5, generator=torch.Generator().manual_seed(0)) < 0.3
     x = torch.randn(3, 4, 5, 2)
     torch.testing.assert_close(x.reshape(-1, 2).index_select(0, mask_positions(m)), x[m], rtol=0, atol=0)
+
+
+def test_an_unfused_adamw_checkpoint_resumes_fused():
+    """Checkpoints written before AdamW was fused hold groups with fused=False (and step counts on the host): loaded,
+    the optimiser stays fused and its next step (with the device-side skip flag) runs and equals the unfused one."""
+    cfg = tiny_cfg("optim.warmup_epochs=0", "optim.freeze_last_layer=0", "optim.eps=1e-3")  # eps: see above
+    g = torch.Generator().manual_seed(6)
+    batch = make_batch(cfg, make_images(16), g)
+    old = build(cfg)
+    old.optimizer = torch.optim.AdamW(param_groups(old.student), lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    old.fused = False
+    old(batch)
+    state = copy.deepcopy(old.optimizer.state_dict())  # as saved: state_dict() shares the optimiser's tensors
+    assert not state["param_groups"][0]["fused"]
+    new = build(cfg)
+    new.student.load_state_dict(old.student.state_dict())
+    new.teacher.load_state_dict(old.teacher.state_dict())
+    new.loss.load_state_dict(old.loss.state_dict())
+    new.counters.step = old.counters.step
+    new.optimizer.load_state_dict(state)
+    assert all(group["fused"] for group in new.optimizer.param_groups)
+    a, b = old(batch), new(batch)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and not b["step_skipped"]
+    for p, q in zip(old.student.parameters(), new.student.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=old.optimizer.param_groups[0]["lr"] * 1e-2)
