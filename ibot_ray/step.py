@@ -249,7 +249,7 @@ class IBOTStep:
         if self._copy_stream is None:
             return {k: [move(t) for t in v] if isinstance(v, list) else move(v) for k, v in host.items()}
         compute = torch.cuda.current_stream(self.device)
-        self._copy_stream.wait_stream(compute)  # the host tensors' producers (if any) ran on the compute stream
+        # the copy stream waits for nothing: it copies while the compute stream runs the steps queued before
         with torch.cuda.stream(self._copy_stream):
             out = {k: [move(t) for t in v] if isinstance(v, list) else move(v) for k, v in host.items()}
         compute.wait_stream(self._copy_stream)
