@@ -3,9 +3,13 @@
 The unit is deliberately free of Ray: the Ray Train worker, the CPU smoke test and any user loop call the same
 :class:`IBOTStep`. A step is
 
-    normalise on the device -> teacher forward on the unmasked global crops -> student forward on the masked
-    global crops and the unmasked local crops -> loss -> backward -> per-parameter gradient clipping -> last-layer
-    freeze -> AdamW (no weight decay on biases and norm weights) -> teacher EMA -> center EMA (all-reduced)
+    stage on the host (masked-token positions, the copy to the device) -> normalise on the device -> teacher
+    forward on the unmasked global crops -> student forward on the masked global crops and the unmasked local crops
+    -> loss -> backward -> per-parameter gradient clipping -> last-layer freeze -> AdamW (fused; no weight decay on
+    biases and norm weights) -> teacher EMA -> center EMA (all-reduced)
+
+and it does not wait for the device: only a logged step (``log=True``) reads its metrics back, once (see
+:class:`IBOTStep`; ``train.compile`` compiles the backbone and head on a GPU).
 
 A per-worker batch can be split into micro-batches (gradient accumulation): the gradient, the loss and the center update
 are then exactly those of the whole batch. ``loss_weight`` lets a distributed caller whose ranks hold unequal shares of

@@ -1,8 +1,10 @@
 """Training side of the ingest: Arrow batches -> uint8/bool/int64 torch tensors -> device -> normalised floats.
 
 The crops travel as uint8 all the way to the device (4x less host->device traffic than float32); the collate only
-wraps the Arrow buffers as tensors, Ray's ``iter_torch_batches`` moves the dict of tensors to the device, and
-:func:`ibot_ray.knn.normalize_images` (the project's one normaliser) makes float crops there.
+wraps the Arrow buffers as tensors, Ray's ``iter_torch_batches`` moves the dict of tensors to the device (the
+training loop asks for host batches, pinned on a GPU, which ``IBOTStep.stage`` copies itself on a side stream after
+finding the masked tokens on the host), and :func:`ibot_ray.knn.normalize_images` (the project's one normaliser) makes
+float crops there.
 """
 
 from __future__ import annotations
