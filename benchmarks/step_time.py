@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs without the package installed
@@ -303,6 +304,10 @@ def measure(a, b_n: int, device: torch.device) -> None:
         print(f"original iBOT step ({'fp16' if orig.fp16_scaler else 'fp32'})     : {o * 1e3:8.1f} ms/step "
               f"({min(o_times) * 1e3:.1f}-{max(o_times) * 1e3:.1f}) {b_n / o:8.1f} img/s{o_mfu} | ours is "
               f"{o / f:.2f}x faster", flush=True)
+        del orig
+        torch.distributed.destroy_process_group()  # the next batch size's step runs without one, as before
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     print("RESULT " + json.dumps(out), flush=True)
     if a.json:
         with open(a.json, "a") as fh:
