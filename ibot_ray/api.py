@@ -14,8 +14,9 @@
 
 Config overrides are keyword arguments, one per config section, each a dict of that section's fields
 (``optim={"epochs": 4, "lr": 0.01}``, as :func:`ibot_ray.config.replace` takes them), or dotted keys
-(``**{"optim.epochs": 4}``). They apply on top of ``config`` exactly as ``--set section.field=value`` does; an unknown
-section or field is a :class:`~ibot_ray.config.ConfigError` naming it, raised before Ray starts.
+(``**{"optim.epochs": 4}``). :func:`pretrain`'s ``data`` is the training source or, as a dict, the data section. They
+apply on top of ``config`` exactly as ``--set section.field=value`` does; an unknown section or field is a
+:class:`~ibot_ray.config.ConfigError` naming it, raised before Ray starts.
 
 Ray and the pipelines are imported inside the functions, so ``import ibot_ray`` stays plain PyTorch + timm.
 """
@@ -76,16 +77,17 @@ def _cli_default(command: str, option: str) -> Any:
     return getattr(build_parser().parse_args([command]), option)
 
 
-def pretrain(data: Optional[str] = None, config: Optional[str] = None, *, storage: Optional[PathLike] = None,
-             name: Optional[str] = None, address: Optional[str] = None, verbose: bool = False,
-             **overrides: Any) -> PretrainRun:
+def pretrain(data: Union[PathLike, dict, None] = None, config: Optional[str] = None, *,
+             storage: Optional[PathLike] = None, name: Optional[str] = None, address: Optional[str] = None,
+             verbose: bool = False, **overrides: Any) -> PretrainRun:
     """Pretrain (or resume) a run, as ``ibot-ray pretrain`` does, and return where everything went.
 
     ``data``: a folder, Parquet file/folder, ``s3://``/``gs://`` URI or ``"demo"`` (``--data``; default: the
-    config's ``data.source``). ``config``: a preset name or YAML file (``--config``; default: the command's default,
-    the ``demo`` preset). ``storage`` and ``name``: ``--storage`` (default ``./ibot_runs``) and ``--name`` (default:
-    derived from the data or the preset); the same pair resumes the run. ``address``: a Ray cluster (default:
-    ``RAY_ADDRESS``, else a local Ray). ``**overrides``: config fields, ``optim={"epochs": 4}`` (module doc).
+    config's ``data.source``), or the whole data section as a dict (``{"source": ..., "eval_source": ...}``).
+    ``config``: a preset name or YAML file (``--config``; default: the command's default, the ``demo`` preset).
+    ``storage`` and ``name``: ``--storage`` (default ``./ibot_runs``) and ``--name`` (default: derived from the data
+    or the preset); the same pair resumes the run. ``address``: a Ray cluster (default: ``RAY_ADDRESS``, else a local
+    Ray). ``verbose``: Ray's own logs on the console. ``**overrides``: config fields, ``optim={"epochs": 4}``.
 
     Raises :class:`~ibot_ray.config.ConfigError` for a bad setting (before Ray starts), and what the command reports
     as a failed run: ``pipelines.failures.FatalTrainingError`` (an error every restart would raise again) or Ray
@@ -93,9 +95,12 @@ def pretrain(data: Optional[str] = None, config: Optional[str] = None, *, storag
     from ibot_ray.health import verdict
     from pipelines.pretrain import run_pretrain
 
+    if isinstance(data, dict):  # the data section's fields, its source among them
+        overrides = {"data": data, **overrides}
+        data = None
     if config is None:
         config = _cli_default("pretrain", "config")
-    result = run_pretrain(config, _override_strings(overrides), data=data,
+    result = run_pretrain(config, _override_strings(overrides), data=None if data is None else str(data),
                           storage=None if storage is None else str(storage), name=name, address=address,
                           verbose=verbose)
     run_path = str(result.run_path).rstrip("/")
