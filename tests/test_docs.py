@@ -42,6 +42,8 @@ class Command:
     doc: str
     line: int
     argv: list  # the tokens after "ibot-ray"
+    inline: bool = False  # in inline code: a bare `ibot-ray eval` names the command, it is not one to run
+    expect: str = ""  # the config error the guide shows on the next line ("# ibot-ray: config error: ...")
 
     def where(self) -> str:
         return f"{self.doc}:{self.line}: ibot-ray {' '.join(self.argv)}"
@@ -56,8 +58,8 @@ def is_placeholder(value: str) -> bool:
 
 
 def _logical_lines(text: str):
-    """(line number, text) of every code line (fenced blocks, continuations joined) and every inline code span (which
-    may wrap over lines of its paragraph)."""
+    """(first line, last line, text, inline) of every code line (fenced blocks, continuations joined) and every inline
+    code span (which may wrap over lines of its paragraph)."""
     in_block, pending, start = False, "", 0
     prose = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -72,11 +74,12 @@ def _logical_lines(text: str):
             if line.rstrip().endswith("\\"):
                 pending += line.rstrip()[:-1] + " "
                 continue
-            yield start, pending + line
+            yield start, n, pending + line, False
             pending = ""
     joined = "\n".join(prose)
     for m in re.finditer(r"`([^`]+)`", joined):
-        yield joined.count("\n", 0, m.start()) + 1, m.group(1).replace("\n", " ").replace("\\|", "|")
+        first = joined.count("\n", 0, m.start()) + 1
+        yield first, first + m.group(1).count("\n"), m.group(1).replace("\n", " ").replace("\\|", "|"), True
 
 
 def _tokens(code: str):
@@ -88,10 +91,14 @@ def _tokens(code: str):
 
 def commands_in(text: str, doc: str = "<text>") -> list[Command]:
     """Every ``ibot-ray SUBCOMMAND ...`` in a Markdown text (output lines such as ``[ibot-ray] ...`` or
-    ``ibot-ray: config error`` are not commands)."""
+    ``ibot-ray: config error`` are not commands). A command in a code block followed by a line
+    ``# ibot-ray: config error: MESSAGE`` is shown failing: it must fail with that message."""
+    lines = text.splitlines()
     found = []
-    for line, code in _logical_lines(text):
+    for line, last, code, inline in _logical_lines(text):
         tokens = _tokens(code)
+        following = lines[last].strip() if not inline and last < len(lines) else ""
+        shown = re.match(r"#?\s*ibot-ray: config error: (.+)", following)
         for i, tok in enumerate(tokens):
             if tok == "ibot-ray" and i + 1 < len(tokens) and re.fullmatch(r"[a-z]+", tokens[i + 1]):
                 argv = []
@@ -99,7 +106,7 @@ def commands_in(text: str, doc: str = "<text>") -> list[Command]:
                     if t in ("&&", "||", ";", "|", ">", "2>&1") or t.startswith(">"):
                         break
                     argv.append(t)
-                found.append(Command(doc, line, argv))
+                found.append(Command(doc, line, argv, inline, shown.group(1) if shown else ""))
     return found
 
 
@@ -180,6 +187,8 @@ def check_command(cmd: Command) -> list[str]:
     if not cmd.argv or cmd.argv[0] not in subs:
         return [f"{cmd.where()}: no such command (commands: {', '.join(subs)})"]
     sub = subs[cmd.argv[0]]
+    if cmd.inline and len(cmd.argv) == 1:
+        return []  # `ibot-ray eval` in prose names the command
     errors = []
     for variant in _variants(_unbracket(cmd.argv[1:])):
         try:
@@ -187,7 +196,13 @@ def check_command(cmd: Command) -> list[str]:
         except ValueError as e:
             errors.append(f"{cmd.where()}: {e}")
             continue
-        errors += [f"{cmd.where()}: {e}" for e in _check_args(cmd.argv[0], args, sub)]
+        found = _check_args(cmd.argv[0], args, sub)
+        if cmd.expect:  # the guide shows this command failing: it must fail, with the message shown
+            if not any(cmd.expect in e for e in found):
+                errors.append(f"{cmd.where()}: the guide shows 'config error: {cmd.expect}', the command gives "
+                              f"{found or 'no error'}")
+        else:
+            errors += [f"{cmd.where()}: {e}" for e in found]
     return sorted(set(errors))
 
 
@@ -242,7 +257,7 @@ def check_paths(text: str, doc: str = "<text>") -> list[str]:
     """Repository paths named in code (``benchmarks/quality.py``, ``ibot_ray/configs/*.yaml``) and local links
     (``[x](docs/recipes.md#anchor)``) that do not exist."""
     errors = []
-    for line, code in _logical_lines(text):
+    for line, _, code, _ in _logical_lines(text):
         for tok in _tokens(code) or code.split():
             for part in re.split(r"[=,]", tok):
                 if e := _repo_path_error(part):
@@ -351,11 +366,15 @@ ibot-ray tune --space demo_quick --trials N --set optim.epochs=42|48 --storage s
 ibot-ray eval RUN --config demo --train demo --val demo --set eval.image_size=24|32
 [ibot-ray] step 10/2232 (0%) epoch 1/36        <- output, not a command
 ibot-ray: config error: loss.teacher_temp: temperature must be positive, got -1.0
+ibot-ray config --set loss.teacher_temp=-1
+# ibot-ray: config error: loss.teacher_temp: temperature must be positive, got -1.0
 ```
 Inline: `ibot-ray config --config vit_small_16 --set loss.teacher_temp=0.05`, `python benchmarks/quality.py`,
 [the recipes](docs/recipes.md) and `tune/spaces/*.yaml`.
 """
-    assert len(commands_in(ok)) == 4
+    assert len(commands_in(ok)) == 5
+    expected = [c.expect for c in commands_in(ok) if c.expect]
+    assert expected == ["loss.teacher_temp: temperature must be positive, got -1.0"]
     assert _errors(ok) == []
 
 
@@ -372,6 +391,8 @@ Inline: `ibot-ray config --config vit_small_16 --set loss.teacher_temp=0.05`, `p
     ("`ibot-ray eval --train ibot_ray/demo_data/nope.parquet --val demo RUN`", "demo_data/nope.parquet: no such"),
     ("`python benchmarks/qualitty.py --config demo`", "benchmarks/qualitty.py: no such file"),
     ("see [the guide](docs/nope.md)", "docs/nope.md does not exist"),
+    ("```\nibot-ray config --set loss.teacher_temp=0.1\n# ibot-ray: config error: loss.teacher_temp: must be\n```",
+     "the guide shows 'config error: loss.teacher_temp: must be', the command gives no error"),
     ("see [recipes](docs/recipes.md#no-such-heading)", "no heading #no-such-heading"),
 ])
 def test_the_checker_catches(bad, message):
