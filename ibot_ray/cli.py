@@ -30,8 +30,8 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
 
 
 def _command(sub, name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
-    """A subcommand whose ``--help`` starts with what it does and ends with one example."""
-    return sub.add_parser(name, help=summary, description=description, epilog=f"example:\n{example}",
+    """A subcommand whose ``--help`` starts with what it does and one example, then lists its options."""
+    return sub.add_parser(name, help=summary, description=f"{description}\n\nexample:\n{example}",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 

@@ -134,11 +134,13 @@ def test_load_backbone_gives_the_same_timm_model_from_the_export_and_the_checkpo
 
 
 def test_a_bad_override_is_a_config_error_before_ray(tmp_path):
-    """Raised while the config resolves, before any Ray call: no run folder is made."""
+    """Raised while the config resolves, before any Ray call: no run folder is made. (The source does not exist: were
+    an override not checked, the run would stop at listing it, with another error, instead of training.)"""
     for kwargs, match in (({"optim": {"epoch": 2}}, "optim.epoch: unknown field"),
                           ({"epochs": 2}, "epochs: not a config section"),
                           ({"optim": 2}, "optim: expected a dict"),
                           ({"train.loggers": ["comet"]}, "unknown logger 'comet'")):
         with pytest.raises(ConfigError, match=match):
-            ibot_ray.pretrain(data="demo", storage=tmp_path, name="bad", **kwargs)
+            ibot_ray.pretrain(data=str(tmp_path / "no_images"), storage=tmp_path / "runs", name="bad",
+                              **{"data.eval_source": None, **kwargs})
     assert not list(tmp_path.iterdir())

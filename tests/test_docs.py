@@ -343,9 +343,12 @@ def test_the_readme_layout_table_matches_the_tree():
 
 def test_every_subcommand_help_starts_with_what_it_does_and_one_true_example():
     for name, sub in _subparsers().items():
-        assert sub.description and len(sub.description.split()) > 12, name
-        assert sub.epilog and sub.epilog.startswith("example:"), name
-        examples = commands_in(f"```\n{sub.epilog.split(':', 1)[1]}\n```", f"ibot-ray {name} --help")
+        help_text = sub.format_help()
+        what, _, example = help_text.partition("\nexample:\n")
+        assert example, f"ibot-ray {name} --help shows no example"
+        assert len(what.split("\n\n", 1)[1].split()) > 12, f"ibot-ray {name} --help: say what it does"
+        assert help_text.index("example:") < help_text.index("options:"), "the example comes before the options"
+        examples = commands_in(f"```\n{example.split(chr(10) + chr(10))[0]}\n```", f"ibot-ray {name} --help")
         assert [c.argv[0] for c in examples] == [name]
         assert not check_command(examples[0]), check_command(examples[0])
 

@@ -208,13 +208,16 @@ def test_an_unknown_or_missing_logger_is_a_config_error(monkeypatch):
     load_config("demo", ["train.loggers=[mlflow]"])  # mlflow's modules are still found
 
 
-def test_mlflow_default_store_on_a_bucket_is_refused():
+def test_mlflow_default_store_on_a_bucket_is_refused(tmp_path):
     cfg = load_config("demo", ["train.loggers=[mlflow]"])
     with pytest.raises(ConfigError, match="set train.mlflow_tracking_uri"):
         check_trackers(cfg, "s3://bucket/runs")
     check_trackers(cfg, "/local/runs")
     check_trackers(load_config("demo", ["train.loggers=[mlflow]", "train.mlflow_tracking_uri=http://mlflow:5000"]),
                    "s3://bucket/runs")
+    # on a training worker of a run in a bucket, the logs folder is the node's own disk: refused there too
+    with pytest.raises(ConfigError, match="set train.mlflow_tracking_uri"):
+        MetricsWriter(tmp_path / "ibot_runs" / "r" / "logs", cfg=cfg, run_name="r", run_path="bucket/runs/r")
 
 
 def test_the_command_refuses_a_bad_logger_before_ray_starts(tmp_path):
