@@ -10,6 +10,7 @@ and validated up front: a bad value raises :class:`ConfigError` naming the field
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ AUTO_FIELDS = ("optim.momentum_teacher", "optim.warmup_epochs", "loss.warmup_tea
 MAX_BAD_FRACTION = 0.9
 #: The fields that may be ``auto`` and are sized to the cluster when the run starts (pipelines/cluster_plan.py).
 CLUSTER_AUTO_FIELDS = ("train.num_workers", "data.actors", "optim.micro_batch_size")
+#: The experiment trackers ``train.loggers`` may name, with the modules each needs and the extra that installs them.
+LOGGERS = {"tensorboard": ((), None), "mlflow": (("mlflow", "sqlalchemy", "alembic"), "mlflow"),
+           "wandb": (("wandb",), "wandb")}
 
 
 @dataclass
@@ -180,6 +184,14 @@ class TrainConfig:
     stop_on_collapse: bool = False  # end the run (after a checkpoint) when a collapse is detected (ibot_ray/health.py)
     check_preemption: bool = True  # poll Ray Train's preemption info at each log step; checkpoint just in time
     seed: int = 0
+    # Experiment trackers rank 0 writes every metrics row to, besides logs/metrics.jsonl (pipelines/metrics.py):
+    # any of LOGGERS; mlflow and wandb need their extras (pip install "ibot-ray[mlflow]" / "ibot-ray[wandb]")
+    loggers: tuple[str, ...] = ("tensorboard",)
+    mlflow_tracking_uri: Optional[str] = None  # None: a SQLite store in the run's logs folder (logs/mlflow.db)
+    mlflow_experiment: str = "ibot-ray"
+    wandb_project: str = "ibot-ray"
+    wandb_entity: Optional[str] = None  # None: the W&B account's default entity
+    wandb_mode: str = "auto"  # online, offline (no network: files under logs/wandb), or auto: WANDB_MODE, else online
 
 
 @dataclass
@@ -531,6 +543,14 @@ def validate(cfg: IBOTConfig) -> None:
     _check(t.images_per_device >= 0, "train.images_per_device", "must be >= 0")
     _check(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
     _check(t.knn_every_epochs >= 0, "train.knn_every_epochs", "must be >= 0")
+    for name in t.loggers:
+        _check(name in LOGGERS, "train.loggers", f"unknown logger {name!r} (known: {', '.join(LOGGERS)})")
+        missing = [mod for mod in LOGGERS[name][0] if importlib.util.find_spec(mod) is None]
+        _check(not missing, "train.loggers", f"{name} needs {', '.join(missing)}, which is not installed: "
+               f'pip install "ibot-ray[{LOGGERS[name][1]}]" (from a checkout: pip install ".[{LOGGERS[name][1]}]")')
+    _check(len(set(t.loggers)) == len(t.loggers), "train.loggers", f"names a logger twice: {list(t.loggers)}")
+    _check(t.wandb_mode in ("auto", "online", "offline"), "train.wandb_mode",
+           f"must be auto, online or offline, got {t.wandb_mode!r}")
 
     e = cfg.eval
     _check(e.knn_k >= 1, "eval.knn_k", "must be >= 1")
@@ -567,6 +587,7 @@ __all__ = [
     "AUTO_FIELDS",
     "MAX_BAD_FRACTION",
     "CLUSTER_AUTO_FIELDS",
+    "LOGGERS",
     "ConfigError",
     "IBOTConfig",
     "ModelConfig",

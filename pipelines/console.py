@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Optional, TextIO
 
+from ibot_ray.health import verdict as health_verdict
+
 PREFIX = "[ibot-ray]"
 #: How often the driver's thread polls the mailbox (seconds).
 POLL_INTERVAL_S = 0.5
@@ -403,14 +405,13 @@ def format_summary(*, name: str, steps: int, total_steps: int, wall_s: float, tr
                          f"({knn_after['knn_top1'] - knn_pixels['knn_top1']:+.1f} points; "
                          f"{knn_pixels.get('variant', 'raw')} pixels, same split)")
             verdict = ("the features beat raw pixels" if knn_after["knn_top1"] >= knn_pixels["knn_top1"] else
-                       "the features are still worse than raw pixels: train longer, or see the README's recipes")
+                       "the features are still worse than raw pixels: train longer, or see docs/recipes.md")
             lines.append(f"                  -> {verdict}")
     elif "knn_top1" in metrics:
         lines.append(f"  k-NN top-1      {_pct(metrics['knn_top1'])} (last online evaluation)")
     if isinstance(metrics.get("health"), str):
-        alarms = metrics.get("health_alarms") or ""
-        lines.append("  health          " + (f"collapsed: {alarms} (see the warnings above)" if alarms else
-                                             f"healthy: no collapse detected (last status: {metrics['health']})"))
+        v = health_verdict(metrics)
+        lines.append("  health          " + v + (" (see the warnings above)" if v.startswith("collapsed") else ""))
     incidents = [f"{n} {what}" for n, what in ((restarts, "restart(s)"), (resizes, "resize(s)"),
                                                  (preemptions, "preemption(s)")) if n]
     if incidents:

@@ -225,9 +225,11 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
     import torch
 
     from ibot_ray.model import build_student_teacher
+    from pipelines.metrics import check_trackers
 
     t_start = time.time()
     cfg.validate()  # before any cluster resource is requested
+    check_trackers(cfg, resolve_storage(storage))  # train.loggers the storage cannot hold (pipelines/metrics.py)
     # the k-NN splits are listed and decoded here, before Ray starts: an unlabelled one is a config error
     evaluator = knn_evaluator(cfg) if knn and cfg.data.eval_source else None
     init_ray(cfg, address, verbose=verbose)

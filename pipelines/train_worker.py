@@ -56,7 +56,7 @@ from pipelines.collate import iter_train_batches
 from pipelines.console import ConsoleClient, quiet_train_reports
 from pipelines.failures import FatalTrainingError, fatal_error
 from pipelines.ingest import RESUME_EPOCH_METRIC, bad_input_snapshot, get_bad_input_stats, merge_bad_input
-from pipelines.metrics import MetricsWriter
+from pipelines.metrics import SYNCED_FOLDERS, MetricsWriter
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +231,10 @@ def _sync_logs(local_log_dir: Path) -> None:
                 with fs.open_output_stream(f"{target}/metrics/{name}") as out:
                     out.write(new)
                 _uploaded_offsets[str(path)] = start + len(new)
-        tb = Path(local_log_dir) / "tensorboard"
-        if tb.exists():  # one event file per writer process: each upload rewrites only this process's own files
-            pafs.copy_files(str(tb), f"{target}/tensorboard", destination_filesystem=storage.storage_filesystem)
+        for folder in SYNCED_FOLDERS:  # the trackers' files: one file (or folder) per writer process, so each
+            local = Path(local_log_dir) / folder  # upload rewrites only this process's own files
+            if local.exists():
+                pafs.copy_files(str(local), f"{target}/{folder}", destination_filesystem=storage.storage_filesystem)
     except Exception as e:  # metrics upload must never kill training
         log.warning("could not upload metrics to %s: %s", target, e)
 
@@ -328,7 +329,8 @@ def _train_loop(config: dict) -> dict:
 
     total = runner.total_steps
     read, share, weight = rank_batch(cfg.optim.batch_size, world, rank)
-    writer = MetricsWriter(_local_log_dir()) if rank == 0 else None
+    writer = MetricsWriter(_local_log_dir(), cfg=cfg, run_name=ctx.get_experiment_name(),
+                           run_path=ctx.get_storage().experiment_fs_path) if rank == 0 else None
     if writer is not None:
         _mark_metrics_start(writer.folder)
     if rank == 0:

@@ -70,7 +70,7 @@ PBT_UNSUPPORTED = (
     "Tune through TuneReportCallback, which forwards metrics and the Train checkpoint's path only, never a Tune "
     "checkpoint, so PBT could never exploit. The workaround (train in segments of perturbation_interval epochs and "
     "report a pointer checkpoint after each segment) needs the worker loop to stop a run at an epoch boundary, which "
-    "the config cannot express yet. Use --scheduler asha with random or grid search (README: sweeps)."
+    "the config cannot express yet. Use --scheduler asha with random or grid search (docs/sweeps.md)."
 )
 
 
