@@ -22,9 +22,9 @@ import sys
 from .config import ConfigError, load_config, preset_names
 
 
-def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
+def _add_config_args(p: argparse.ArgumentParser, default: str | None, default_help: str | None = None) -> None:
     p.add_argument("--config", default=default,
-                   help=f"YAML file or preset name ({', '.join(preset_names())}); default: {default}")
+                   help=f"YAML file or preset name ({', '.join(preset_names())}); default: {default_help or default}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set loss.teacher_temp=0.07 (repeatable)")
 
@@ -34,11 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="run (or resume) a pretraining run on a local or remote Ray cluster")
-    _add_config_args(p, "demo")
-    p.add_argument("--data", help="training source: folder, Parquet file/folder, s3:// or gs:// URI, or 'demo'")
+    _add_config_args(p, None, "demo without --data; with --data, chosen from the images' size and count and the "
+                              "device (printed with the reasons)")
+    p.add_argument("--data", help="training source: folder, Parquet file/folder, s3:// or gs:// URI, or 'demo' "
+                                  "(default: the preset's, 'demo'); without --config a preset is chosen for it")
     p.add_argument("--storage", default=None,
                    help="run storage (local folder, shared file system or s3://...); default ./ibot_runs")
-    p.add_argument("--name", default=None, help="run name; the same name resumes (default: preset name)")
+    p.add_argument("--name", default=None, help="run name; the same name resumes (default: the data's folder or "
+                                                "file name, 'demo' for the demo)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--verbose", action="store_true",
                    help="also show Ray's own logs (worker output, Train/Data logs); default: they stay in Ray's "
