@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ibot_ray.config import ConfigError, IBOTConfig
 
@@ -33,6 +34,7 @@ class PretrainResult:
     knn_after: dict | None = None
     knn_pixels: dict | None = None  # raw-pixel k-NN of the same split (the baseline a run must beat)
     knn_split: str | None = None  # the split every k-NN figure above was measured on (None: no k-NN)
+    eval_plan: Any = None  # that split, listed (pipelines/eval_split.py EvalPlan), for further evaluation
     export_path: str | None = None
     wall_s: float = 0.0
     bad_images: dict = field(default_factory=dict)
@@ -308,7 +310,7 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
     out = PretrainResult(run_path=str(result.path), checkpoint_path=ckpt_path,
                          metrics=dict(result.metrics or {}), steps=int((result.metrics or {}).get("step", 0)),
                          knn_before=knn_before, knn_pixels=knn_pixels, bad_images=bad,
-                         knn_split=plan.split if plan.enabled else None)
+                         knn_split=plan.split if plan.enabled else None, eval_plan=plan)
     if result.checkpoint is not None and ((evaluator is not None and knn) or export):
         teacher, state = _teacher_from_checkpoint(cfg, result.checkpoint)
         if evaluator is not None and knn:
