@@ -45,7 +45,7 @@ class PretrainRun:
     steps: int  # optimiser steps trained
     metrics: dict  # the last reported metrics: loss, cls, mim, lr, health metrics, the last online k-NN, ...
     health: str  # "healthy: no collapse detected (...)" or "collapsed: <conditions>" (ibot_ray/health.py)
-    knn: Optional[dict]  # k-NN top-1 (%) on the labelled split: teacher, teacher_top5, random_init, raw_pixels
+    knn: Optional[dict]  # k-NN top-1 (%): split (its name), teacher, teacher_top5, random_init, raw_pixels
     bad_images: int = 0  # distinct unreadable files skipped
     wall_s: float = 0.0
     details: Any = field(default=None, repr=False)  # pipelines.pretrain.PretrainResult, everything the driver saw
@@ -84,9 +84,9 @@ def pretrain(data: Union[PathLike, dict, None] = None, config: Optional[str] = N
 
     ``data``: a folder, Parquet file/folder, ``s3://``/``gs://`` URI or ``"demo"`` (``--data``; default: the
     config's ``data.source``), or the whole data section as a dict (``{"source": ..., "eval_source": ...}``).
-    ``config``: a preset name or YAML file (``--config``; default: the command's default, the ``demo`` preset).
-    ``storage`` and ``name``: ``--storage`` (default ``./ibot_runs``) and ``--name`` (default: derived from the data
-    or the preset); the same pair resumes the run. ``address``: a Ray cluster (default: ``RAY_ADDRESS``, else a local
+    ``config``: a preset name or YAML file (``--config``; default: as the command, a preset chosen for the data, or
+    ``demo`` without data). ``storage`` and ``name``: ``--storage`` (default ``./ibot_runs``) and ``--name``
+    (default: the data's folder or file name, ``demo`` for the demo); the same pair resumes the run. ``address``: a Ray cluster (default: ``RAY_ADDRESS``, else a local
     Ray). ``verbose``: Ray's own logs on the console. ``**overrides``: config fields, ``optim={"epochs": 4}``.
 
     Raises :class:`~ibot_ray.config.ConfigError` for a bad setting (before Ray starts), and what the command reports
@@ -106,7 +106,8 @@ def pretrain(data: Union[PathLike, dict, None] = None, config: Optional[str] = N
     run_path = str(result.run_path).rstrip("/")
     knn = None
     if result.knn_after is not None:
-        knn = {"teacher": result.knn_after["knn_top1"], "teacher_top5": result.knn_after.get("knn_top5")}
+        knn = {"split": result.knn_split, "teacher": result.knn_after["knn_top1"],
+               "teacher_top5": result.knn_after.get("knn_top5")}
         if result.knn_before is not None:
             knn["random_init"] = result.knn_before["knn_top1"]
         if result.knn_pixels is not None:

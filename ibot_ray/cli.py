@@ -22,9 +22,9 @@ import sys
 from .config import ConfigError, load_config, preset_names
 
 
-def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
+def _add_config_args(p: argparse.ArgumentParser, default: str | None, default_help: str | None = None) -> None:
     p.add_argument("--config", default=default,
-                   help=f"YAML file or preset name ({', '.join(preset_names())}); default: {default}")
+                   help=f"YAML file or preset name ({', '.join(preset_names())}); default: {default_help or default}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set loss.teacher_temp=0.07 (repeatable)")
 
@@ -47,18 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(
         sub, "pretrain", "pretrain (or resume) a run on a local Ray or a cluster",
         "Pretrain a ViT with iBOT on a folder, Parquet files or a bucket of images (default: the shipped demo), on a\n"
-        "local Ray or the cluster at --address. Prints progress, a health verdict and, with a labelled k-NN split,\n"
-        "the teacher's k-NN beside the random-init and raw-pixel baselines; writes checkpoints, metrics and the\n"
-        "exported backbone under <storage>/<name>/. The same --storage and --name resume the run from its latest\n"
-        "checkpoint. Exit status: 0 done, 2 config error, 4 stopped on collapse, 5 an error a restart cannot fix.",
+        "local Ray or the cluster at --address. Without --config a preset is chosen for the images (their size and\n"
+        "count, and the device) and printed with the reasons. Prints progress, a health verdict and, for labelled\n"
+        "data (class subfolders, a label column), the teacher's k-NN on a held-out split beside the random-init and\n"
+        "raw-pixel baselines of that split; writes checkpoints, metrics and the exported backbone under\n"
+        "<storage>/<name>/ (name: the data's folder or file name). The same --storage and --name resume the run.\n"
+        "Exit status: 0 done, 2 config error, 4 stopped on collapse, 5 an error a restart cannot fix.",
         "  ibot-ray pretrain --data ./my_images --set optim.epochs=10 --storage ./ibot_runs --name my_run")
-    _add_config_args(p, "demo")
-    p.add_argument("--data", help="training source: folder, Parquet file/folder, s3:// or gs:// URI, or 'demo'")
+    _add_config_args(p, None, "demo without --data; with --data, chosen from the images' size and count and the "
+                              "device (printed with the reasons)")
+    p.add_argument("--data", help="training source: folder, Parquet file/folder, s3:// or gs:// URI, or 'demo' "
+                                  "(default: the preset's, 'demo')")
     p.add_argument("--storage", default=None,
                    help="run storage (local folder, shared file system or s3://...); default ./ibot_runs")
     p.add_argument("--name", default=None,
-                   help="run name; the same storage and name resume the run (default: derived from the data or the "
-                        "preset)")
+                   help="run name; the same storage and name resume the run (default: the data's folder or file "
+                        "name, 'demo' for the demo)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--verbose", action="store_true",
                    help="also show Ray's own logs (worker output, Train/Data logs); default: they stay in Ray's "

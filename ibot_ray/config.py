@@ -143,9 +143,13 @@ class DataConfig:
     format: str = "auto"  # "auto", "folder" or "parquet"
     image_column: str = "image"
     label_column: str = "label"
-    eval_source: Optional[str] = None  # labelled split for online k-NN ("demo" uses the demo's test split)
+    # the labelled split the online k-NN, its baselines and the closing verdict are measured on (pipelines/
+    # eval_split.py): "auto" = the demo's test split for the demo, a held-out split of a labelled source (kept out of
+    # training), none for an unlabelled one; or a labelled source ("demo": the demo's test split); null: no k-NN
+    eval_source: Optional[str] = "auto"
     eval_train_source: Optional[str] = None  # labelled k-NN memory bank (default: the labelled training source)
-    eval_max_images: int = 2000
+    eval_max_images: int = 2000  # each split (memory bank, queries) at most this many images
+    eval_holdout_fraction: float = 0.1  # share of a labelled source held out for the k-NN (eval_source: auto)
     actors: tuple[int, int] = (1, 4)  # autoscaling CPU actor pool (min, max) for decode + augment (auto: the CPU nodes)
     actor_resource: Optional[str] = None  # custom resource the actors need (node pinning; auto-set on clusters)
     cpus_per_actor: float = 1.0
@@ -171,6 +175,9 @@ class TrainConfig:
     gpus_per_worker: float = 1.0
     worker_resource: Optional[str] = None  # custom resource every training worker needs one unit of (node pinning)
     checkpoint_every_steps: int = 500  # plus one at every epoch end
+    # scheduled checkpoints (every checkpoint_every_steps, epoch ends) at least this far apart in time, so tiny
+    # epochs do not checkpoint every few seconds; the last, just-in-time (preemption) and stop-on-collapse ones always
+    checkpoint_min_interval_s: float = 60.0
     keep_checkpoints: int = 3
     max_failures: int = -1  # worker/node failures (not preemptions) before the run fails; -1: unlimited
     max_preemption_failures: int = -1
@@ -531,10 +538,12 @@ def validate(cfg: IBOTConfig) -> None:
     _check(0 <= d.expected_bad_fraction <= MAX_BAD_FRACTION, "data.expected_bad_fraction",
            f"must be in [0, {MAX_BAD_FRACTION}]")
     _check(d.eval_max_images >= 1, "data.eval_max_images", "must be >= 1")
+    _check(0 < d.eval_holdout_fraction <= 0.5, "data.eval_holdout_fraction", "must be in (0, 0.5]")
 
     _check(t.use_gpu in ("auto", "true", "false"), "train.use_gpu", "must be auto, true or false")
     _check(t.cpus_per_worker >= 0 and t.gpus_per_worker >= 0, "train.cpus_per_worker", "must be >= 0")
     _check(t.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
+    _check(t.checkpoint_min_interval_s >= 0, "train.checkpoint_min_interval_s", "must be >= 0")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(t.max_failures >= -1, "train.max_failures", "must be >= -1")
     _check(t.max_preemption_failures >= -1, "train.max_preemption_failures", "must be >= -1")

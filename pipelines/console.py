@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -262,7 +263,8 @@ class ConsoleRenderer:
 
     def _on_knn(self, msg: dict) -> None:
         top5 = msg.get("knn_top5")
-        self.line(f"{PREFIX} k-NN after epoch {msg.get('epoch')}/{self.epochs}: top-1 {_pct(msg['knn_top1'])}"
+        on = f" on the {msg['split']}" if msg.get("split") else ""
+        self.line(f"{PREFIX} k-NN{on} after epoch {msg.get('epoch')}/{self.epochs}: top-1 {_pct(msg['knn_top1'])}"
                   + (f" top-5 {_pct(top5)}" if top5 is not None else ""))
 
     def _on_health(self, msg: dict) -> None:
@@ -379,10 +381,11 @@ def ray_log_dir() -> str:
 def format_summary(*, name: str, steps: int, total_steps: int, wall_s: float, train_s: Optional[float],
                    metrics: dict, run_path: str, checkpoint_path: Optional[str], export_path: Optional[str],
                    knn_before: Optional[dict], knn_after: Optional[dict], knn_pixels: Optional[dict] = None,
-                   bad_images: int = 0,
+                   knn_split: Optional[str] = None, knn_missing: Optional[str] = None, bad_images: int = 0,
                    restarts: int = 0, resizes: int = 0, preemptions: int = 0, log_dir: Optional[str] = None,
                    local: bool = True, verbose: bool = False) -> str:
-    """The closing block of ``ibot-ray pretrain``."""
+    """The closing block of ``ibot-ray pretrain``. ``knn_split`` names the split the k-NN figures were measured on
+    (all of them on that one split); ``knn_missing``: why there are none, and how to get one."""
     lines = [f"{PREFIX} done: run '{name}', {steps}/{total_steps} steps in {format_duration(wall_s)}"
              + (f" (training {format_duration(train_s)})" if train_s is not None else "")]
     if "loss" in metrics:
@@ -392,6 +395,8 @@ def format_summary(*, name: str, steps: int, total_steps: int, wall_s: float, tr
         if "images_per_s" in metrics:
             s += f", {float(metrics['images_per_s']):.0f} img/s"
         lines.append(s)
+    if knn_split and (knn_after is not None or "knn_top1" in metrics):
+        lines.append(f"  k-NN split      {knn_split}")
     if knn_after is not None:
         s = f"  k-NN top-1      trained teacher {_pct(knn_after['knn_top1'])}"
         if knn_after.get("knn_top5") is not None:
@@ -409,6 +414,9 @@ def format_summary(*, name: str, steps: int, total_steps: int, wall_s: float, tr
             lines.append(f"                  -> {verdict}")
     elif "knn_top1" in metrics:
         lines.append(f"  k-NN top-1      {_pct(metrics['knn_top1'])} (last online evaluation)")
+    elif knn_missing:
+        lines.append(textwrap.fill(knn_missing, width=118, initial_indent="  quality         not measured: ",
+                                   subsequent_indent=" " * 18))
     if isinstance(metrics.get("health"), str):
         v = health_verdict(metrics)
         lines.append("  health          " + v + (" (see the warnings above)" if v.startswith("collapsed") else ""))

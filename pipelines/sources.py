@@ -22,11 +22,12 @@ are decoded later, in the augmenting actors (``pipelines/ingest.py``). Any URI t
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -192,7 +193,7 @@ def list_image_folder(uri: str, files: Optional[list[tuple[str, int]]] = None
     )
 
 
-def _folder_labels(paths: list[str], root: str, class_to_idx: Optional[dict[str, int]]) -> np.ndarray:
+def folder_labels(paths: list[str], root: str, class_to_idx: Optional[dict[str, int]]) -> np.ndarray:
     """Labels of folder images from their first-level class subfolder (-1 without classes)."""
     if class_to_idx is None:
         return np.full(len(paths), -1, dtype=np.int64)
@@ -339,6 +340,7 @@ def _read_parquet_unit(
     columns = [image_column] + ([label_column] if label_column else [])
     path, rg, n_rg = str(unit["path"]), int(unit["row_group"]), int(unit["num_row_groups"])
     permute = shuffle_seed is not None and int(unit["bytes"]) <= max_shuffle_bytes
+    excluded = np.asarray(unit.get("excluded", ()), np.int64)  # file rows held out of training (eval_split.py)
     gathered = []
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=PARQUET_READ_BUFFER)
@@ -346,6 +348,8 @@ def _read_parquet_unit(
         for batch in pf.iter_batches(batch_size=PARQUET_ROWS_PER_TASK, row_groups=range(rg, rg + n_rg),
                                      columns=columns, use_threads=False):
             table = _parquet_rows(pa.Table.from_batches([batch]), path, row, image_column, label_column, class_to_idx)
+            if len(excluded):
+                table = table.filter(pa.array(~np.isin(np.arange(row, row + batch.num_rows), excluded)))
             row += batch.num_rows
             if permute:
                 gathered.append(table)
@@ -356,6 +360,26 @@ def _read_parquet_unit(
         order = np.random.default_rng(list(shuffle_seed)).permutation(table.num_rows)
         for start in range(0, table.num_rows, PARQUET_ROWS_PER_TASK):
             yield table.take(order[start:start + PARQUET_ROWS_PER_TASK])
+
+
+def parquet_unit_labels(listing: SourceListing, units: Iterable[int]) -> Iterator[np.ndarray]:
+    """The int64 labels of read units ``units`` of a Parquet listing, one array per unit in file-row order (string
+    labels through the listing's class map; null, or a source without labels: -1). Reads only the label column."""
+    for u in units:
+        unit = listing.units[int(u)]
+        n = int(unit["length"])
+        if not listing.label_column:
+            yield np.full(n, -1, np.int64)
+            continue
+        rg = int(unit["row_group"])
+        with listing.fs.open_input_file(str(unit["path"])) as f:
+            col = pq.ParquetFile(f).read_row_groups(range(rg, rg + int(unit["num_row_groups"])),
+                                                    columns=[listing.label_column]).column(0)
+        if listing.class_to_idx is not None:
+            index = listing.class_to_idx
+            yield np.fromiter((index.get(v, -1) if v is not None else -1 for v in col.to_pylist()), np.int64, n)
+        else:
+            yield np.asarray(col.cast(pa.int64()).fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
 
 
 def _parquet_rows(table: pa.Table, path: str, first: int, image_column: str, label_column: Optional[str],
@@ -438,6 +462,35 @@ def describe_source(cfg: IBOTConfig, source: Optional[str] = None, *, split: str
     return list_source(cfg, source, split=split).info
 
 
+def sample_image_sides(listing: SourceListing, n: int = 32, seed: int = 0) -> list[int]:
+    """The shorter sides of up to ``n`` images of the listing, drawn uniformly (seeded), from their headers only
+    (folder: the file is read, not decoded; Parquet: the rows of one or two read units). Unreadable ones are left
+    out."""
+    from PIL import Image, UnidentifiedImageError
+
+    rng = np.random.default_rng([int(seed), 0x73697A65])
+    blobs: list[bytes] = []
+    if listing.info.format == "folder":
+        picks = rng.choice(len(listing.paths), min(n, len(listing.paths)), replace=False)
+        with ThreadPoolExecutor(max_workers=FOLDER_READ_THREADS) as pool:
+            blobs = list(pool.map(lambda i: _read_whole(listing.fs, listing.paths[int(i)]), picks))
+    else:
+        for u in rng.permutation(len(listing.units)):
+            for table in _read_parquet_unit(listing.units[int(u)], listing.fs, listing.image_column, None):
+                blobs += table.column("bytes").to_pylist()[: n - len(blobs)]
+                if len(blobs) >= n:
+                    break
+            if len(blobs) >= n:
+                break
+    sides = []
+    for b in blobs:
+        try:
+            sides.append(min(Image.open(io.BytesIO(b)).size))
+        except (UnidentifiedImageError, OSError, ValueError):
+            continue
+    return sides
+
+
 @lru_cache(maxsize=4)
 def epoch_order(n: int, seed: Optional[int], epoch: int) -> np.ndarray:
     """The read order of ``n`` items (folder images, Parquet units) in data epoch ``epoch``: a permutation seeded by
@@ -464,7 +517,7 @@ def _read_unit(listing: SourceListing, fs: pafs.FileSystem, seed: Optional[int],
     with ThreadPoolExecutor(max_workers=min(FOLDER_READ_THREADS, len(paths))) as pool:
         blobs = list(pool.map(lambda p: _read_whole(fs, p), paths))
     yield pa.table({"bytes": pa.array(blobs, pa.binary()), "key": pa.array(paths, pa.string()),
-                    "label": _folder_labels(paths, listing.root or "", listing.class_to_idx)})
+                    "label": folder_labels(paths, listing.root or "", listing.class_to_idx)})
 
 
 def _read_stream_tasks(batch: dict[str, np.ndarray], listing: SourceListing, fs: pafs.FileSystem,
@@ -536,4 +589,5 @@ __all__ = [
     "list_source",
     "resolve_source",
     "resolve_uri",
+    "sample_image_sides",
 ]

@@ -161,6 +161,14 @@ def _all_ranks_max(value: int, world: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def _interval_passed(elapsed_s: float, min_interval_s: float, world: int, device: torch.device) -> bool:
+    """Whether a scheduled checkpoint is due (``train.checkpoint_min_interval_s`` since the last one). Clocks differ
+    between ranks, so the ranks agree on it (a collective at each scheduled step: every rank calls it then)."""
+    if min_interval_s <= 0:
+        return True
+    return bool(_all_ranks_max(int(elapsed_s >= min_interval_s), world, device))
+
+
 def _trained_keys_log(rank: int, folder: str | None):
     if not folder:
         return None
@@ -345,13 +353,15 @@ def _train_loop(config: dict) -> dict:
                           "per_rank_read": read, "micro_batch_size": cfg.optim.micro_batch_size or share,
                           "per_rank_share": [rank_batch(cfg.optim.batch_size, world, r)[1]
                                                                     for r in range(world)],
-                          "resumed_from": resumed_from if resumed_from is not None else -1}, runner.step)
+                          "resumed_from": resumed_from if resumed_from is not None else -1,
+                          "knn_label": config.get("knn_label")}, runner.step)
 
     evaluator = None
-    if rank == 0 and cfg.train.knn_every_epochs and cfg.data.eval_source:
+    if rank == 0 and cfg.train.knn_every_epochs and config.get("knn_splits") is not None:
         from pipelines.knn_eval import KNNEvaluator
 
-        evaluator = KNNEvaluator(cfg)
+        # decoded once by the driver (pipelines/pretrain.py build_trainer), not listed or decoded again here
+        evaluator = KNNEvaluator.from_splits(cfg, ray.get(config["knn_splits"]))
 
     # Every rank sees the same all-reduced health metrics, so every rank takes the same decisions.
     health = CollapseDetector(cfg, grace_steps=grace_steps(cfg, steps_per_epoch))
@@ -367,6 +377,7 @@ def _train_loop(config: dict) -> dict:
     rows = RowCarry(iter_train_batches(shard, cfg, read, device, shuffle_rows=shuffle_rows))
     keys_log = _trained_keys_log(rank, config.get("trained_keys_dir"))
     trained_epoch = data_epoch  # the highest data epoch this rank has trained on
+    last_checkpoint_t = time.monotonic()  # a (re)started group counts the interval from its start
     while runner.step < total and not stop_on_collapse:
         _, share, weight = rank_batch(cfg.optim.batch_size, world, rotated_rank(rank, runner.step, world))
         t0 = time.perf_counter()
@@ -393,9 +404,12 @@ def _train_loop(config: dict) -> dict:
         busy_s += t0 - t1
         step = runner.step
         epoch_end = step % steps_per_epoch == 0
-        do_ckpt = is_checkpoint_step(step, steps_per_epoch=steps_per_epoch, total=total,
-                                     every=cfg.train.checkpoint_every_steps)
-        do_log = do_ckpt or step % cfg.train.log_every_steps == 0
+        scheduled = is_checkpoint_step(step, steps_per_epoch=steps_per_epoch, total=total,
+                                       every=cfg.train.checkpoint_every_steps)
+        do_ckpt = scheduled and (step >= total or _interval_passed(time.monotonic() - last_checkpoint_t,
+                                                                   cfg.train.checkpoint_min_interval_s, world,
+                                                                   device))
+        do_log = scheduled or step % cfg.train.log_every_steps == 0
         preempted = new_notice = False
         if do_log and cfg.train.check_preemption:
             info = ray.train.get_preemption_info()  # a barrier: every rank calls it
@@ -434,7 +448,7 @@ def _train_loop(config: dict) -> dict:
             if evaluator is not None and epoch_end and (step // steps_per_epoch) % cfg.train.knn_every_epochs == 0:
                 metrics.update(evaluator.evaluate(unwrap(teacher).backbone, device=device))
                 console.event("knn", epoch=step // steps_per_epoch, step=step, knn_top1=metrics["knn_top1"],
-                              knn_top5=metrics.get("knn_top5"))
+                              knn_top5=metrics.get("knn_top5"), split=config.get("knn_label"))
             images_seen, wait_s, busy_s = 0, 0.0, 0.0
             t_window = time.perf_counter()
             if do_ckpt:
@@ -456,6 +470,7 @@ def _train_loop(config: dict) -> dict:
                 _report_checkpoint(report, step_runner=runner, cfg=cfg, data_epoch=metrics.get(RESUME_EPOCH_METRIC),
                                    rank=rank, local_log_dir=writer.folder if writer else Path("."),
                                    epoch_length=epoch_length, monitor_name=monitor_name)
+                last_checkpoint_t = time.monotonic()
                 if preempted:  # a draining node may go any moment: a report returns once the controller has taken
                     ray.train.report(report)  # the previous one from this worker's queue (its next poll, <= 2 s)
                 console.event("checkpoint", name=_checkpoint_dir_name(step), step=step,

@@ -5,7 +5,9 @@ from pathlib import Path
 import torch
 
 from ibot_ray.config import load_config
-from pipelines.knn_eval import KNNEvaluator, eval_sources, load_labelled_split
+from pipelines.eval_split import plan_evaluation
+from pipelines.knn_eval import KNNEvaluator, load_labelled_split
+from pipelines.sources import list_source
 
 
 def test_folder_split_labels_and_skipped_images(tmp_path, image_writer):
@@ -25,9 +27,10 @@ def test_parquet_split_and_demo_mapping(tmp_path, parquet_writer):
     info = parquet_writer(tmp_path / "val.parquet", 8)
     split = load_labelled_split(str(tmp_path / "val.parquet"), cfg)
     assert split.labels.tolist() == info["labels"][:5]
-    bank, queries = eval_sources(cfg)
-    assert Path(bank).name == "train.parquet" and Path(queries).name == "test.parquet"
-    assert eval_sources(load_config("demo", ["data.eval_source=null"])) is None
+    plan = plan_evaluation(cfg, list_source(cfg))  # the demo's data: the demo's own pair of splits
+    assert Path(plan.bank.uri).name == "train.parquet" and Path(plan.queries.uri).name == "test.parquet"
+    off = load_config("demo", ["data.eval_source=null"])
+    assert not plan_evaluation(off, list_source(off)).enabled
 
 
 def test_evaluator_on_identical_features_is_perfect(tmp_path, parquet_writer):

@@ -5,6 +5,7 @@ The elastic (node loss / node add) scenario needs its own simulated multi-node c
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -182,3 +183,93 @@ def test_unlabelled_knn_bank_is_a_config_error(tmp_path, image_writer, capsys):
     assert str(flat) in lines[0] and "unlabelled" in lines[0] and "Traceback" not in out.err
     assert "data.source" in lines[0] and "data.eval_train_source" in lines[0] and "data.eval_source=null" in lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+# ---- what a run is judged on (pipelines/eval_split.py), end to end: `ibot-ray pretrain --data FOLDER` -------------
+
+def _trained_keys_per_epoch(folder: Path) -> dict[int, list[int]]:
+    """Data epoch -> key ids trained in it (the ``IBOT_TRAINED_KEYS_DIR`` hook of the worker loop)."""
+    out: dict[int, list[int]] = collections.defaultdict(list)
+    for f in sorted(folder.glob("rank*.jsonl")):
+        for row in map(json.loads, f.read_text().splitlines()):
+            for epoch, key in zip(row["epoch"], row["key_id"]):
+                out[epoch].append(key)
+    return out
+
+
+def test_a_labelled_folder_is_judged_on_its_own_held_out_split(ray_cluster, tmp_path, image_writer, capsys,
+                                                                 monkeypatch):
+    """Class subfolders, no --config, no --name: a preset is chosen for the images, the run is named after the
+    folder, the k-NN before, during and after training and both baselines are measured on a stratified held-out split
+    of the folder that never trains, every k-NN line names that split, and the scheduled checkpoints keep
+    ``train.checkpoint_min_interval_s`` apart (here: none but the last). The same name with other data is refused."""
+    from pipelines.ingest import key_id
+    from pipelines.pretrain import run_pretrain
+    from pipelines.train_worker import TRAINED_KEYS_ENV
+
+    written = image_writer(tmp_path / "pets", 60, kinds=("jpeg", "png"), classes=["cat", "dog", "eel"], size=(40, 40))
+    monkeypatch.setenv(TRAINED_KEYS_ENV, str(tmp_path / "keys"))
+    sets = TINY + ["data.eval_source=auto", "optim.epochs=2", "train.knn_every_epochs=1",
+                   "train.checkpoint_every_steps=1", "train.checkpoint_min_interval_s=3600"]
+    result = run_pretrain(None, sets, data=str(tmp_path / "pets"), storage=str(tmp_path / "runs"))
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "pets"
+    assert Path(result.run_path) == run  # named after the folder
+    assert "[ibot-ray] chose --config demo: 60 small images (median shorter side 40 px" in out
+    split = f"held-out split of {tmp_path / 'pets'} (12 images of 3 classes, kept out of training)"
+    assert result.knn_split == split
+    assert f"[ibot-ray] k-NN on the {split}, before training: initial teacher top-1" in out
+    assert "48 training images (12 more held out for the k-NN)" in out
+    assert f"k-NN split      {split}" in out and "same split" in out
+    online = [line for line in out.splitlines() if "after epoch" in line]
+    assert len(online) == 2 and all("k-NN on the held-out split after epoch" in line for line in online)
+    assert None not in (result.knn_before, result.knn_after, result.knn_pixels)
+    # the held-out images never trained; the others at most once per data epoch (the run's plan, made again)
+    from pipelines.pretrain import list_and_plan
+
+    _, plan = list_and_plan(load_config("demo", sets + [f"data.source={tmp_path / 'pets'}"]))
+    assert plan.split == split and set(written["good"]) == set(plan.train_listing.paths) | set(plan.queries.paths)
+    per_epoch = _trained_keys_per_epoch(tmp_path / "keys")
+    assert sum(len(keys) for keys in per_epoch.values()) == 2 * 48
+    assert all(len(keys) == len(set(keys)) for keys in per_epoch.values())
+    assert set().union(*per_epoch.values()) == {key_id(p) for p in plan.train_listing.paths}
+    # scheduled checkpoints (every step, two epoch ends) are within the minimum interval of the run's start: only
+    # the last one is written; the online k-NN still ran at both epoch ends
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_00000006"]
+    rows = read_metrics(run / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "knn_top1" in r] == [3, 6]
+    assert json.loads((run / "run.json").read_text()) == {"source": str(tmp_path / "pets"), "config": "demo"}
+    from ibot_ray.config import ConfigError
+
+    image_writer(tmp_path / "other", 8, kinds=("jpeg",), size=(40, 40))
+    with pytest.raises(ConfigError, match="holds a run of source"):
+        run_pretrain(None, sets, data=str(tmp_path / "other"), storage=str(tmp_path / "runs"), name="pets")
+
+
+def test_an_unlabelled_folder_gets_no_foreign_k_nn(ray_cluster, tmp_path, image_writer, capsys):
+    """A flat folder (no labels): no k-NN line about any data, and the summary says how to get a quality figure."""
+    from ibot_ray.cli import main as cli_main
+
+    image_writer(tmp_path / "flat", 48, kinds=("jpeg",), size=(40, 40))
+    sets = [a for s in TINY + ["data.eval_source=auto", "optim.epochs=1"] for a in ("--set", s)]
+    assert cli_main(["pretrain", "--data", str(tmp_path / "flat"), "--storage", str(tmp_path / "runs"), *sets]) == 0
+    out = capsys.readouterr().out
+    figures = ("top-1", "k-NN on", "k-NN split", "raw pixels", "random init", "demo's test split")
+    assert not [f for f in figures if f in out], out
+    assert "  quality         not measured: " in out
+    words = " ".join(out.split())  # the summary wraps its long lines
+    assert f"{tmp_path / 'flat'} is unlabelled (a flat image folder), so no k-NN was measured" in words
+    assert "class subfolders" in words and "'ibot-ray eval MODEL --train LABELLED --val LABELLED'" in words
+    assert (tmp_path / "runs" / "flat" / "export" / "teacher_backbone.safetensors").exists()
+
+
+def test_an_explicit_eval_source_wins(ray_cluster, tmp_path, image_writer):
+    """``data.eval_source`` set: the k-NN is on that split, and nothing is held out of the labelled training folder."""
+    from pipelines.pretrain import run_pretrain
+
+    image_writer(tmp_path / "train", 48, kinds=("jpeg",), classes=["a", "b"], size=(40, 40))
+    image_writer(tmp_path / "val", 10, kinds=("png",), classes=["a", "b"], size=(40, 40))
+    result = run_pretrain("demo", TINY + [f"data.eval_source={tmp_path / 'val'}", "optim.epochs=1"],
+                          data=str(tmp_path / "train"), storage=str(tmp_path / "runs"))
+    assert result.knn_split == f"split {tmp_path / 'val'} (10 images)"
+    assert result.steps == 3 and result.knn_after is not None  # all 48 images trained: 3 steps of 16

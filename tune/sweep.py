@@ -276,7 +276,7 @@ def train_run_name(sweep_name: str, trial_id: str) -> str:
     return f"{sweep_name}_{trial_id}"
 
 
-def sweep_trial(config: dict, spec: Optional[dict] = None, listing: Any = None) -> None:
+def sweep_trial(config: dict, spec: Optional[dict] = None, listing: Any = None, plan: Any = None) -> None:
     """One Tune trial: the base config with this trial's values, trained to the end by its own TorchTrainer.
 
     An invalid combination of values (e.g. ``momentum_teacher > momentum_teacher_end``) raises the config's
@@ -298,7 +298,8 @@ def sweep_trial(config: dict, spec: Optional[dict] = None, listing: Any = None) 
                                                                            b.label_column)
     trainer, info = build_trainer(cfg, storage=spec["train_storage"], name=name,
                                   callbacks=[callback, _pg_reaper_callback()], per_trial=True,
-                                  listing=listing if same_source else None)  # the sweep's one listing
+                                  listing=listing if same_source else None,  # the sweep's one listing and plan
+                                  plan=plan if d == b else None)
     for line in [*info["derived"], *(f"warning: {w}" for w in info["warnings"])]:
         print(f"[ibot-ray tune] trial {trial_id}: {line}", flush=True)
     total = int(info["total_steps"])
@@ -516,8 +517,8 @@ def _prepare_base(config: Union[str, IBOTConfig, None], overrides: Optional[list
         base = load_config(config or "demo", overrides, validate=False)
     if objective == "knn_top1":
         if not base.data.eval_source:
-            raise SweepError("objective knn_top1 needs a labelled held-out split: set data.eval_source "
-                             "(--set data.eval_source=demo for the demo data), or use --objective loss")
+            raise SweepError("objective knn_top1 needs a labelled split: set data.eval_source (auto: a held-out "
+                             "split of a labelled source), or use --objective loss")
         if base.train.knn_every_epochs == 0:
             print("[ibot-ray tune] objective knn_top1: train.knn_every_epochs was 0, evaluating every epoch",
                   flush=True)
@@ -601,13 +602,15 @@ def run_sweep(
     spec = _spec(name, base, sp, objective, scheduler, exp_path)
     mode = OBJECTIVES[objective]
 
-    from pipelines.sources import list_source
+    from pipelines.pretrain import list_and_plan
 
-    try:
-        listing = list_source(base)  # once for the sweep: every trial reuses it (tune.with_parameters)
-        steps_per_epoch = listing.info.num_items // base.optim.batch_size
+    try:  # once for the sweep: every trial reuses the listing and the evaluation plan (tune.with_parameters)
+        listing, plan = list_and_plan(base)
+        steps_per_epoch = plan.train_listing.info.num_items // base.optim.batch_size
     except Exception as e:
         raise SweepError(f"data.source {base.data.source!r} cannot be listed: {e}") from None
+    if objective == "knn_top1" and not plan.enabled:
+        raise SweepError(f"objective knn_top1 needs a labelled split: {plan.why_none}; or use --objective loss")
     if steps_per_epoch < 1:
         raise SweepError(f"optim.batch_size {base.optim.batch_size} is larger than the dataset {base.data.source!r}")
 
@@ -622,7 +625,8 @@ def run_sweep(
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     driver = ({base.train.driver_resource: DRIVER_RESOURCE_SHARE} if base.train.driver_resource
               else {"CPU": DRIVER_CPU})
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(sweep_trial, spec=spec, listing=listing), driver)
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(sweep_trial, spec=spec, listing=listing, plan=plan),
+                                        driver)
 
     resumed = Tuner.can_restore(exp_path)
     asha_info: dict = {}
