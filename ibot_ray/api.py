@@ -87,7 +87,8 @@ def pretrain(data: Union[PathLike, dict, None] = None, config: Optional[str] = N
     ``config``: a preset name or YAML file (``--config``; default: as the command, a preset chosen for the data, or
     ``demo`` without data). ``storage`` and ``name``: ``--storage`` (default ``./ibot_runs``) and ``--name``
     (default: the data's folder or file name, ``demo`` for the demo); the same pair resumes the run. ``address``: a
-    Ray cluster (default: ``RAY_ADDRESS``, else a local Ray). ``verbose``: Ray's own logs on the console. ``**overrides``: config fields, ``optim={"epochs": 4}``.
+    Ray cluster (default: ``RAY_ADDRESS``, else a local Ray). ``verbose``: Ray's own logs on the console.
+    ``**overrides``: config fields, ``optim={"epochs": 4}``.
 
     Raises :class:`~ibot_ray.config.ConfigError` for a bad setting (before Ray starts), and what the command reports
     as a failed run: ``pipelines.failures.FatalTrainingError`` (an error every restart would raise again) or Ray

@@ -209,7 +209,9 @@ def check_command(cmd: Command) -> list[str]:
 def _check_args(command: str, args: argparse.Namespace, sub: argparse.ArgumentParser) -> list[str]:
     errors = []
     config = getattr(args, "config", None)
-    base = sub.get_default("config")
+    # pretrain without --config: demo, or with --data a preset chosen from the images when the run starts (the
+    # guides' --set values are checked on demo, whose fields every preset has)
+    base = sub.get_default("config") or ("demo" if command == "pretrain" else None)
     if config is not None and not is_placeholder(config):
         if "/" not in config and not config.endswith((".yaml", ".yml")):
             if config not in preset_names():
