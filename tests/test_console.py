@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipelines.console import ConsoleMailbox, ConsoleRenderer, format_failure, format_summary
 
 # Two rows of metrics.jsonl of a real demo run (`ibot-ray pretrain --set optim.epochs=2`, 62 steps/epoch), as rank 0
@@ -165,6 +167,7 @@ def _cli(args: list[str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_cli_console_shows_the_run_and_no_ray_internals(tmp_path, image_writer):
     data = tmp_path / "images"
     image_writer(data, 96, kinds=("jpeg", "png"), size=(40, 40))  # 6 steps of 16

@@ -78,6 +78,7 @@ def _placement_groups_left() -> dict:
     return {k: (v["state"], v["bundles"]) for k, v in placement_group_table().items() if v["state"] != "REMOVED"}
 
 
+@pytest.mark.slow
 def test_asha_sweep_is_interrupted_resumes_and_reports(ray_cluster, tmp_path):
     from tune.sweep import run_sweep
 
