@@ -9,7 +9,8 @@ The unit is deliberately free of Ray: the Ray Train worker, the CPU smoke test a
 
 A per-worker batch can be split into micro-batches (gradient accumulation): the gradient, the loss and the center update
 are then exactly those of the whole batch. ``loss_weight`` lets a distributed caller whose ranks hold unequal shares of
-the global batch weight its gradient so that DDP's average equals the global-batch mean.
+the global batch weight its gradient and its loss metrics so that their averages over the ranks (DDP's gradient
+average, the metrics' all-reduce) equal the global-batch mean.
 """
 
 from __future__ import annotations
@@ -243,6 +244,8 @@ class IBOTStep:
         world = 1
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size()
+            # each rank's mean weighted like its gradient (share * W / G): the average is the global batch's mean
+            flags[:4] *= loss_weight
             dist.all_reduce(flags)
             flags[:4] /= world
         loss_v, cls_v, mim_v, koleo_v, bad = flags[:5].tolist()

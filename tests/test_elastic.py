@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -98,6 +100,7 @@ def scenario(out_dir: str) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_node_loss_shrinks_and_node_add_grows_the_run(tmp_path):
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)

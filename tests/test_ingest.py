@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import uuid
 from pathlib import Path
 
@@ -258,33 +257,37 @@ def test_auto_actor_batch_sets_the_images_per_block(ray_cluster, tmp_path):
     assert sum(sizes) == 100 and max(sizes) == 48 and len(sizes) >= 3
 
 
-STEP_TIMES: list[float] = []
+STEPS: list[tuple[int, float]] = []
 
 
 class _StepClock(ExecutionCallback):
-    """Records when each step of a real execution's scheduling loop ends (the executor runs in this process)."""
+    """Records, at the end of each step of a real execution's scheduling loop (the executor runs in this process),
+    how many pacers the executor runs and when the pacer last let the loop go on (NaN without one)."""
 
     def on_execution_step(self, executor) -> None:
-        STEP_TIMES.append(time.perf_counter())
+        pacers = [c for c in executor._callbacks if isinstance(c, SchedulingLoopPacer)]
+        STEPS.append((len(pacers), pacers[0]._last if pacers else float("nan")))
 
 
 def test_scheduling_loop_steps_are_paced(ray_cluster, tmp_path):
     """``data.executor_min_step_ms`` spaces the steps of Ray Data's scheduling loop (which spins while its output is
-    backpressured): with 50 ms no two steps of the stream's execution are closer than that; with 0 the pacer is
-    not installed and the loop runs at its own speed."""
+    backpressured): with 50 ms the execution runs one pacer, and no two of its steps end closer than 50 ms (the
+    pacer sleeps for the rest of the period: ``time.sleep`` sleeps at least that long); with 0 no pacer is installed
+    and the loop runs at its own speed."""
     write_parquet(tmp_path / "d.parquet", 48)
-    gaps = {}
+    steps = {}
     for ms in (50, 0):
         ds, _ = build_train_dataset(_cfg(f"data.executor_min_step_ms={ms}"), source=str(tmp_path / "d.parquet"),
                                     monitor_name=_name())
         assert (SchedulingLoopPacer in ds.context.custom_execution_callback_classes) == (ms > 0)
         ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, _StepClock]
-        STEP_TIMES.clear()
+        STEPS.clear()
         assert ds.count() == 48
-        gaps[ms] = np.diff(STEP_TIMES)
-        assert len(gaps[ms]) >= 5
-    assert gaps[50].min() >= 0.045  # the clock runs after the pacer, so consecutive marks are a full step apart
-    assert gaps[0].min() < 0.045 and len(gaps[0]) > len(gaps[50]) / 4
+        steps[ms] = list(STEPS)
+        assert len(steps[ms]) >= 5
+    assert all(n == 1 for n, _ in steps[50])
+    assert np.diff([t for _, t in steps[50]]).min() >= 0.05 - 1e-9
+    assert all(n == 0 for n, _ in steps[0])
 
 
 def test_iter_train_batches_fixed_size_typed_batches(ray_cluster, tmp_path):

@@ -188,6 +188,7 @@ def _whole_epochs(rows: list[dict], first: int) -> range:
     return range(first, min(last.values()))
 
 
+@pytest.mark.slow
 def test_resize_to_odd_world_streams_once_per_group(multinode, images, tmp_path, monkeypatch):
     """2 workers on one training node, then a 1-slot node joins: 3 workers for a global batch of 16 (6+5+5, the
     extra row rotating). Leaves the layout with 2 training nodes (2 and 1 trainer slots) and the data node."""
@@ -237,6 +238,7 @@ def test_resize_to_odd_world_streams_once_per_group(multinode, images, tmp_path,
 DEADLINE_S = 40  # the drain notice's deadline, from the drain
 
 
+@pytest.mark.slow
 def test_drained_node_gets_one_just_in_time_checkpoint_then_the_run_continues(multinode, tmp_path, monkeypatch):
     """A training node drained for preemption through the GCS DrainNode RPC with reason PREEMPTION and a deadline,
     what ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds N`` (and the spot watcher

@@ -45,6 +45,7 @@ def _cli(args: list[str], env: dict, cwd: Path, timeout: float = 420) -> subproc
     return p
 
 
+@pytest.mark.slow
 def test_pretrain_to_a_bucket_resume_history_and_export(s3_server, tmp_path, monkeypatch):
     import pyarrow.fs as pafs
 
