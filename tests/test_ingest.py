@@ -95,6 +95,41 @@ def test_ledger_counts_distinct_files_per_epoch_across_retries_and_resumes():
     assert m.stats()["count"] == 0
 
 
+def test_ledger_stays_bounded_over_a_long_run_with_exact_counts():
+    """Issue #29, item 7: the ledger held every (epoch, bad file) pair and unioned them on every read. Now a long run
+    (300 data epochs, 40 bad files each) keeps one entry per distinct file and a count per epoch; the counts stay
+    exact through retries, reports out of epoch order (epochs in flight), a merge, and a replay older than the
+    window (a restart re-reading an epoch the actors had read long before)."""
+    import json as _json
+
+    m = IngestMonitor()
+    for e in range(300):
+        items = [(e, f"bad{i}", "bad", 1000 + i) for i in range(40)]
+        m.report_bad(items[20:])
+        m.report_bad(items)  # a retried task reports half of them again
+    m.report_bad([(299, "late", "bad", 3), (298, "late", "bad", 7)])  # epoch 298's row after epoch 299's
+    m.report_bad([(5, "bad0", "bad", 1000)])  # a replay of epoch 5, far older than the window
+    s = m.stats()
+    assert s["count"] == 41 and s["per_epoch"][298] == s["per_epoch"][299] == 41
+    assert all(s["per_epoch"][e] == 40 for e in range(298)) and len(s["examples"]) == MAX_BAD_EXAMPLES
+    assert m.stats(epoch=299)["count"] == 41 and m.stats(through_epoch=297)["count"] == 40
+    snap = m.snapshot()
+    assert len(snap["files"]) == 41 and len(snap["per_epoch"]) == 300  # not 300 x 40
+    assert len(_json.dumps(snap)) < 20_000
+    resumed = IngestMonitor()
+    resumed.report_bad([(299, "bad3", "bad"), (300, "bad3", "bad"), (300, "new", "bad")])
+    resumed.merge(snap)
+    resumed.merge(snap)
+    t = resumed.stats()
+    assert t["count"] == 42 and t["per_epoch"][299] == 41 and t["per_epoch"][300] == 2
+    assert all(t["per_epoch"][e] == s["per_epoch"][e] for e in range(299))
+    # unreadable positions are kept per data epoch until the epochs are done
+    bad = [1000 + i for i in range(40)]
+    assert m.bad_positions([298, 299, 5]) == {298: [7] + bad, 299: [3] + bad, 5: bad}
+    m.release_positions(299)
+    assert m.bad_positions([5, 298, 299]).keys() == {299}
+
+
 def test_normalize_images_is_the_one_normaliser():
     """One definition (ibot_ray.knn.normalize_images) for the step, the k-NN features and the collate."""
     import inspect
@@ -131,12 +166,13 @@ def test_collate_makes_typed_tensors():
     table = pa.table({"global_crops": ArrowTensorArray.from_numpy(g),
                       "local_crops": ArrowTensorArray.from_numpy(g[:, :1]),
                       "masks": ArrowTensorArray.from_numpy(m), "label": pa.array([3, -1, 0], pa.int64()),
-                      "epoch": pa.array([4, 4, 5], pa.int64()), "key_id": pa.array([7, 8, 9], pa.int64()),
-                      "key": pa.array(["a", "b", "c"])})
+                      "epoch": pa.array([4, 4, 5], pa.int64()), "position": pa.array([0, 7, 2], pa.int64()),
+                      "key_id": pa.array([7, 8, 9], pa.int64()), "key": pa.array(["a", "b", "c"])})
     out = MultiCropCollateFn()(table)
     # no strings: Ray moves it to the device
-    assert set(out) == {"global_crops", "local_crops", "masks", "label", "epoch", "key_id"}
+    assert set(out) == {"global_crops", "local_crops", "masks", "label", "epoch", "position", "key_id"}
     assert out["epoch"].tolist() == [4, 4, 5] and out["key_id"].dtype == torch.int64
+    assert out["position"].tolist() == [0, 7, 2] and out["position"].dtype == torch.int64
     assert out["global_crops"].dtype == torch.uint8 and torch.equal(out["global_crops"], torch.from_numpy(g))
     assert out["masks"].dtype == torch.bool and torch.equal(out["masks"], torch.from_numpy(m.astype(bool)))
     assert out["label"].tolist() == [3, -1, 0]
@@ -154,19 +190,21 @@ def test_batcher_output_depends_on_key_not_on_batch_composition():
     keys = np.array(["a.jpg", "b.png", "c.jpg", "d.webp"], dtype=object)
     batcher = MultiCropBatcher(_cfg())
     out = batcher({"bytes": np.array(blobs, dtype=object), "key": keys, "label": np.array([5, 6, 7, 8]),
-                   "epoch": np.full(4, 2)})
+                   "epoch": np.full(4, 2), "position": np.array([10, 11, 12, 13])})
     assert list(out["key"]) == ["a.jpg", "b.png", "d.webp"] and out["label"].tolist() == [5, 6, 8]
+    assert out["position"].tolist() == [10, 11, 13]  # positions follow their rows
     assert out["epoch"].tolist() == [2, 2, 2] and out["key_id"].tolist() == [key_id(k) for k in out["key"]]
     assert out["global_crops"].shape == (3, G, 3, S, S) and out["masks"].dtype == np.uint8
     order = [3, 0]
     again = batcher({"bytes": np.array([blobs[i] for i in order], dtype=object), "key": keys[order],
-                     "label": np.array([8, 5]), "epoch": np.array([2, 3])})  # d.webp in epoch 2, a.jpg in 3
+                     "label": np.array([8, 5]), "epoch": np.array([2, 3]),
+                     "position": np.array([0, 1])})  # d.webp in epoch 2, a.jpg in 3
     assert list(again["key"]) == ["d.webp", "a.jpg"]
     assert again["epoch"].tolist() == [2, 3]
     for col in ("global_crops", "local_crops", "masks"):
         assert np.array_equal(again[col][0], out[col][2])
     other_epoch = batcher({"bytes": np.array(blobs[:1], dtype=object), "key": keys[:1], "label": np.array([5]),
-                           "epoch": np.array([3])})
+                           "epoch": np.array([3]), "position": np.array([0])})
     assert np.array_equal(other_epoch["global_crops"][0], again["global_crops"][1])
     assert not np.array_equal(other_epoch["global_crops"][0], out["global_crops"][0])
 
@@ -419,6 +457,8 @@ def test_stream_holds_the_epochs_the_rest_of_the_run_needs():
     assert stream_epochs(1, 0.375) == 3
     assert stream_epochs(0, 0.0) == 2  # a finished run still gets a stream of one epoch and its spare
     assert stream_epochs(1, 0.99) == stream_epochs(1, MAX_BAD_FRACTION) == 11
+    # a resumed stream whose started epochs consumed 1.4 epochs' rows already holds that much more
+    assert stream_epochs(2.5, 0.0, consumed_epochs=1.4) == 5
 
 
 def test_more_bad_files_than_the_stream_allowed_restart_once_and_finish(ray_cluster, tmp_path):
