@@ -409,6 +409,41 @@ def per_epoch_keys(rows: list[dict]) -> dict[int, list[int]]:
     return out
 
 
+def kept_rows(rows: list[dict]) -> list[dict]:
+    """The trained-keys rows of the steps the run kept: a step trained again after a restart (it came after the
+    checkpoint the restart resumed from) counts as its last training only. Worker groups never overlap in time, so
+    the latest row (``t``) of each (step, rank) among the ranks of the latest group to train the step is kept."""
+    latest: dict[tuple[int, int], dict] = {}
+    for r in rows:
+        k = (r["step"], r["rank"])
+        if k not in latest or r["t"] > latest[k]["t"]:
+            latest[k] = r
+    out = []
+    for step in sorted({s for s, _ in latest}):
+        last = max((r for (s, _), r in latest.items() if s == step), key=lambda r: r["t"])
+        out += [latest[(step, rank)] for rank in range(last["world"])]
+    return out
+
+
+def check_exactly_once(rows: list[dict], good: list[str], run_path: Path) -> dict:
+    """Per data epoch, the images of the steps the run kept (:func:`kept_rows`): none twice, and every good image in
+    every data epoch that the run's final stream position counts done; returns ``{"done": [...], "partial": {epoch:
+    images}}``."""
+    from pipelines.stream_position import STREAM_POSITION_FILE, StreamPosition
+
+    last = sorted(run_path.glob("step_*"))[-1]
+    position = StreamPosition.from_json((last / STREAM_POSITION_FILE).read_text())
+    keys = per_epoch_keys(kept_rows(rows))
+    ids = sorted(key_id(k) for k in good)
+    for e, trained in keys.items():
+        assert len(trained) == len(set(trained)), f"an image trained twice in data epoch {e}"
+        assert set(trained) <= set(ids), e
+    done = list(range(min(keys), position.start))
+    for e in done:
+        assert sorted(keys[e]) == ids, f"data epoch {e}: {len(ids) - len(set(keys[e]))} good images never trained"
+    return {"done": done, "partial": {e: len(keys[e]) for e in keys if e >= position.start}}
+
+
 def test_run_streams_all_epochs_in_one_execution(ray_cluster, tmp_path, monkeypatch):
     """Issue #12, items 6 and 10, as a user meets them: 30 good and 6 bad images, global batch 16, 3 epochs. The
     listed 36 give 2 steps per epoch, which need 32 images while an epoch has 30 good ones: the old loop started a
