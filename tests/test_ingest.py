@@ -425,14 +425,19 @@ def kept_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def check_exactly_once(rows: list[dict], good: list[str], run_path: Path) -> dict:
-    """Per data epoch, the images of the steps the run kept (:func:`kept_rows`): none twice, and every good image in
-    every data epoch that the run's final stream position counts done; returns ``{"done": [...], "partial": {epoch:
-    images}}``."""
+def final_position(run_path: Path):
+    """The stream position of a local run's last checkpoint."""
     from pipelines.stream_position import STREAM_POSITION_FILE, StreamPosition
 
-    last = sorted(run_path.glob("step_*"))[-1]
-    position = StreamPosition.from_json((last / STREAM_POSITION_FILE).read_text())
+    last = sorted(Path(run_path).glob("step_*"))[-1]
+    return StreamPosition.from_json((last / STREAM_POSITION_FILE).read_text())
+
+
+def check_exactly_once(rows: list[dict], good: list[str], run_path) -> dict:
+    """Per data epoch, the images of the steps the run kept (:func:`kept_rows`): none twice, and every good image in
+    every data epoch that the run's final stream position (``run_path``: a local run folder, or the position
+    itself) counts done; returns ``{"done": [...], "partial": {epoch: images}}``."""
+    position = final_position(run_path) if isinstance(run_path, (str, Path)) else run_path
     keys = per_epoch_keys(kept_rows(rows))
     ids = sorted(key_id(k) for k in good)
     for e, trained in keys.items():
