@@ -401,9 +401,10 @@ def test_resumed_folder_epoch_reads_only_the_images_still_owed(tmp_path, cfg):
 
 
 def test_resumed_parquet_epoch_skips_consumed_units_unopened(tmp_path, cfg):
-    """900 rows in row groups of 300: three read units, each permuted per epoch. The first unit of the epoch's order
-    consumed, the second half consumed, the third untouched: two units are opened, not three, and exactly the rows
-    owed come out, at the positions they have in the full epoch."""
+    """900 rows in row groups of 300: three read units, each permuted per epoch. Half the first unit of the epoch's
+    order consumed (the watermark is inside it), the second untouched, the third consumed whole (a rank ran ahead):
+    two units are opened, not three, and exactly the rows owed come out, at the positions they have in the full
+    epoch."""
     from pipelines.stream_position import EpochProgress
 
     write_parquet(tmp_path / "p.parquet", 900, kinds=["png"], row_group_size=300, size=(8, 8))
@@ -412,9 +413,9 @@ def test_resumed_parquet_epoch_skips_consumed_units_unopened(tmp_path, cfg):
     full, opened = _read_in_process(listing, 5, 1, None)
     assert [p for _, p in full] == list(range(900)) and len(opened) == 3
     resume = EpochProgress()
-    resume.add([*range(300), *range(300, 600, 2)])
+    resume.add([*range(150), *range(600, 900)])
     rows, opened = _read_in_process(listing, 5, 1, resume)
-    owed = [*range(301, 600, 2), *range(600, 900)]
+    owed = list(range(150, 600))
     assert rows == [full[p] for p in owed] and len(opened) == 2
 
 
