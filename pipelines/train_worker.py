@@ -545,7 +545,8 @@ def _train_loop(config: dict) -> dict:
                 console.event("checkpoint", name=_checkpoint_dir_name(step), step=step,
                               epoch=step // steps_per_epoch)
                 if writer is not None:
-                    writer.write({"event": "checkpoint_stall", "seconds": stall, "background": background}, step)
+                    writer.write({"event": "checkpoint_stall", "step": step, "checkpoint_stall_s": stall,
+                                  "background": background}, step)
                 if resize:  # the controller resizes the group once every rank has reported this checkpoint
                     waited = resize_notice.wait_until_resized(resize)
                     log.warning("resize request %d was withdrawn after %.0f s; training on", resize, waited)
