@@ -1,7 +1,7 @@
 """Chaos: a run on a simulated multi-node cluster with S3-compatible storage, under a scripted schedule of node kills,
 drains, shrinks, grows, a killed worker and a storage outage; then what the restarts cost.
 
-    python benchmarks/chaos.py [--epochs 6] [--outage-s 45] [--no-baseline] [--seed 0]
+    python benchmarks/chaos.py [--epochs 6] [--outage-s 45] [--no-baseline] [--baseline-seeds 1] [--seed 0]
 
 The cluster (``ray.cluster_utils.Cluster``): a head with no CPU (the driver, the Train controller, the run's actors),
 two training nodes (one worker slot, 2 CPUs each) and a data node (2 CPUs). Storage: ``s3://chaos/runs`` on a moto
@@ -240,6 +240,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--outage-s", type=float, default=45.0)
     ap.add_argument("--no-baseline", action="store_true", help="skip the undisturbed run")
+    ap.add_argument("--baseline-seeds", type=int, default=1,
+                    help="undisturbed runs with seeds seed, seed+1, ...: the seed spread of the k-NN")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
@@ -283,24 +285,23 @@ def main() -> None:
     ray.init(address=cluster.address, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
-    def config():
+    def config(seed: int):
         return load_config("demo", [
             f"data.source={work / 'train.parquet'}", "data.eval_source=demo", "data.eval_max_images=1000",
             f"optim.epochs={args.epochs}", "optim.batch_size=32", "train.num_workers=[1,2]",
             "train.worker_resource=trainer", "train.checkpoint_every_steps=10", "train.log_every_steps=1",
             "train.keep_checkpoints=3", "train.knn_every_epochs=0", "train.elastic_resize_interval_s=5",
-            "train.worker_start_timeout_s=30", "data.actors=[1,1]", f"train.seed={args.seed}",
-            f"data.seed={args.seed}"])
+            "train.worker_start_timeout_s=30", "data.actors=[1,1]", f"train.seed={seed}", f"data.seed={seed}"])
 
     figures = {}
     try:
-        for name, disturbed in (("chaos", True), ("calm", False)):
-            if not disturbed and args.no_baseline:
-                continue
+        calm = [] if args.no_baseline else [(f"calm_seed{args.seed + i}", False, args.seed + i)
+                                             for i in range(args.baseline_seeds)]
+        for name, disturbed, seed in [("chaos", True, args.seed), *calm]:
             keys = work / f"keys_{name}"
             os.environ[TRAINED_KEYS_ENV] = str(keys)
             _await(lambda: ray.cluster_resources().get("trainer", 0) == 2)
-            run = Run(config(), name, work / "home")
+            run = Run(config(seed), name, work / "home")
             events: list = []
             if disturbed:
                 chaos_schedule(run, cluster, training, proxy, args.outage_s, events)
@@ -315,9 +316,10 @@ def main() -> None:
         cluster.shutdown()
         proxy.stop()
         server.stop()
-    if "chaos" in figures and "calm" in figures and "knn_top1" in figures["calm"]:
-        print(f"\nfinal k-NN top-1: chaos {figures['chaos'].get('knn_top1', float('nan')):.2f} % vs undisturbed "
-              f"{figures['calm']['knn_top1']:.2f} %")
+    calm_knn = {k: v["knn_top1"] for k, v in figures.items() if k.startswith("calm") and "knn_top1" in v}
+    if calm_knn:
+        print(f"\nfinal k-NN top-1: chaos {figures.get('chaos', {}).get('knn_top1', float('nan')):.2f} % vs "
+              "undisturbed " + ", ".join(f"{k} {v:.2f} %" for k, v in calm_knn.items()))
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1, default=str))
 
