@@ -86,8 +86,10 @@ class ResizeNoticeClient:
 
     def __init__(self, name: str) -> None:
         self.actor = ray.get_actor(name)
-        # a request posted before this group started was for the group before it
-        self.answered, _ = ray.get(self.actor.read.remote())
+        # A request still open when this group starts is answered too: it may have been posted while the group
+        # started (and then the resize waits for it); if it was for a group that failed since, the policy withdraws
+        # it at its next decision and the wait ends at once.
+        self.answered = 0
 
     def poll(self) -> int:
         """The number of a request this worker group has not answered yet, else 0."""
