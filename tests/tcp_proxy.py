@@ -78,10 +78,11 @@ class TCPProxy:
                 data = src.recv(65536)
                 if not data:
                     break
-                if upload and self.rate:
+                rate = self.rate if upload else None  # read once: a test may lift the limit meanwhile
+                if rate:
                     for i in range(0, len(data), 16384):  # small slices: the rate holds within a request
                         dst.sendall(data[i:i + 16384])
-                        time.sleep(min(len(data) - i, 16384) / self.rate)
+                        time.sleep(min(len(data) - i, 16384) / rate)
                 else:
                     dst.sendall(data)
         except OSError:

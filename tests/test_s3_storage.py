@@ -168,7 +168,7 @@ def test_background_upload_is_committed_once_uploaded_and_a_kill_during_it_resum
     home.mkdir()
     env = {**os.environ, **s3_server, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "HOME": str(home),
            TRAINED_KEYS_ENV: str(tmp_path / "keys")}
-    sets = [a for s in TINY + ["train.num_workers=[1,1]", "optim.epochs=6", "train.checkpoint_every_steps=2",
+    sets = [a for s in TINY + ["train.num_workers=[1,1]", "optim.epochs=4", "train.checkpoint_every_steps=2",
                                "train.keep_checkpoints=10"] for a in ("--set", s)]
     p = subprocess.Popen([sys.executable, "-m", "ibot_ray.cli", "pretrain", "--config", "demo", *sets, "--data",
                           str(data), "--storage", "s3://bucket/runs", "--name", "bg"], env=env, cwd=tmp_path,
@@ -200,6 +200,7 @@ def test_background_upload_is_committed_once_uploaded_and_a_kill_during_it_resum
         staged, step, trained_past, before = seen
         assert 2 <= before < step  # the one uploading is not committed; the one before it is
         os.kill(starts[0]["pid"], signal.SIGKILL)  # rank 0, during the upload
+        proxy.rate = None  # the rest of the run at full speed
         out, _ = p.communicate(timeout=600)
     finally:
         if p.poll() is None:
@@ -209,11 +210,11 @@ def test_background_upload_is_committed_once_uploaded_and_a_kill_during_it_resum
     rows = read_metrics(metrics)
     starts = [r for r in rows if r.get("event") == "start"]
     assert len(starts) == 2 and starts[1]["resumed_from"] == before, (starts, seen)
-    assert max(r["step"] for r in rows if "loss" in r) == 18
-    with direct.open_input_stream(f"bucket/runs/bg/step_00000018/{STREAM_POSITION_FILE}") as f:
+    assert max(r["step"] for r in rows if "loss" in r) == 12
+    with direct.open_input_stream(f"bucket/runs/bg/step_00000012/{STREAM_POSITION_FILE}") as f:
         position = StreamPosition.from_json(f.read().decode())
     epochs = check_exactly_once(trained_rows(tmp_path / "keys"), images["good"], position)
-    assert len(epochs["done"]) >= 5, epochs  # 18 steps x 16 = 6 data epochs of 48
+    assert len(epochs["done"]) >= 3, epochs  # 12 steps x 16 = 4 data epochs of 48
     stalls = [r for r in rows if r.get("event") == "checkpoint_stall"]
     assert any(r["background"] for r in stalls) and not stalls[-1]["background"]  # the final one in the foreground
     print(f"killed at step {trained_past} while step {step} uploaded: resumed from {before}; {epochs}")
