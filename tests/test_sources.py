@@ -449,3 +449,28 @@ def test_resumed_stream_emits_the_complement_in_order_with_bounded_tasks(ray_clu
     monkeypatch.setattr(sources, "MAX_ID_BLOCKS", 3)
     assert sources.stream_plan(listing, 3, 0, 2, position)[0].num_tasks > 3  # the repartitioned path
     assert rows(resume=position) == owed
+
+
+def test_read_tasks_stay_small_however_long_the_run(monkeypatch):
+    """Issue #29, item 6: at 100M folder images x 800 epochs a read task held ~1.6M images (a 50,000-task cap over
+    the run). Now a task reads STREAM_TASK_ROWS images at any length; the task ids come from at most MAX_ID_BLOCKS
+    range blocks, cut into one-id blocks by a streaming repartition (tested above through Ray Data)."""
+    import numpy as np
+
+    from pipelines.stream_position import EpochProgress, StreamPosition
+
+    class Listing:  # what stream_plan reads of a 100M-image folder listing, without 100M paths
+        num_units = 100_000_000 // sources.FOLDER_FILES_PER_UNIT
+        positions_per_epoch = 100_000_000
+
+        def unit_bounds(self, seed, epoch):
+            return np.minimum(np.arange(self.num_units + 1) * sources.FOLDER_FILES_PER_UNIT, 100_000_000)
+
+    resume = StreamPosition(100_000_000, start=3, epochs={3: EpochProgress(99_000_000)})
+    plan, _ = sources.stream_plan(Listing(), 0, 3, 800, resume)
+    rows = (plan.units_per_task * sources.FOLDER_FILES_PER_UNIT)
+    assert rows == sources.STREAM_TASK_ROWS == 1024
+    assert plan.num_tasks == 977 + 799 * 97_657  # the resumed epoch starts at its watermark's unit
+    assert plan.task(0) == (3, 1_546_875, 1_546_891) and plan.task(977) == (4, 0, 16)
+    assert plan.task(plan.num_tasks - 1) == (802, 1_562_496, 1_562_500)
+    assert plan.num_tasks > sources.MAX_ID_BLOCKS  # so the stream repartitions its ids
