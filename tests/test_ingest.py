@@ -433,10 +433,13 @@ def final_position(run_path: Path):
     return StreamPosition.from_json((last / STREAM_POSITION_FILE).read_text())
 
 
-def check_exactly_once(rows: list[dict], good: list[str], run_path) -> dict:
+def check_exactly_once(rows: list[dict], good: list[str], run_path, in_flight: int = 128) -> dict:
     """Per data epoch, the images of the steps the run kept (:func:`kept_rows`): none twice, and every good image in
     every data epoch that the run's final stream position (``run_path``: a local run folder, or the position
-    itself) counts done; returns ``{"done": [...], "partial": {epoch: images}}``."""
+    itself) counts done. An epoch before the last one may still be open when the run ends: a rank's local shuffle
+    buffer (the demo preset's, capped at a quarter of its epoch share: 12-48 rows in these tests), its prefetched
+    batches and its carried rows can hold rows of it to the end; at most ``in_flight`` of its images may be missing
+    then. Returns ``{"done": [...], "partial": {epoch: images trained}}``."""
     position = final_position(run_path) if isinstance(run_path, (str, Path)) else run_path
     keys = per_epoch_keys(kept_rows(rows))
     ids = sorted(key_id(k) for k in good)
@@ -446,7 +449,10 @@ def check_exactly_once(rows: list[dict], good: list[str], run_path) -> dict:
     done = list(range(min(keys), position.start))
     for e in done:
         assert sorted(keys[e]) == ids, f"data epoch {e}: {len(ids) - len(set(keys[e]))} good images never trained"
-    return {"done": done, "partial": {e: len(keys[e]) for e in keys if e >= position.start}}
+    partial = {e: len(keys[e]) for e in keys if e >= position.start}
+    missing = sum(len(ids) - n for e, n in partial.items() if e < max(keys))
+    assert missing <= in_flight, f"{missing} images of data epochs before the last were never trained: {partial}"
+    return {"done": done, "partial": partial}
 
 
 def test_run_streams_all_epochs_in_one_execution(ray_cluster, tmp_path, monkeypatch):
