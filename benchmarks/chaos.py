@@ -31,6 +31,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -316,6 +317,7 @@ def main() -> None:
         cluster.shutdown()
         proxy.stop()
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)
     calm_knn = {k: v["knn_top1"] for k, v in figures.items() if k.startswith("calm") and "knn_top1" in v}
     if calm_knn:
         print(f"\nfinal k-NN top-1: chaos {figures.get('chaos', {}).get('knn_top1', float('nan')):.2f} % vs "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -112,6 +113,7 @@ def main() -> None:
             proxy.stop()
         server.stop()
     rows = json.loads(out.read_text())
+    shutil.rmtree(out.parent, ignore_errors=True)
     print(f"checkpoint of {args.config}: {rows[0]['bytes'] / 1e9:.2f} GB, storage s3 (moto) at {endpoint}"
           + (f" through a {args.rate / 1e6:.1f} MB/s proxy" if args.rate else ""))
     print(f"{'#':>3} {'mode':<11} {'loop blocked':>13} {'upload after':>13}")
