@@ -185,14 +185,14 @@ def without_items(listing: SourceListing, sample: LabelSample, idx: np.ndarray) 
     if listing.info.format == "folder":
         gone = {sample.paths[i] for i in idx}
         paths = [p for p in listing.paths if p not in gone]
-        return replace(listing, info=replace(info, files=paths), paths=paths)
+        return replace(listing, info=replace(info, files=paths), paths=paths, _unit_rows=None)
     units = list(listing.units)
     by_unit: dict[int, list[int]] = {}
     for i in idx:
         by_unit.setdefault(int(sample.units[i]), []).append(sample.rows[i][1])
     for u, rows in by_unit.items():
         units[u] = {**units[u], "excluded": sorted(set(units[u].get("excluded", ())) | set(rows))}
-    return replace(listing, info=info, units=units)
+    return replace(listing, info=info, units=units, _unit_rows=None)
 
 
 def plan_evaluation(cfg: IBOTConfig, listing: SourceListing) -> EvalPlan:

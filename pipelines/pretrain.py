@@ -145,10 +145,10 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
     import ray
     import ray.data
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from pipelines.failures import FailureBudget
     from pipelines.ingest import TrainStream, create_monitor, ingest_execution_options
+    from pipelines.resize import ResizeAwareTorchTrainer, create_resize_notice
     from pipelines.train_worker import TRAINED_KEYS_ENV, train_loop_per_worker
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -209,10 +209,14 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
         callbacks=[*(callbacks or []), FailureBudget(t.max_repeated_errors)],  # pipelines/failures.py
         logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
     )
-    trainer = TorchTrainer(
+    # an elastic run resizes only after a checkpoint taken for the resize (pipelines/resize.py)
+    notice = create_resize_notice(name) if lo < hi else None
+    trainer = ResizeAwareTorchTrainer(
         train_loop_per_worker,
+        resize_notice=notice,
         train_loop_config={"cfg": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "monitor_name": monitor_name,
                            "console_name": console_name, "verbose": verbose, "num_items": info.num_items,
+                           "positions_per_epoch": listing.positions_per_epoch, "resize_notice": notice,
                            "trained_keys_dir": os.environ.get(TRAINED_KEYS_ENV), "knn_splits": knn_splits,
                            "knn_label": plan.label},
         scaling_config=scaling,

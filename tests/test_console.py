@@ -154,7 +154,8 @@ TINY = [
     "crops.local_crops_number=2", "head.out_dim=256", "head.patch_out_dim=256", "head.hidden_dim=128",
     "head.bottleneck_dim=64", "optim.batch_size=16", "optim.epochs=1", "optim.warmup_epochs=1",
     "loss.warmup_teacher_temp_epochs=1", "data.eval_source=null", "data.actors=[1,1]", "data.actor_batch_size=16",
-    "train.num_workers=[2,2]", "train.checkpoint_every_steps=4", "train.log_every_steps=2", "train.keep_checkpoints=2",
+    "train.num_workers=[2,2]", "train.checkpoint_every_steps=4", "train.checkpoint_min_interval_s=0",
+    "train.log_every_steps=2", "train.keep_checkpoints=2",
     "train.knn_every_epochs=0", "eval.image_size=32",
 ]
 RAY_INTERNALS = ("PlacementGroupCleaner", "TrainingReport(", "Reporting training result", "core_worker",

@@ -114,6 +114,7 @@ TINY = [
     "head.bottleneck_dim=32", "optim.batch_size=16", "optim.warmup_epochs=0", "loss.warmup_teacher_temp_epochs=0",
     "optim.max_nonfinite_steps=2", "data.eval_source=null", "data.actors=[1,1]", "data.actor_batch_size=16",
     "train.num_workers=[1,1]", "train.log_every_steps=1", "train.checkpoint_every_steps=100",
+    "train.checkpoint_min_interval_s=0",
     "train.knn_every_epochs=0", "eval.image_size=32",
 ]
 ABSURD_LR = "optim.lr=1e30"

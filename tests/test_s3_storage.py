@@ -10,8 +10,11 @@ Ray; the S3 endpoint and dummy credentials reach Ray's workers through the envir
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +142,80 @@ def test_sweep_keeps_its_state_in_the_bucket_and_resumes(s3_server, tmp_path, mo
 
     again = _cli(args, env, work)  # the same command: restored from the bucket, nothing left to run
     assert "resuming sweep s3://bucket/sw/s" in again.stdout and "1 completed" in again.stdout, again.stdout[-3000:]
+
+
+def test_background_upload_is_committed_once_uploaded_and_a_kill_during_it_resumes_from_the_one_before(
+        s3_server, tmp_path):
+    """Issue #29, item 4. Periodic checkpoints upload in the background: over a throttled link (a proxy forwarding
+    400 kB/s toward the server: ~14 s per 5.5 MB TINY checkpoint), training goes on past a checkpoint's step while
+    it uploads, and the run's snapshot in the bucket still names the checkpoint before (Ray Train commits one only
+    once it is uploaded). Rank 0 killed during that upload: the run resumes from the checkpoint before, completes,
+    and trains every image exactly once per data epoch in the steps it kept."""
+    import json
+
+    import pyarrow.fs as pafs
+    from tcp_proxy import TCPProxy
+    from test_ingest import check_exactly_once, trained_rows
+
+    from pipelines.metrics import read_metrics
+    from pipelines.stream_position import STREAM_POSITION_FILE, StreamPosition
+    from pipelines.train_worker import STAGING_PREFIX, TRAINED_KEYS_ENV
+
+    moto_port = int(s3_server["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    proxy = TCPProxy(moto_port, rate=400_000).start()
+    data = tmp_path / "images"
+    images = write_images(data, 48, kinds=("jpeg", "png"), size=(40, 40))  # 3 steps per epoch
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, **s3_server, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "HOME": str(home),
+           TRAINED_KEYS_ENV: str(tmp_path / "keys")}
+    sets = [a for s in TINY + ["train.num_workers=[1,1]", "optim.epochs=4", "train.checkpoint_every_steps=2",
+                               "train.keep_checkpoints=10"] for a in ("--set", s)]
+    p = subprocess.Popen([sys.executable, "-m", "ibot_ray.cli", "pretrain", "--config", "demo", *sets, "--data",
+                          str(data), "--storage", "s3://bucket/runs", "--name", "bg"], env=env, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = home / "ibot_runs" / "bg" / "logs" / "metrics.jsonl"
+    direct = pafs.S3FileSystem(endpoint_override=s3_server["AWS_ENDPOINT_URL"], access_key="testing",
+                               secret_key="testing", region="us-east-1")
+
+    def committed() -> int:  # the step of the latest checkpoint in the run's snapshot (read past the proxy)
+        try:
+            with direct.open_input_stream("bucket/runs/bg/checkpoint_manager_snapshot.json") as f:
+                return json.loads(f.read())["latest_checkpoint_result"]["metrics"]["step"]
+        except (FileNotFoundError, OSError, TypeError):
+            return 0
+
+    try:
+        t0, seen = time.time(), None
+        while seen is None and time.time() - t0 < 400:
+            assert p.poll() is None, p.stdout.read()[-3000:]
+            rows = read_metrics(metrics)
+            starts = [r for r in rows if r.get("event") == "start"]
+            for staged in Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}{starts[0]['pid']}_*") if starts else ():
+                step = int(staged.name[len(STAGING_PREFIX):].split("_")[1])
+                later = [r["step"] for r in rows if "loss" in r and r["step"] > step]
+                if step >= 4 and later and staged.exists():  # training went on while this one uploads
+                    seen = (staged, step, max(later), committed())
+            time.sleep(0.2)
+        assert seen is not None, "no checkpoint was seen uploading while training went on"
+        staged, step, trained_past, before = seen
+        assert 2 <= before < step  # the one uploading is not committed; the one before it is
+        os.kill(starts[0]["pid"], signal.SIGKILL)  # rank 0, during the upload
+        proxy.rate = None  # the rest of the run at full speed
+        out, _ = p.communicate(timeout=600)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        proxy.stop()
+    assert p.returncode == 0, out[-4000:]
+    rows = read_metrics(metrics)
+    starts = [r for r in rows if r.get("event") == "start"]
+    assert len(starts) == 2 and starts[1]["resumed_from"] == before, (starts, seen)
+    assert max(r["step"] for r in rows if "loss" in r) == 12
+    with direct.open_input_stream(f"bucket/runs/bg/step_00000012/{STREAM_POSITION_FILE}") as f:
+        position = StreamPosition.from_json(f.read().decode())
+    epochs = check_exactly_once(trained_rows(tmp_path / "keys"), images["good"], position)
+    assert len(epochs["done"]) >= 2, epochs  # 12 steps x 16 = 4 data epochs of 48
+    stalls = [r for r in rows if r.get("event") == "checkpoint_stall"]
+    assert any(r["background"] for r in stalls) and not stalls[-1]["background"]  # the final one in the foreground
+    print(f"killed at step {trained_past} while step {step} uploaded: resumed from {before}; {epochs}")

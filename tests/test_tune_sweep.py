@@ -33,7 +33,8 @@ TINY = [
     "crops.local_crops_size=16", "crops.local_crops_number=2", "head.out_dim=64", "head.patch_out_dim=64",
     "head.hidden_dim=64", "head.bottleneck_dim=32", "train.log_every_steps=2",
     # a report (a checkpoint) every 2 of the run's 4 steps: ASHA's half-epoch grace period needs one mid-epoch
-    "train.checkpoint_every_steps=2", "train.knn_every_epochs=0", "data.eval_source=null", "data.cpus_per_actor=0.5",
+    "train.checkpoint_every_steps=2", "train.checkpoint_min_interval_s=0", "train.knn_every_epochs=0",
+    "data.eval_source=null", "data.cpus_per_actor=0.5",
     "data.actors=[1,1]", "eval.image_size=32",
 ]
 # CE(teacher, student) = H(teacher) + KL grows with the teacher's entropy: 0.2 (a nearly uniform teacher over 64
@@ -292,6 +293,7 @@ def test_report_arithmetic_matches_the_worker_loop():
     from tune.sweep import ASHA_TIME_ATTR, asha_rungs, report_steps
 
     cfg = load_config("demo", ["optim.epochs=2", "train.log_every_steps=2", "train.checkpoint_every_steps=3",
+                               "train.checkpoint_min_interval_s=0",
                                "train.knn_every_epochs=2"])
     spe = 5
     expected = sorted(set(range(3, 11, 3)) | {5, 10})
