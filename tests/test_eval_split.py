@@ -85,10 +85,15 @@ def test_labelled_parquet_held_out_rows_are_never_read_for_training(tmp_path):
     assert [plan.queries.label_map.name(v) for v in plan.queries.labels[:4]] == \
         [names[row] for _, row in plan.queries.rows[:4]]
     trained = []
-    for unit in plan.train_listing.units:
+    rows = plan.train_listing.unit_rows()  # what each unit emits: the stream's positions (resume inside an epoch)
+    assert plan.train_listing.positions_per_epoch == 850 and listing.positions_per_epoch == 1000
+    for unit, n in zip(plan.train_listing.units, rows):
+        positions = []
         for table in _read_parquet_unit(unit, plan.train_listing.fs, "image", "label",
                                         plan.train_listing.class_to_idx, shuffle_seed=(0, 0, 0)):
             trained += table.column("key").to_pylist()
+            positions += table.column("position").to_pylist()
+        assert positions == list(range(n))
     assert len(trained) == len(set(trained)) == 850 and not held & set(trained)
 
 
