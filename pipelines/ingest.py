@@ -49,7 +49,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ibot_ray.config import MAX_BAD_FRACTION
 from ibot_ray.recipe import actor_batch_for
-from pipelines.sources import EPOCH_COLUMN, SourceInfo, SourceListing, build_source_dataset, resolve_uri
+from pipelines import storage
+from pipelines.sources import EPOCH_COLUMN, SourceInfo, SourceListing, build_source_dataset
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -216,10 +217,6 @@ def bad_input_snapshot(name: str) -> dict[str, Any]:
 def merge_bad_input(name: str, snapshot: Optional[dict[str, Any]]) -> int:
     """Merge a saved ledger into monitor ``name`` (idempotent); returns the distinct total."""
     return ray.get(_get_monitor(name).merge.remote(snapshot))
-
-
-def reset_bad_input_stats(name: str = DEFAULT_MONITOR_NAME) -> None:
-    ray.get(_get_monitor(name).reset.remote())
 
 
 # ---- the augmenting UDF --------------------------------------------------------------------------
@@ -431,14 +428,20 @@ def ingest_execution_options():
 
 
 def latest_checkpoint_metrics(run_path: str) -> dict:
-    """The metrics of the checkpoint that a (re)start of run ``run_path`` resumes from (the latest one in Ray Train's
-    checkpoint-manager snapshot), ``{}`` without one."""
-    fs, path = resolve_uri(run_path)
-    try:
-        with fs.open_input_stream(f"{path}/{CHECKPOINT_MANAGER_SNAPSHOT}") as f:
-            snap = json.loads(f.read())
-    except (FileNotFoundError, OSError):
+    """The metrics reported with the checkpoint that a (re)start of run ``run_path`` (local folder or URI) resumes
+    from: the latest one in Ray Train's checkpoint-manager snapshot; ``{}`` when the run has no snapshot yet.
+
+    The read goes through :mod:`pipelines.storage`: transient errors are retried, and one that outlasts the retry
+    deadline raises :class:`~pipelines.storage.StorageUnavailableError`, as does an unreadable snapshot: never ``{}``,
+    which would silently restart the data at epoch 0."""
+    text = storage.read_text(f"{run_path.rstrip('/')}/{CHECKPOINT_MANAGER_SNAPSHOT}", setting="--storage")
+    if text is None:
         return {}
+    try:
+        snap = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise storage.StorageUnavailableError(
+            f"{run_path}/{CHECKPOINT_MANAGER_SNAPSHOT} is not readable JSON ({e}); a restart reads it again") from e
     return (snap.get("latest_checkpoint_result") or {}).get("metrics") or {}
 
 
@@ -470,9 +473,31 @@ class TrainStream:
         self.data_context = copy.deepcopy(ray.data.DataContext.get_current())
 
     def __call__(self) -> ray.data.Dataset:
+        """The Dataset of this worker-group start. A storage error must not escape as is: Ray Train calls this in
+        its controller, where any exception becomes a ``ControllerError`` that its failure policy never retries
+        (ray/train/v2: callbacks/datasets.py ``before_init_train_context``, controller/controller.py
+        ``_run_control_loop_iteration``, failure_handling/default.py ``_is_retryable_error``). Transient storage
+        errors are retried (pipelines/storage.py); one that outlasts the retry deadline is raised as Ray Train's
+        ``WorkerGroupStartupFailedError``, which the policy retries (a new worker-group start, unlimited with the
+        default ``controller_failure_limit=-1``); a storage setting error ends the run once, naming the setting."""
         import ray.data
 
         ray.data.DataContext._set_current(self.data_context)
+        try:
+            return self._dataset()
+        except storage.StorageConfigError as e:
+            from pipelines.failures import FatalTrainingError
+
+            raise FatalTrainingError("storage setting error", str(e), "the setting named above") from None
+        except Exception as e:
+            if not storage.is_transient(e):
+                raise
+            from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError  # Ray is pinned
+
+            raise WorkerGroupStartupFailedError(
+                f"the training stream could not be built, storage unavailable: {e}; retrying the start") from e
+
+    def _dataset(self) -> ray.data.Dataset:
         resumed = latest_checkpoint_metrics(self.run_path)
         start = int(resumed.get(RESUME_EPOCH_METRIC, 0))
         remaining = self.cfg.optim.epochs - int(resumed.get("step", 0)) / self.steps_per_epoch  # training epochs
@@ -514,6 +539,5 @@ __all__ = [
     "latest_checkpoint_metrics",
     "merge_bad_input",
     "pace_scheduling_loop",
-    "reset_bad_input_stats",
     "stream_epochs",
 ]

@@ -117,6 +117,7 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
     from pipelines.failures import FailureBudget
     from pipelines.ingest import TrainStream, create_monitor, ingest_execution_options
     from pipelines.sources import list_source
+    from pipelines.storage import is_remote, resolve
     from pipelines.train_worker import TRAINED_KEYS_ENV, train_loop_per_worker
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -158,9 +159,16 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
         resources_per_worker=resources,
         elastic_resize_monitor_interval_s=t.elastic_resize_interval_s,
     )
+    # Remote storage: Ray Train gets the retrying file system of pipelines/storage.py, so its own storage calls
+    # (the checkpoint-manager snapshot on the controller, checkpoint downloads, old checkpoints' deletion) wait out
+    # outages instead of failing the run; the path is then given without its scheme.
+    storage_path, storage_fs = resolve_storage(storage), None
+    if is_remote(storage_path):
+        storage_fs, storage_path = resolve(storage_path, setting="--storage")
     run_config = ray.train.RunConfig(
         name=name,
-        storage_path=resolve_storage(storage),
+        storage_path=storage_path,
+        storage_filesystem=storage_fs,
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures,
                                                max_preemption_failures=t.max_preemption_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
@@ -176,8 +184,7 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
         run_config=run_config,
         dataset_config=ray.train.DataConfig(execution_options=ingest_execution_options()),
         # a factory: Train calls it at every worker-group start, and it streams from the checkpoint's data epoch
-        datasets={"train": TrainStream(cfg, listing, monitor_name, f"{resolve_storage(storage).rstrip('/')}/{name}",
-                                       steps_per_epoch)},
+        datasets={"train": TrainStream(cfg, listing, monitor_name, run_uri(storage, name), steps_per_epoch)},
     )
     return trainer, {"derived": derived, "warnings": plan.warnings,
                      "steps_per_epoch": steps_per_epoch, "num_items": info.num_items, "monitor_name": monitor_name,
@@ -187,10 +194,11 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
 def _teacher_from_checkpoint(cfg: IBOTConfig, checkpoint):
     from ibot_ray.checkpoint import load_checkpoint
     from ibot_ray.model import build_student_teacher
+    from pipelines.storage import local_checkpoint
     from pipelines.train_worker import STATE_FILE
 
     _, teacher = build_student_teacher(cfg)
-    with checkpoint.as_directory() as d:
+    with local_checkpoint(checkpoint) as d:  # a download retried through storage outages
         state = load_checkpoint(Path(d) / STATE_FILE)
     teacher.load_state_dict(state["teacher"])
     return teacher, state
@@ -214,20 +222,39 @@ def knn_evaluator(cfg: IBOTConfig):
 
 
 def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", address: str | None = None,
-             knn: bool = True, export: bool = True, verbose: bool = False) -> PretrainResult:
+             knn: bool = True, export: bool = True, verbose: bool = False, takeover: bool = False) -> PretrainResult:
     """Run (or resume) a pretraining run; prints progress, the k-NN before/after, and where the outputs are.
 
     The terminal gets a progress bar (a line per log step when stdout is not a TTY), one line per event and a
     closing summary (pipelines/console.py); Ray's own logs stay in Ray's log folder unless ``verbose``. A run ended
     by an error that every restart would raise again (divergence, a config or source error on a worker, out of memory
     at the minimum world size) raises :class:`~pipelines.failures.FatalTrainingError` without restarting; other
-    failures past Ray Train's budgets raise its ``TrainingFailedError`` (the CLI prints either as one block)."""
+    failures past Ray Train's budgets raise its ``TrainingFailedError`` (the CLI prints either as one block).
+
+    One driver per run: the driver holds the run's lease (pipelines/run_lease.py) from before it requests any
+    cluster resource to its end; a second driver on the same run raises ``RunInUseError`` and leaves the first one
+    unharmed. ``takeover``: take over a run whose driver is known to be gone without waiting for its lease to go
+    stale."""
+    from pipelines.run_lease import RunLease
+
+    t_start = time.time()
+    cfg.validate()  # before any cluster resource is requested
+    with RunLease(run_uri(storage, name), takeover=takeover):
+        return _pretrain(cfg, storage=storage, name=name, address=address, knn=knn, export=export, verbose=verbose,
+                         t_start=t_start)
+
+
+def run_uri(storage: str | None, name: str) -> str:
+    """The run folder of run ``name``: a local path, or a URI with its scheme (``s3://bucket/runs/name``)."""
+    return f"{resolve_storage(storage).rstrip('/')}/{name}"
+
+
+def _pretrain(cfg: IBOTConfig, *, storage: str | None, name: str, address: str | None, knn: bool, export: bool,
+              verbose: bool, t_start: float) -> PretrainResult:
     import torch
 
     from ibot_ray.model import build_student_teacher
 
-    t_start = time.time()
-    cfg.validate()  # before any cluster resource is requested
     # the k-NN splits are listed and decoded here, before Ray starts: an unlabelled one is a config error
     evaluator = knn_evaluator(cfg) if knn and cfg.data.eval_source else None
     init_ray(cfg, address, verbose=verbose)
@@ -264,8 +291,10 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
     if bad["count"]:
         print(f"[ibot-ray] skipped {bad['count']} distinct unreadable images (per data epoch "
               f"{bad['per_epoch']}), e.g. {bad['examples'][:3]}", flush=True)
-    ckpt_path = result.checkpoint.path if result.checkpoint else None
-    out = PretrainResult(run_path=str(result.path), checkpoint_path=ckpt_path,
+    # paths with their scheme (s3://...): Train V2's Result.path and Checkpoint.path are paths on its file system
+    run_path = run_uri(storage, name)
+    ckpt_path = f"{run_path}/{Path(result.checkpoint.path).name}" if result.checkpoint else None
+    out = PretrainResult(run_path=run_path, checkpoint_path=ckpt_path,
                          metrics=dict(result.metrics or {}), steps=int((result.metrics or {}).get("step", 0)),
                          knn_before=knn_before, knn_pixels=knn_pixels, bad_images=bad)
     if result.checkpoint is not None and (evaluator is not None or export):
@@ -275,7 +304,7 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
         if export:
             # the run folder from storage + name: Train V2's Result.path has no scheme (s3://...), and a
             # schemeless path would be written on the head's disk and lost at `ray down`
-            out.export_path = _export(teacher, cfg, f"{resolve_storage(storage).rstrip('/')}/{name}")
+            out.export_path = _export(teacher, cfg, run_path)
     out.wall_s = time.time() - t_start
     print(format_summary(name=name, steps=out.steps, total_steps=info["total_steps"], wall_s=out.wall_s,
                          train_s=train_s, metrics=out.metrics, run_path=out.run_path, checkpoint_path=ckpt_path,
@@ -289,7 +318,7 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
 
 def run_pretrain(config: str | None = None, overrides: list[str] | tuple[str, ...] = (), *, data: str | None = None,
                  storage: str | None = None, name: str | None = None, address: str | None = None,
-                 verbose: bool = False) -> PretrainResult:
+                 verbose: bool = False, takeover: bool = False) -> PretrainResult:
     """What ``ibot-ray pretrain`` runs: resolve the config (``config``: a preset name or YAML file, then the
     ``key=value`` ``overrides``, then ``data`` as ``data.source``), validate it before any cluster resource is
     requested, name the run, and :func:`pretrain` it. Raises :class:`ConfigError` for a bad setting."""
@@ -298,13 +327,12 @@ def run_pretrain(config: str | None = None, overrides: list[str] | tuple[str, ..
     overrides = list(overrides) + ([f"data.source={data}"] if data else [])
     cfg = load_config(config, overrides)
     name = name or (config if config and "/" not in config else "run")
-    return pretrain(cfg, storage=storage, name=name, address=address, verbose=verbose)
+    return pretrain(cfg, storage=storage, name=name, address=address, verbose=verbose, takeover=takeover)
 
 
 def _export(teacher, cfg: IBOTConfig, run_path: str) -> str:
-    import pyarrow.fs as pafs
-
     from ibot_ray.export import export_backbone
+    from pipelines.storage import copy_to, resolve
 
     meta = {"which": "teacher"}  # arch and every create_model kwarg are read from the model itself
     fname = "teacher_backbone.safetensors"
@@ -315,6 +343,6 @@ def _export(teacher, cfg: IBOTConfig, run_path: str) -> str:
         return str(target)
     with tempfile.TemporaryDirectory() as d:
         local = export_backbone(teacher.backbone, Path(d) / fname, metadata=meta)
-        fs, path = pafs.FileSystem.from_uri(run_path)
-        pafs.copy_files(str(local), f"{path}/export/{fname}", destination_filesystem=fs)
+        fs, path = resolve(run_path, setting="--storage")
+        copy_to(str(local), fs, f"{path}/export/{fname}")  # retried through storage outages
     return f"{run_path}/export/{fname}"

@@ -57,6 +57,7 @@ from pipelines.console import ConsoleClient, quiet_train_reports
 from pipelines.failures import FatalTrainingError, fatal_error
 from pipelines.ingest import RESUME_EPOCH_METRIC, bad_input_snapshot, get_bad_input_stats, merge_bad_input
 from pipelines.metrics import MetricsWriter
+from pipelines.storage import copy_to, local_checkpoint, upload_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,8 @@ def _report_checkpoint(metrics: dict, *, step_runner: IBOTStep, cfg: IBOTConfig,
             cfg.save(Path(d) / "config.yaml")
             (Path(d) / METRICS_FILE).write_text(json.dumps(metrics, default=float))
             checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=_checkpoint_dir_name(step_runner.step))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=_checkpoint_dir_name(step_runner.step),
+                         checkpoint_upload_fn=upload_checkpoint)  # retried through storage outages
     if rank == 0:
         _sync_logs(local_log_dir)
 
@@ -213,8 +215,6 @@ def _sync_logs(local_log_dir: Path) -> None:
     if str(local_log_dir).startswith(str(storage.experiment_fs_path)):
         return
     try:
-        import pyarrow.fs as pafs
-
         from pipelines.metrics import metrics_part_name
 
         path = Path(local_log_dir) / "metrics.jsonl"
@@ -227,14 +227,14 @@ def _sync_logs(local_log_dir: Path) -> None:
             if new:
                 fs = storage.storage_filesystem
                 name = metrics_part_name(new, os.getpid())
-                fs.create_dir(f"{target}/metrics", recursive=True)
+                fs.create_dir(f"{target}/metrics", recursive=True)  # (a remote fs retries: pipelines/storage.py)
                 with fs.open_output_stream(f"{target}/metrics/{name}") as out:
                     out.write(new)
                 _uploaded_offsets[str(path)] = start + len(new)
         tb = Path(local_log_dir) / "tensorboard"
         if tb.exists():  # one event file per writer process: each upload rewrites only this process's own files
-            pafs.copy_files(str(tb), f"{target}/tensorboard", destination_filesystem=storage.storage_filesystem)
-    except Exception as e:  # metrics upload must never kill training
+            copy_to(str(tb), storage.storage_filesystem, f"{target}/tensorboard")
+    except Exception as e:  # metrics upload must never kill training: rows not uploaded go with the next checkpoint
         log.warning("could not upload metrics to %s: %s", target, e)
 
 
@@ -313,7 +313,7 @@ def _train_loop(config: dict) -> dict:
                     "batch_size": cfg.optim.batch_size}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
+        with local_checkpoint(checkpoint) as d:  # a download retried through storage outages
             state = load_checkpoint(Path(d) / STATE_FILE, map_location=device)
         check_epoch_length(state.get("extra") or {}, epoch_length, Path(checkpoint.path).name)
         # restore_rng=False: the saved state is rank 0's, and every step reseeds from (seed, rank, step) anyway
