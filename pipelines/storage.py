@@ -215,17 +215,17 @@ class _ResumableReader(io.RawIOBase):
     """A remote file read at explicit offsets (``read_at``): a read that fails transiently is retried from the same
     offset on a reopened file, so a broken connection costs the bytes in flight, never the bytes already read."""
 
-    def __init__(self, fs: pafs.FileSystem, path: str, name: str) -> None:
+    def __init__(self, handler: _RetryingHandler, path: str) -> None:
         super().__init__()
-        self._fs, self._path, self._name = fs, path, name
-        self._file = retry(lambda: fs.open_input_file(path), f"open {name}")
+        self._handler, self._fs, self._path, self._name = handler, handler.fs, path, handler._name(path)
+        self._file = handler._retry(lambda: self._fs.open_input_file(path), f"open {self._name}")
         self._size = self._file.size()
         self._pos = 0
 
     def _reopen(self, _e: BaseException) -> None:
         with contextlib.suppress(Exception):
             self._file.close()
-        self._file = retry(lambda: self._fs.open_input_file(self._path), f"reopen {self._name}")
+        self._file = self._handler._retry(lambda: self._fs.open_input_file(self._path), f"reopen {self._name}")
 
     def readable(self) -> bool:
         return True
@@ -268,9 +268,10 @@ class _SpooledUpload(io.RawIOBase):
     retries: each attempt uploads the complete object again, and an object store shows a new object only once
     complete, so a reader never sees part of it."""
 
-    def __init__(self, fs: pafs.FileSystem, path: str, metadata: Any, name: str) -> None:
+    def __init__(self, handler: _RetryingHandler, path: str, metadata: Any) -> None:
         super().__init__()
-        self._fs, self._path, self._metadata, self._name = fs, path, metadata, name
+        self._handler, self._fs, self._path, self._metadata = handler, handler.fs, path, metadata
+        self._name = handler._name(path)
         self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)
         self._written = 0
 
@@ -301,18 +302,29 @@ class _SpooledUpload(io.RawIOBase):
         if self.closed:
             return
         try:
-            retry(self._upload, f"write {self._name}")
+            self._handler._retry(self._upload, f"write {self._name}")
         finally:
             self._spool.close()
             super().close()
 
 
 class _RetryingHandler(pafs.FileSystemHandler):
-    """:class:`RetryingFileSystem`'s handler: every call on the wrapped file system goes through :func:`retry`."""
+    """:class:`RetryingFileSystem`'s handler: every call on the wrapped file system goes through :func:`retry`, and
+    an error of a setting (access denied, no such bucket, bad credentials) becomes a :class:`StorageConfigError`
+    naming the setting the file system was opened for."""
 
-    def __init__(self, fs: pafs.FileSystem, scheme: str) -> None:
+    def __init__(self, fs: pafs.FileSystem, scheme: str, setting: str = "the storage setting") -> None:
         self.fs = fs
         self.scheme = scheme  # "s3://": prefixed to paths in messages
+        self.setting = setting
+
+    def _retry(self, fn: Callable[[], T], what: str) -> T:
+        try:
+            return retry(fn, what)
+        except OSError as e:
+            if isinstance(e, (FileNotFoundError, StorageUnavailableError)) or not _CONFIG_MESSAGE.search(str(e)):
+                raise
+            raise StorageConfigError(f"{self.setting}: {what} failed: {config_problem(e)} ({_first_line(e)})") from e
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _RetryingHandler) and self.fs.equals(other.fs)
@@ -333,13 +345,13 @@ class _RetryingHandler(pafs.FileSystemHandler):
         return self.fs.normalize_path(path)
 
     def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
-        return retry(lambda: self.fs.get_file_info(paths), f"stat {self._name(paths[0]) if paths else ''}")
+        return self._retry(lambda: self.fs.get_file_info(paths), f"stat {self._name(paths[0]) if paths else ''}")
 
     def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
-        return retry(lambda: self.fs.get_file_info(selector), f"list {self._name(selector.base_dir)}")
+        return self._retry(lambda: self.fs.get_file_info(selector), f"list {self._name(selector.base_dir)}")
 
     def create_dir(self, path: str, recursive: bool) -> None:
-        retry(lambda: self.fs.create_dir(path, recursive=recursive), f"create {self._name(path)}")
+        self._retry(lambda: self.fs.create_dir(path, recursive=recursive), f"create {self._name(path)}")
 
     def _idempotent(self, fn: Callable[[], None], what: str) -> None:
         """A delete or move retried after an attempt whose answer was lost may find its work done: not an error."""
@@ -353,17 +365,17 @@ class _RetryingHandler(pafs.FileSystemHandler):
                 if attempts[0] == 1:
                     raise
 
-        retry(once, what)
+        self._retry(once, what)
 
     def delete_dir(self, path: str) -> None:
         self._idempotent(lambda: self.fs.delete_dir(path), f"delete {self._name(path)}")
 
     def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
-        retry(lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok),
+        self._retry(lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok),
               f"empty {self._name(path)}")
 
     def delete_root_dir_contents(self) -> None:
-        retry(lambda: self.fs.delete_dir_contents("/", accept_root_dir=True), "empty the root")
+        self._retry(lambda: self.fs.delete_dir_contents("/", accept_root_dir=True), "empty the root")
 
     def delete_file(self, path: str) -> None:
         self._idempotent(lambda: self.fs.delete_file(path), f"delete {self._name(path)}")
@@ -372,19 +384,19 @@ class _RetryingHandler(pafs.FileSystemHandler):
         self._idempotent(lambda: self.fs.move(src, dest), f"move {self._name(src)}")
 
     def copy_file(self, src: str, dest: str) -> None:
-        retry(lambda: self.fs.copy_file(src, dest), f"copy {self._name(src)}")
+        self._retry(lambda: self.fs.copy_file(src, dest), f"copy {self._name(src)}")
 
     def open_input_stream(self, path: str) -> pa.NativeFile:
-        return pa.PythonFile(_ResumableReader(self.fs, path, self._name(path)), mode="r")
+        return pa.PythonFile(_ResumableReader(self, path), mode="r")
 
     def open_input_file(self, path: str) -> pa.NativeFile:
-        return pa.PythonFile(_ResumableReader(self.fs, path, self._name(path)), mode="r")
+        return pa.PythonFile(_ResumableReader(self, path), mode="r")
 
     def open_output_stream(self, path: str, metadata: Any) -> pa.NativeFile:
-        return pa.PythonFile(_SpooledUpload(self.fs, path, metadata, self._name(path)), mode="w")
+        return pa.PythonFile(_SpooledUpload(self, path, metadata), mode="w")
 
     def open_append_stream(self, path: str, metadata: Any) -> pa.NativeFile:
-        return retry(lambda: self.fs.open_append_stream(path, metadata=metadata), f"append to {self._name(path)}")
+        return self._retry(lambda: self.fs.open_append_stream(path, metadata=metadata), f"append to {self._name(path)}")
 
 
 class RetryingFileSystem(pafs.PyFileSystem):
@@ -396,10 +408,10 @@ class RetryingFileSystem(pafs.PyFileSystem):
         super().__init__(handler)
 
     @classmethod
-    def wrap(cls, fs: pafs.FileSystem, scheme: str) -> pafs.FileSystem:
+    def wrap(cls, fs: pafs.FileSystem, scheme: str, setting: str = "the storage setting") -> pafs.FileSystem:
         if isinstance(fs, (cls, pafs.LocalFileSystem)):
             return fs
-        return cls(_RetryingHandler(fs, scheme))
+        return cls(_RetryingHandler(fs, scheme, setting))
 
     @property
     def inner(self) -> pafs.FileSystem:
@@ -438,7 +450,7 @@ def resolve(uri: str, *, setting: str) -> tuple[pafs.FileSystem, str]:
         raise StorageConfigError(f"{setting}: cannot open {uri!r}: {why or e}") from None
     if isinstance(fs, pafs.LocalFileSystem):
         return fs, path
-    return RetryingFileSystem.wrap(fs, uri.split("://", 1)[0] + "://"), path.rstrip("/") or "/"
+    return RetryingFileSystem.wrap(fs, uri.split("://", 1)[0] + "://", setting), path.rstrip("/") or "/"
 
 
 def uri_of(fs: pafs.FileSystem, path: str) -> str:
@@ -517,18 +529,19 @@ def copy_to(local: str, fs: pafs.FileSystem, path: str) -> None:
     """Copy a local file or folder to ``path`` on ``fs``, file by file, each file's upload retried whole (a remote
     file system's native stream is used, not a spool: a checkpoint is not written twice on the local disk)."""
     target = _inner(fs)
+    again = fs.handler._retry if isinstance(fs, RetryingFileSystem) else retry
     name = uri_of(fs, path)
     if os.path.isdir(local):
-        files = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, fs_ in os.walk(local) for f in fs_)
-        retry(lambda: target.create_dir(path, recursive=True), f"create {name}")
+        files = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, names in os.walk(local) for f in names)
+        again(lambda: target.create_dir(path, recursive=True), f"create {name}")
     else:
         files = [None]
     for rel in files:
         src = local if rel is None else os.path.join(local, rel)
         dst = path if rel is None else f"{path}/{rel.replace(os.sep, '/')}"
         if rel is not None and "/" in rel.replace(os.sep, "/"):
-            retry(lambda dst=dst: target.create_dir(dst.rsplit("/", 1)[0], recursive=True), f"create {name}")
-        retry(lambda src=src, dst=dst: pafs.copy_files(src, dst, destination_filesystem=target,
+            again(lambda dst=dst: target.create_dir(dst.rsplit("/", 1)[0], recursive=True), f"create {name}")
+        again(lambda src=src, dst=dst: pafs.copy_files(src, dst, destination_filesystem=target,
                                                         chunk_size=COPY_CHUNK_BYTES, use_threads=False),
               f"upload {src} to {uri_of(fs, dst)}")
 

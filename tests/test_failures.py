@@ -230,3 +230,10 @@ def test_a_diverging_sweep_trial_ends_as_an_error(ray_cluster, tmp_path):
     assert row.status == "error" and "FatalTrainingError" in row.error and "non-finite" in row.error, res.table
     runs = list((tmp_path / "sweeps" / "nan" / "train_runs").glob("*/logs/metrics.jsonl"))
     assert len(runs) == 1 and len(_starts(runs[0])) == 1  # the Train run ended at its first failure
+    # Resuming the sweep restarts errored trials, but not one whose error no retry can fix: it ends again at once,
+    # with the same error, and trains nothing (its Train run starts no worker group)
+    again = _in_thread(lambda: run_sweep(space, config=base, objective="loss", scheduler="asha", max_failures=0,
+                                         storage=str(tmp_path / "sweeps"), name="nan"), timeout=480)
+    (row,) = again.rows
+    assert again.resumed and row.status == "error" and "non-finite" in row.error, again.table
+    assert len(_starts(runs[0])) == 1

@@ -108,8 +108,9 @@ def test_a_read_resumes_at_the_byte_where_the_connection_broke(faulty_s3):
 def test_a_setting_error_fails_at_once_and_names_the_setting(faulty_s3):
     faulty_s3.set("403")
     before = faulty_s3.faults
-    with pytest.raises(OSError, match="ACCESS_DENIED") as info:
-        storage.read_text("s3://bucket/weather/any.txt")
+    with pytest.raises(StorageConfigError, match=r"^data\.source: .*s3://bucket/weather/any\.txt.* access denied: "
+                                                 r"check the credentials.*ACCESS_DENIED") as info:
+        storage.read_text("s3://bucket/weather/any.txt", setting="data.source")
     assert not storage.is_transient(info.value)
     assert faulty_s3.faults - before <= 2  # not retried: one request (the SDK may repeat it once)
     faulty_s3.set("forward")
@@ -135,3 +136,47 @@ def test_the_retrying_file_system_travels_and_compares_equal(faulty_s3):
     assert not fs.equals(pafs.LocalFileSystem())
     local, path = storage.resolve("relative/dir", setting="test")
     assert isinstance(local, pafs.LocalFileSystem) and path.startswith("/")
+
+
+def test_the_stream_factory_waits_out_storage_and_never_fails_the_run_for_it(faulty_s3, monkeypatch):
+    """``TrainStream`` runs in Ray Train's controller at every worker-group start, where any exception becomes a
+    ``ControllerError`` that the failure policy never retries (Ray 2.60: callbacks/datasets.py
+    ``before_init_train_context`` -> controller.py ``_run_control_loop_iteration`` -> failure_handling/default.py
+    ``_is_retryable_error``). It used to swallow a failed read of the run's snapshot and restart the data at epoch 0;
+    now a hiccup is waited out, an outage past the deadline is a start failure the policy retries, and a setting
+    error ends the run naming it. Checked with Ray Train's own failure policy."""
+    import json
+
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError
+    from ray.train.v2._internal.execution.failure_handling.default import DefaultFailurePolicy
+    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+    from ray.train.v2.api.config import FailureConfig
+    from ray.train.v2.api.exceptions import ControllerError
+
+    from ibot_ray.config import load_config
+    from pipelines.failures import FatalTrainingError
+    from pipelines.ingest import RESUME_EPOCH_METRIC, TrainStream, latest_checkpoint_metrics
+    from pipelines.sources import SourceError, list_source
+
+    run = "s3://bucket/runs/snapshot_reader"
+    snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": "step_00000006",
+                                             "metrics": {"step": 6, RESUME_EPOCH_METRIC: 2}}}
+    storage.write_text(f"{run}/checkpoint_manager_snapshot.json", json.dumps(snapshot))
+    assert latest_checkpoint_metrics("s3://bucket/runs/no_such_run") == {}  # a new run: no snapshot, epoch 0
+    faulty_s3.set("refuse")
+    _after(OUTAGE_S, lambda: faulty_s3.set("forward"))
+    assert latest_checkpoint_metrics(run)[RESUME_EPOCH_METRIC] == 2  # waited out, not {} (data epoch 0)
+
+    cfg = load_config("demo")
+    stream = TrainStream(cfg, list_source(cfg), "no_monitor_needed", run, steps_per_epoch=3)
+    policy = DefaultFailurePolicy(FailureConfig(max_failures=-1))
+    monkeypatch.setenv(storage.RETRY_DEADLINE_ENV, "1")
+    faulty_s3.set("refuse")
+    with pytest.raises(WorkerGroupStartupFailedError, match="storage unavailable") as info:
+        stream()
+    assert policy.make_decision(ControllerError(info.value)) == FailureDecision.RETRY  # a new worker-group start
+    # what used to escape the factory for the same hiccup ends the run, whatever train.max_failures says
+    assert policy.make_decision(ControllerError(SourceError("data.source: cannot open"))) == FailureDecision.RAISE
+    faulty_s3.set("403")
+    with pytest.raises(FatalTrainingError, match=r"storage setting error.*\n.*--storage: .*access denied"):
+        stream()
