@@ -70,10 +70,14 @@ def init_ray(cfg: IBOTConfig, address: str | None = None, *, num_cpus: float | N
         quiet_driver_logging()
     if ray.is_initialized():
         return
-    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
+    init_kwargs = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
+    from pipelines.storage import RETRY_DEADLINE_ENV
+
+    if RETRY_DEADLINE_ENV in os.environ:  # the storage retry deadline set here reaches every task and actor
+        init_kwargs["runtime_env"] = {"env_vars": {RETRY_DEADLINE_ENV: os.environ[RETRY_DEADLINE_ENV]}}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **quiet)
+        ray.init(address=address, **init_kwargs)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token file in ~/.ray
     # A run starts ~10 Python processes at once (Train controller and workers, Data coordinator and actors, the
@@ -88,7 +92,7 @@ def init_ray(cfg: IBOTConfig, address: str | None = None, *, num_cpus: float | N
     needed = num_cpus or (t.num_workers[1] * max(1.0, t.cpus_per_worker) + d.actors[1] * d.cpus_per_actor + 1)
     # address="local": always a new private instance, even when another Ray runs on this machine
     ray.init(address="local", num_cpus=int(max(os.cpu_count() or 1, needed) + 0.999),
-             include_dashboard=_state_api_available(), **quiet)
+             include_dashboard=_state_api_available(), **init_kwargs)
 
 
 def resolve_storage(storage: str | None) -> str:

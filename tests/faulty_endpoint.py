@@ -17,6 +17,7 @@ met the weather. No mocks: the clients under test (pyarrow's S3 file system, in 
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import struct
 import threading
@@ -44,7 +45,7 @@ def _reset(sock: socket.socket) -> None:
 class FaultyEndpoint:
     """A TCP proxy on 127.0.0.1 (``port``, fixed for its life) to ``target`` whose behaviour :meth:`set` changes."""
 
-    def __init__(self, target: tuple[str, int], port: int = 0) -> None:
+    def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.mode = "forward"
         self.faults = 0
@@ -52,8 +53,17 @@ class FaultyEndpoint:
         self._open: set[socket.socket] = set()
         self._listener: Optional[socket.socket] = None
         self._stopped = False
-        self.port = port
-        self._listen()
+        # A port below Linux's ephemeral range (32768-60999): while the endpoint is down ("refuse"), no outgoing
+        # connection of this busy machine can take its port, so it can always listen on it again.
+        for _ in range(200):
+            self.port = random.randrange(20000, 32000)
+            try:
+                self._listen()
+                break
+            except OSError:
+                continue
+        else:
+            raise OSError("no free port for the faulty endpoint")
 
     @property
     def url(self) -> str:
@@ -81,11 +91,13 @@ class FaultyEndpoint:
                 self._listener.close()
                 self._listener = None
         if mode != "refuse" and self._listener is None and not self._stopped:
-            for _ in range(50):  # the port may linger for a moment after the close
+            for attempt in range(50):  # the port may linger for a moment after the close
                 try:
                     self._listen()
                     break
                 except OSError:
+                    if attempt == 49:
+                        raise
                     time.sleep(0.1)
 
     def close(self) -> None:

@@ -128,9 +128,10 @@ def test_sweep_keeps_its_state_in_the_bucket_and_resumes(s3_server, tmp_path, mo
 
 
 def test_storage_outages_mid_run_are_weather(faulty_s3, tmp_path):
-    """The S3 endpoint goes down (connections refused) and comes back, then drops every connection (resets) and comes
-    back, over and over while a run trains from the bucket into the bucket: the run completes with no restart, every
-    image is trained exactly once per data epoch, the whole metrics history is there, and no SourceError is raised.
+    """The S3 endpoint goes down (connections refused) for 8 s and comes back, then drops every connection (resets)
+    for 8 s and comes back, over and over while a run trains from the bucket into the bucket: the run completes with
+    no restart, every image is trained exactly once per data epoch, the whole metrics history is there, and no
+    SourceError is raised.
     Meanwhile a second driver on the same run is refused and leaves the first unharmed (one driver per run, on S3).
 
     (A restart would replay the data epoch it resumes in: only resume-inside-an-epoch makes "exactly once" hold across
@@ -165,9 +166,9 @@ def test_storage_outages_mid_run_are_weather(faulty_s3, tmp_path):
     stop = threading.Event()
     timeline: list[tuple[float, str]] = []
 
-    def weather() -> None:  # 3 s down, 4 s up, 3 s of resets, 4 s up, ...
-        while not stop.is_set():
-            for mode, seconds in (("refuse", 3.0), ("forward", 4.0), ("reset", 3.0), ("forward", 4.0)):
+    def weather() -> None:  # 8 s down, 4 s up, 8 s of resets, 4 s up, ...: each outage outlasts the AWS SDK's own
+        while not stop.is_set():  # retries (~6 s), so only pipelines/storage.py's retries can carry the run through
+            for mode, seconds in (("refuse", 8.0), ("forward", 4.0), ("reset", 8.0), ("forward", 4.0)):
                 if stop.is_set():
                     break
                 faulty_s3.set(mode)
@@ -199,6 +200,9 @@ def test_storage_outages_mid_run_are_weather(faulty_s3, tmp_path):
     assert run.returncode == 0, f"{out[-3000:]}\n{err[-6000:]}"
     assert "SourceError" not in out + err and "data source error" not in out + err
     assert faulty_s3.faults > 0 and sum(m == "refuse" for _, m in timeline) >= 2, (faulty_s3.faults, timeline)
+    retried = [line for line in err.splitlines() if line.startswith("storage: ") and "retrying" in line]
+    print(f"{sum(m != 'forward' for _, m in timeline)} outages, {faulty_s3.faults} connections reset, "
+          f"{len(retried)} operations of the driver retried, e.g. {retried[:2]}")
 
     rows = read_metrics_history("s3://bucket/runs/weather/logs")
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 10))  # every step, each once
