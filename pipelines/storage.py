@@ -16,8 +16,11 @@ exist, a full disk) are raised at once, a storage setting error naming the setti
   (Ray Train's checkpoint-manager snapshot, checkpoint downloads, Ray Data read tasks) is retried. Its reads resume at
   the byte where a connection broke; its writes are spooled and uploaded whole at close, so an upload can be
   repeated and a reader never sees half an object. A local file system is not wrapped (no local error is transient).
-* The operations the project needs: :func:`read_bytes`, :func:`read_text` (None when missing), :func:`write_bytes`,
-  :func:`write_text`, :func:`exists`, :func:`list_dir`, :func:`copy_to`, :func:`upload_checkpoint` (Ray Train's
+  An error of a setting met by any operation on it (access denied, no such bucket, bad credentials) is raised as
+  :class:`StorageConfigError` naming the setting the file system was opened for.
+* The operations the project needs beyond a file system's own: :func:`read_bytes` and :func:`read_text` (None when
+  missing), :func:`write_bytes` and :func:`write_text` (whole, atomic), :func:`delete`, :func:`copy_to` (a local file
+  or folder to storage, each file's upload retried whole), :func:`copy_from`, :func:`upload_checkpoint` (Ray Train's
   ``checkpoint_upload_fn``) and :func:`local_checkpoint` (a checkpoint as a local folder).
 
 The policy is per operation: a single read, listing page or upload waits out an outage of up to the deadline; the
@@ -496,26 +499,13 @@ def write_bytes(uri: str, data: bytes, *, setting: str = "the path") -> None:
                 os.unlink(tmp)
             raise
         return
-    fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as f:
+    with fs.open_output_stream(path) as f:  # (object storage has no folders to create)
         f.write(data)
 
 
 def write_text(uri: str, text: str, *, setting: str = "the path") -> None:
     """:func:`write_bytes` of UTF-8 text."""
     write_bytes(uri, text.encode(), setting=setting)
-
-
-def exists(uri: str, *, setting: str = "the path") -> bool:
-    """Whether a file or folder exists at ``uri``."""
-    fs, path = resolve(uri, setting=setting)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def list_dir(uri: str, *, recursive: bool = False, setting: str = "the path") -> list[pafs.FileInfo]:
-    """The entries under a folder (none when it does not exist)."""
-    fs, path = resolve(uri, setting=setting)
-    return fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
 
 
 def delete(uri: str, *, setting: str = "the path") -> None:
@@ -589,10 +579,8 @@ __all__ = [
     "copy_from",
     "copy_to",
     "delete",
-    "exists",
     "is_remote",
     "is_transient",
-    "list_dir",
     "local_checkpoint",
     "read_bytes",
     "read_text",

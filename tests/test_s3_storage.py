@@ -128,11 +128,11 @@ def test_sweep_keeps_its_state_in_the_bucket_and_resumes(s3_server, tmp_path, mo
 
 
 def test_storage_outages_mid_run_are_weather(faulty_s3, tmp_path):
-    """The S3 endpoint goes down (connections refused) for 8 s and comes back, then drops every connection (resets)
-    for 8 s and comes back, over and over while a run trains from the bucket into the bucket: the run completes with
-    no restart, every image is trained exactly once per data epoch, the whole metrics history is there, and no
-    SourceError is raised.
-    Meanwhile a second driver on the same run is refused and leaves the first unharmed (one driver per run, on S3).
+    """The S3 endpoint goes down (connections refused) for 8 s and comes back for 20 s, then drops every connection
+    (resets) for 8 s and comes back, over and over while a run trains from the bucket into the bucket: the run
+    completes with no restart, every image is trained exactly once per data epoch, the whole metrics history is
+    there, and no SourceError is raised. Meanwhile a second driver on the same run is refused and leaves the first
+    unharmed (one driver per run, on S3).
 
     (A restart would replay the data epoch it resumes in: only resume-inside-an-epoch makes "exactly once" hold across
     restarts. Outages shorter than the retry deadline cause none: the storage calls wait them out.)"""
@@ -166,9 +166,9 @@ def test_storage_outages_mid_run_are_weather(faulty_s3, tmp_path):
     stop = threading.Event()
     timeline: list[tuple[float, str]] = []
 
-    def weather() -> None:  # 8 s down, 4 s up, 8 s of resets, 4 s up, ...: each outage outlasts the AWS SDK's own
-        while not stop.is_set():  # retries (~6 s), so only pipelines/storage.py's retries can carry the run through
-            for mode, seconds in (("refuse", 8.0), ("forward", 4.0), ("reset", 8.0), ("forward", 4.0)):
+    def weather() -> None:  # 8 s down, 20 s up, 8 s of resets, 20 s up, ...: each outage outlasts the AWS SDK's
+        while not stop.is_set():  # own retries (~6 s), so only pipelines/storage.py's retries carry the run through
+            for mode, seconds in (("refuse", 8.0), ("forward", 20.0), ("reset", 8.0), ("forward", 20.0)):
                 if stop.is_set():
                     break
                 faulty_s3.set(mode)
@@ -177,27 +177,33 @@ def test_storage_outages_mid_run_are_weather(faulty_s3, tmp_path):
         faulty_s3.set("forward")
 
     faulty_s3.set("refuse")  # down from the start: the driver's listing waits for it
-    run = subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(tmp_path / "out.txt", "w") as out_f, open(tmp_path / "err.txt", "w") as err_f:
+        run = subprocess.Popen(cmd, env=env, cwd=work, stdout=out_f, stderr=err_f, text=True)
     sky = threading.Thread(target=weather, daemon=True)
     sky.start()
+
+    def tails() -> str:
+        return f"{(tmp_path / 'out.txt').read_text()[-3000:]}\n{(tmp_path / 'err.txt').read_text()[-6000:]}"
+
     try:
         local_metrics = home / "ibot_runs" / "weather" / "logs" / "metrics.jsonl"  # rank 0's local copy
         t0 = time.monotonic()
         while not (local_metrics.exists() and '"loss"' in local_metrics.read_text()):
-            assert run.poll() is None, f"the run ended early:\n{run.communicate()[1][-5000:]}"
-            assert time.monotonic() - t0 < 600, "no training step within 600 s"
+            assert run.poll() is None, f"the run ended early:\n{tails()}"
+            assert time.monotonic() - t0 < 900, f"no training step within 900 s:\n{tails()}"
             time.sleep(1)
         second = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=300)
         assert second.returncode == 2, (second.returncode, second.stderr[-3000:])
         assert "run s3://bucket/runs/weather is in use by driver" in second.stderr, second.stderr[-3000:]
         assert run.poll() is None  # the first driver trains on
-        out, err = run.communicate(timeout=900)
+        run.wait(timeout=900)
     finally:
         stop.set()
         sky.join(30)
         if run.poll() is None:
             run.kill()
-    assert run.returncode == 0, f"{out[-3000:]}\n{err[-6000:]}"
+    out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert run.returncode == 0, tails()
     assert "SourceError" not in out + err and "data source error" not in out + err
     assert faulty_s3.faults > 0 and sum(m == "refuse" for _, m in timeline) >= 2, (faulty_s3.faults, timeline)
     retried = [line for line in err.splitlines() if line.startswith("storage: ") and "retrying" in line]
