@@ -88,6 +88,10 @@ class FaultyEndpoint:
                     _reset(s)
                 self._open.clear()
             if mode == "refuse" and self._listener is not None:
+                # shutdown first: a plain close() from this thread leaves the accept() blocked in another thread
+                # holding the socket, still listening (connections accepted, and the port not free to listen again)
+                with contextlib.suppress(OSError):
+                    self._listener.shutdown(socket.SHUT_RDWR)
                 self._listener.close()
                 self._listener = None
         if mode != "refuse" and self._listener is None and not self._stopped:

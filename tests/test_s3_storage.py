@@ -167,13 +167,16 @@ def test_storage_outages_mid_run_are_weather(faulty_s3, tmp_path):
     timeline: list[tuple[float, str]] = []
 
     def weather() -> None:  # 8 s down, 20 s up, 8 s of resets, 20 s up, ...: each outage outlasts the AWS SDK's
-        while not stop.is_set():  # own retries (~6 s), so only pipelines/storage.py's retries carry the run through
-            for mode, seconds in (("refuse", 8.0), ("forward", 20.0), ("reset", 8.0), ("forward", 20.0)):
-                if stop.is_set():
-                    break
-                faulty_s3.set(mode)
-                timeline.append((time.monotonic(), mode))
-                stop.wait(seconds)
+        try:  # own retries (~6 s), so only pipelines/storage.py's retries carry the run through
+            while not stop.is_set():
+                for mode, seconds in (("refuse", 8.0), ("forward", 20.0), ("reset", 8.0), ("forward", 20.0)):
+                    if stop.is_set():
+                        break
+                    faulty_s3.set(mode)
+                    timeline.append((time.monotonic(), mode))
+                    stop.wait(seconds)
+        except BaseException as e:  # the endpoint broke, not the run: the test must say so
+            timeline.append((time.monotonic(), f"weather failed: {e!r}"))
         faulty_s3.set("forward")
 
     faulty_s3.set("refuse")  # down from the start: the driver's listing waits for it
@@ -203,6 +206,7 @@ def test_storage_outages_mid_run_are_weather(faulty_s3, tmp_path):
         if run.poll() is None:
             run.kill()
     out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert not [m for _, m in timeline if m.startswith("weather failed")], timeline
     assert run.returncode == 0, tails()
     assert "SourceError" not in out + err and "data source error" not in out + err
     assert faulty_s3.faults > 0 and sum(m == "refuse" for _, m in timeline) >= 2, (faulty_s3.faults, timeline)
