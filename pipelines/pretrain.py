@@ -7,6 +7,7 @@ checkpoint to the workers), never from scratch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -225,8 +226,31 @@ def knn_evaluator(cfg: IBOTConfig):
             "data.eval_source: point them at labelled data, or turn the k-NN off with data.eval_source=null") from None
 
 
+def run_uri(storage: str | None, name: str) -> str:
+    """The run folder of run ``name``: a local path, or a URI with its scheme (``s3://bucket/runs/name``)."""
+    return f"{resolve_storage(storage).rstrip('/')}/{name}"
+
+
+def one_driver_per_run(driver):
+    """``driver(cfg, *, storage, name, ...)`` holding the run's lease (pipelines/run_lease.py) from before it requests
+    any cluster resource to its end: a second driver on the same run raises ``RunInUseError`` and leaves the first
+    one unharmed. Adds the keyword ``takeover``: take over a run whose driver is known to be gone, without waiting
+    for its lease to go stale."""
+
+    @functools.wraps(driver)
+    def held(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", takeover: bool = False, **kwargs):
+        from pipelines.run_lease import RunLease
+
+        cfg.validate()  # a bad config fails before the lease is even read
+        with RunLease(run_uri(storage, name), takeover=takeover):
+            return driver(cfg, storage=storage, name=name, **kwargs)
+
+    return held
+
+
+@one_driver_per_run
 def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", address: str | None = None,
-             knn: bool = True, export: bool = True, verbose: bool = False, takeover: bool = False) -> PretrainResult:
+             knn: bool = True, export: bool = True, verbose: bool = False) -> PretrainResult:
     """Run (or resume) a pretraining run; prints progress, the k-NN before/after, and where the outputs are.
 
     The terminal gets a progress bar (a line per log step when stdout is not a TTY), one line per event and a
@@ -234,31 +258,13 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
     by an error that every restart would raise again (divergence, a config or source error on a worker, out of memory
     at the minimum world size) raises :class:`~pipelines.failures.FatalTrainingError` without restarting; other
     failures past Ray Train's budgets raise its ``TrainingFailedError`` (the CLI prints either as one block).
-
-    One driver per run: the driver holds the run's lease (pipelines/run_lease.py) from before it requests any
-    cluster resource to its end; a second driver on the same run raises ``RunInUseError`` and leaves the first one
-    unharmed. ``takeover``: take over a run whose driver is known to be gone without waiting for its lease to go
-    stale."""
-    from pipelines.run_lease import RunLease
-
-    t_start = time.time()
-    cfg.validate()  # before any cluster resource is requested
-    with RunLease(run_uri(storage, name), takeover=takeover):
-        return _pretrain(cfg, storage=storage, name=name, address=address, knn=knn, export=export, verbose=verbose,
-                         t_start=t_start)
-
-
-def run_uri(storage: str | None, name: str) -> str:
-    """The run folder of run ``name``: a local path, or a URI with its scheme (``s3://bucket/runs/name``)."""
-    return f"{resolve_storage(storage).rstrip('/')}/{name}"
-
-
-def _pretrain(cfg: IBOTConfig, *, storage: str | None, name: str, address: str | None, knn: bool, export: bool,
-              verbose: bool, t_start: float) -> PretrainResult:
+    One driver per run, ``takeover=True`` to take a run over: :func:`one_driver_per_run`."""
     import torch
 
     from ibot_ray.model import build_student_teacher
 
+    t_start = time.time()
+    cfg.validate()  # before any cluster resource is requested
     # the k-NN splits are listed and decoded here, before Ray starts: an unlabelled one is a config error
     evaluator = knn_evaluator(cfg) if knn and cfg.data.eval_source else None
     init_ray(cfg, address, verbose=verbose)
