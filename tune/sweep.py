@@ -17,11 +17,11 @@
   ``grace_epochs`` epochs and at least the first k-NN evaluation. ASHA's rung records are kept in
   ``<sweep>/asha_state.yaml`` (Tune itself does not save scheduler state) so a resumed sweep still stops bad trials.
 * **State and faults.** Tune's experiment state lives in ``<storage>/<sweep>``. Running the same sweep again
-  (same storage and name) restores it: finished trials are kept, unfinished ones resume, errored ones restart unless
-  their error was one no retry can fix (``FatalTrainingError``: diverged, out of memory at the minimum size, a config
-  error; kept in the trial's ``fatal_error.yaml``). A failing trial (even after ``max_failures`` retries) never ends
-  the sweep. One driver per sweep: a second one on the same sweep stops with ``RunInUseError``
-  (pipelines/run_lease.py).
+  (same storage and name) restores it: finished trials are kept, unfinished and errored ones resume (each from its
+  Train run's checkpoint), except those whose error no retry can fix (``FatalTrainingError``: diverged, out of
+  memory at the minimum size, a config error; kept in the trial's ``fatal_error.yaml``), which end again at once. A
+  failing trial (even after ``max_failures`` retries) never ends the sweep. One driver per sweep: a second one on the
+  same sweep stops with ``RunInUseError`` (pipelines/run_lease.py).
 * **Stopped trials release their workers.** ASHA ends a trial's driver actor, and the Train controller dies with
   it without shutting its worker group down. A small reaper (:func:`_pg_reaper_callback`) removes that worker
   group's placement group, also one still being placed; Ray Train's own cleaner cannot when the State API is
@@ -270,7 +270,7 @@ def sweep_trial(config: dict, spec: Optional[dict] = None, listing: Any = None) 
     trial_id = ray.tune.get_context().get_trial_id()
     name = train_run_name(spec["name"], trial_id)
     run_path = f"{spec['train_storage']}/{name}"
-    # A resumed sweep restarts its errored trials (Tuner.restore(restart_errored=True)), but only those a retry could
+    # A resumed sweep retries its errored trials (Tuner.restore(resume_errored=True)), but only those a retry could
     # fix: a trial that ended with an error every restart raises again (diverged, out of memory at the minimum size, a
     # config error) raises it again here, before it asks for any Train resource.
     known = read_text(f"{run_path}/{FATAL_ERROR_FILE}")
@@ -605,8 +605,10 @@ def run_sweep(
             stored = yaml.safe_load(read_text(f"{exp_path}/{SPEC_FILE}") or "{}") or {}
             _check_same_sweep(stored, spec, exp_path)
             print(f"[ibot-ray tune] resuming sweep {exp_path}", flush=True)
-            tuner = Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
-                                  restart_errored=True)  # (sweep_trial re-raises a FatalTrainingError)
+            # errored trials resume (same trial id, so their Train run continues from its checkpoint; Tune's
+            # restart_errored would start them over under a new id), and sweep_trial ends at once a trial whose
+            # error no retry can fix
+            tuner = Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
             asha_info = stored.get("asha", {})
         else:
             concurrent = max_concurrent or default_max_concurrent(base)
