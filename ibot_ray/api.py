@@ -79,7 +79,7 @@ def _cli_default(command: str, option: str) -> Any:
 
 def pretrain(data: Union[PathLike, dict, None] = None, config: Optional[str] = None, *,
              storage: Optional[PathLike] = None, name: Optional[str] = None, address: Optional[str] = None,
-             verbose: bool = False, **overrides: Any) -> PretrainRun:
+             verbose: bool = False, takeover: bool = False, **overrides: Any) -> PretrainRun:
     """Pretrain (or resume) a run, as ``ibot-ray pretrain`` does, and return where everything went.
 
     ``data``: a folder, Parquet file/folder, ``s3://``/``gs://`` URI or ``"demo"`` (``--data``; default: the
@@ -88,6 +88,7 @@ def pretrain(data: Union[PathLike, dict, None] = None, config: Optional[str] = N
     ``demo`` without data). ``storage`` and ``name``: ``--storage`` (default ``./ibot_runs``) and ``--name``
     (default: the data's folder or file name, ``demo`` for the demo); the same pair resumes the run. ``address``: a
     Ray cluster (default: ``RAY_ADDRESS``, else a local Ray). ``verbose``: Ray's own logs on the console.
+    ``takeover``: ``--takeover``, take over a run whose driver is gone (one driver per run: pipelines/run_lease.py).
     ``**overrides``: config fields, ``optim={"epochs": 4}``.
 
     Raises :class:`~ibot_ray.config.ConfigError` for a bad setting (before Ray starts), and what the command reports
@@ -103,7 +104,7 @@ def pretrain(data: Union[PathLike, dict, None] = None, config: Optional[str] = N
         config = _cli_default("pretrain", "config")
     result = run_pretrain(config, _override_strings(overrides), data=None if data is None else str(data),
                           storage=None if storage is None else str(storage), name=name, address=address,
-                          verbose=verbose)
+                          verbose=verbose, takeover=takeover)
     run_path = str(result.run_path).rstrip("/")
     knn = None
     if result.knn_after is not None:

@@ -1,7 +1,7 @@
 """The ``ibot-ray`` command line.
 
     ibot-ray pretrain [--config FILE|PRESET] [--set key=value ...] [--data SOURCE]
-                      [--storage PATH_OR_URI] [--name RUN] [--address ADDR] [--verbose]
+                      [--storage PATH_OR_URI] [--name RUN] [--address ADDR] [--verbose] [--takeover]
     ibot-ray config   [--config FILE|PRESET] [--set key=value ...]     print the resolved, validated config
     ibot-ray export   CHECKPOINT OUT [--which teacher|student]           timm-loadable safetensors backbone
     ibot-ray eval     MODEL --train SRC --val SRC [--config FILE|PRESET] [--set key=value ...]
@@ -9,7 +9,7 @@
                       k-NN, linear probe, raw-pixel and random-init baselines (docs/evaluating.md)
     ibot-ray tune     --space FILE|NAME [--config ...] [--set ...] [--trials N] [--max-concurrent M]
                       [--scheduler asha|fifo|pbt] [--objective knn_top1|loss] [--storage PATH] [--name SWEEP]
-                      [--address ADDR]                                     sweep with Ray Tune (docs/sweeps.md)
+                      [--address ADDR] [--takeover]                        sweep with Ray Tune (docs/sweeps.md)
 
 Ray is imported only by the commands that need it, so the method package stays usable without a cluster.
 """
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true",
                    help="also show Ray's own logs (worker output, Train/Data logs); default: they stay in Ray's "
                         "log folder, /tmp/ray/session_latest/logs for a local Ray")
+    p.add_argument("--takeover", action="store_true",
+                   help="take the run over from a driver known to be gone, without waiting for its lease to go stale "
+                        "(one driver per run; README: resuming)")
 
     p = _command(
         sub, "tune", "sweep hyperparameters with Ray Tune (ASHA early stopping)",
@@ -98,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for results.csv, best_config.yaml and the plot "
                                                "(default: the sweep folder when local)")
     p.add_argument("--verbose", action="store_true", help="also show Ray's own logs and Tune's trial results")
+    p.add_argument("--takeover", action="store_true",
+                   help="take the sweep over from a driver known to be gone, without waiting for its lease to go stale")
 
     p = _command(
         sub, "config", "print the resolved and validated config as YAML",
@@ -153,12 +158,14 @@ def main(argv: list[str] | None = None) -> int:
 
                 import pyarrow.fs as pafs
 
-                fs, path = pafs.FileSystem.from_uri(args.checkpoint)
+                from pipelines.storage import copy_from, resolve
+
+                fs, path = resolve(args.checkpoint, setting="the checkpoint argument")  # retries transient errors
                 if fs.get_file_info(path).type == pafs.FileType.Directory:
                     path = f"{path.rstrip('/')}/state.pt"
                 with tempfile.TemporaryDirectory() as d:
                     local = Path(d) / "state.pt"
-                    pafs.copy_files(path, str(local), source_filesystem=fs)
+                    copy_from(fs, path, str(local))
                     out = export_from_checkpoint(local, args.out, which=args.which)
                 print(f"wrote {out}")
                 return 0
@@ -175,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 result = run_pretrain(args.config, args.overrides, data=args.data, storage=args.storage,
-                                      name=args.name, address=args.address, verbose=args.verbose)
+                                      name=args.name, address=args.address, verbose=args.verbose,
+                                      takeover=args.takeover)
             except Exception as e:
                 from ray.train import TrainingFailedError
 
@@ -200,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                                    objective=args.objective, storage=args.storage, name=args.name,
                                    address=args.address, grace_epochs=args.grace_epochs,
                                    reduction_factor=args.reduction_factor, max_failures=args.max_failures,
-                                   seed=args.seed, out_dir=args.out, verbose=2 if args.verbose else 1)
+                                   seed=args.seed, out_dir=args.out, verbose=2 if args.verbose else 1,
+                                   takeover=args.takeover)
             except (SpaceError, SweepError) as e:
                 print(f"ibot-ray tune: {e}", file=sys.stderr)
                 return 2
@@ -208,6 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ibot-ray: config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from pipelines.run_lease import RunInUseError
+        from pipelines.storage import StorageConfigError, StorageUnavailableError
+
+        if isinstance(e, (RunInUseError, StorageConfigError)):  # a second driver on a run; a storage setting
+            print(f"ibot-ray: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, StorageUnavailableError):
+            print(f"ibot-ray: {e}\nNothing was lost: run the same command again to resume.", file=sys.stderr)
+            return 1
+        raise
     return 1
 
 

@@ -430,7 +430,10 @@ def format_summary(*, name: str, steps: int, total_steps: int, wall_s: float, tr
         lines.append(f"  checkpoint      {checkpoint_path}")
     if export_path:
         lines.append(f"  export          {export_path}")
-    lines.append(f"  metrics         {run_path}/logs/metrics.jsonl, TensorBoard: {run_path}/logs/tensorboard")
+    # on remote storage the history is append-only parts, one per upload (pipelines/metrics.py)
+    history = (f"{run_path}/logs/metrics/part-*.jsonl (joined by pipelines.metrics.read_metrics_history)"
+               if "://" in run_path else f"{run_path}/logs/metrics.jsonl")
+    lines.append(f"  metrics         {history}, TensorBoard: {run_path}/logs/tensorboard")
     where = log_dir or RAY_LOG_DIR
     lines.append(f"  Ray's logs      {where}" + ("" if local else " (on the head node)")
                  + ("" if verbose else "; --verbose shows them here"))

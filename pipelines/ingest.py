@@ -49,13 +49,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ibot_ray.config import MAX_BAD_FRACTION
 from ibot_ray.recipe import actor_batch_for
+from pipelines import storage
 from pipelines.sources import (
     EPOCH_COLUMN,
     POSITION_COLUMN,
     SourceInfo,
     SourceListing,
     build_source_dataset,
-    resolve_uri,
 )
 from pipelines.stream_position import StreamPosition, read_stream_position
 
@@ -319,10 +319,6 @@ def merge_bad_input(name: str, snapshot: Optional[dict[str, Any]]) -> int:
     return ray.get(_get_monitor(name).merge.remote(snapshot))
 
 
-def reset_bad_input_stats(name: str = DEFAULT_MONITOR_NAME) -> None:
-    ray.get(_get_monitor(name).reset.remote())
-
-
 # ---- the augmenting UDF --------------------------------------------------------------------------
 
 
@@ -537,14 +533,20 @@ def ingest_execution_options():
 
 
 def latest_checkpoint_metrics(run_path: str) -> dict:
-    """The metrics of the checkpoint that a (re)start of run ``run_path`` resumes from (the latest one in Ray Train's
-    checkpoint-manager snapshot), ``{}`` without one."""
-    fs, path = resolve_uri(run_path)
-    try:
-        with fs.open_input_stream(f"{path}/{CHECKPOINT_MANAGER_SNAPSHOT}") as f:
-            snap = json.loads(f.read())
-    except (FileNotFoundError, OSError):
+    """The metrics reported with the checkpoint that a (re)start of run ``run_path`` (local folder or URI) resumes
+    from: the latest one in Ray Train's checkpoint-manager snapshot; ``{}`` when the run has no snapshot yet.
+
+    The read goes through :mod:`pipelines.storage`: transient errors are retried, and one that outlasts the retry
+    deadline raises :class:`~pipelines.storage.StorageUnavailableError`, as does an unreadable snapshot: never ``{}``,
+    which would silently restart the data at epoch 0."""
+    text = storage.read_text(f"{run_path.rstrip('/')}/{CHECKPOINT_MANAGER_SNAPSHOT}", setting="--storage")
+    if text is None:
         return {}
+    try:
+        snap = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise storage.StorageUnavailableError(
+            f"{run_path}/{CHECKPOINT_MANAGER_SNAPSHOT} is not readable JSON ({e}); a restart reads it again") from e
     return (snap.get("latest_checkpoint_result") or {}).get("metrics") or {}
 
 
@@ -582,17 +584,38 @@ class TrainStream:
         name = resumed.get(CHECKPOINT_DIR_METRIC)
         if not name:
             return None
-        fs, path = resolve_uri(self.run_path)
-        position = read_stream_position(fs, f"{path}/{name}")
+        position = read_stream_position(f"{self.run_path.rstrip('/')}/{name}")
         if position is not None and position.size != self.listing.positions_per_epoch:
             raise ValueError(f"the checkpoint {name} of {self.run_path} counts {position.size} rows per data epoch, "
                              f"the source lists {self.listing.positions_per_epoch}: the source changed since")
         return position
 
     def __call__(self) -> ray.data.Dataset:
+        """The Dataset of this worker-group start. A storage error must not escape as is: Ray Train calls this in
+        its controller, where any exception becomes a ``ControllerError`` that its failure policy never retries
+        (ray/train/v2: callbacks/datasets.py ``before_init_train_context``, controller/controller.py
+        ``_run_control_loop_iteration``, failure_handling/default.py ``_is_retryable_error``). Transient storage
+        errors are retried (pipelines/storage.py); one that outlasts the retry deadline is raised as Ray Train's
+        ``WorkerGroupStartupFailedError``, which the policy retries (a new worker-group start, unlimited with the
+        default ``controller_failure_limit=-1``); a storage setting error ends the run once, naming the setting."""
         import ray.data
 
         ray.data.DataContext._set_current(self.data_context)
+        try:
+            return self._dataset()
+        except storage.StorageConfigError as e:
+            from pipelines.failures import FatalTrainingError
+
+            raise FatalTrainingError("storage setting error", str(e), "the setting named above") from None
+        except Exception as e:
+            if not storage.is_transient(e):
+                raise
+            from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError  # Ray is pinned
+
+            raise WorkerGroupStartupFailedError(
+                f"the training stream could not be built, storage unavailable: {e}; retrying the start") from e
+
+    def _dataset(self) -> ray.data.Dataset:
         resumed = latest_checkpoint_metrics(self.run_path)
         position = self.resume_position(resumed)
         start = position.start if position is not None else int(resumed.get(RESUME_EPOCH_METRIC, 0))
@@ -644,6 +667,5 @@ __all__ = [
     "latest_checkpoint_metrics",
     "merge_bad_input",
     "pace_scheduling_loop",
-    "reset_bad_input_stats",
     "stream_epochs",
 ]

@@ -295,11 +295,9 @@ def read_metrics_history(logs: str | Path) -> list[dict]:
     parts (local storage), ``logs/metrics.jsonl`` is read."""
     import pyarrow.fs as pafs
 
-    logs = str(logs)
-    if "://" in logs:
-        fs, base = pafs.FileSystem.from_uri(logs)
-    else:
-        fs, base = pafs.LocalFileSystem(), str(Path(logs).expanduser().resolve())
+    from pipelines.storage import resolve
+
+    fs, base = resolve(str(logs), setting="the run's logs folder")  # a remote file system retries every call
     base = base.rstrip("/")
     infos = fs.get_file_info(pafs.FileSelector(f"{base}/{METRICS_PARTS_DIR}", allow_not_found=True))
     parts = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith("part-")

@@ -74,10 +74,14 @@ def init_ray(cfg: IBOTConfig, address: str | None = None, *, num_cpus: float | N
         quiet_driver_logging()
     if ray.is_initialized():
         return
-    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
+    init_kwargs = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
+    from pipelines.storage import RETRY_DEADLINE_ENV
+
+    if RETRY_DEADLINE_ENV in os.environ:  # the storage retry deadline set here reaches every task and actor
+        init_kwargs["runtime_env"] = {"env_vars": {RETRY_DEADLINE_ENV: os.environ[RETRY_DEADLINE_ENV]}}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **quiet)
+        ray.init(address=address, **init_kwargs)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token file in ~/.ray
     # A run starts ~10 Python processes at once (Train controller and workers, Data coordinator and actors, the
@@ -92,7 +96,7 @@ def init_ray(cfg: IBOTConfig, address: str | None = None, *, num_cpus: float | N
     needed = num_cpus or (t.num_workers[1] * max(1.0, t.cpus_per_worker) + d.actors[1] * d.cpus_per_actor + 1)
     # address="local": always a new private instance, even when another Ray runs on this machine
     ray.init(address="local", num_cpus=int(max(os.cpu_count() or 1, needed) + 0.999),
-             include_dashboard=_state_api_available(), **quiet)
+             include_dashboard=_state_api_available(), **init_kwargs)
 
 
 def resolve_storage(storage: str | None) -> str:
@@ -149,6 +153,7 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
     from pipelines.failures import FailureBudget
     from pipelines.ingest import TrainStream, create_monitor, ingest_execution_options
     from pipelines.resize import ResizeAwareTorchTrainer, create_resize_notice
+    from pipelines.storage import is_remote, resolve
     from pipelines.train_worker import TRAINED_KEYS_ENV, train_loop_per_worker
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -200,9 +205,16 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
         resources_per_worker=resources,
         elastic_resize_monitor_interval_s=t.elastic_resize_interval_s,
     )
+    # Remote storage: Ray Train gets the retrying file system of pipelines/storage.py, so its own storage calls
+    # (the checkpoint-manager snapshot on the controller, checkpoint downloads, old checkpoints' deletion) wait out
+    # outages instead of failing the run; the path is then given without its scheme.
+    storage_path, storage_fs = resolve_storage(storage), None
+    if is_remote(storage_path):
+        storage_fs, storage_path = resolve(storage_path, setting="--storage")
     run_config = ray.train.RunConfig(
         name=name,
-        storage_path=resolve_storage(storage),
+        storage_path=storage_path,
+        storage_filesystem=storage_fs,
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures,
                                                max_preemption_failures=t.max_preemption_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
@@ -223,8 +235,7 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
         run_config=run_config,
         dataset_config=ray.train.DataConfig(execution_options=ingest_execution_options()),
         # a factory: Train calls it at every worker-group start, and it streams from the checkpoint's data epoch
-        datasets={"train": TrainStream(cfg, listing, monitor_name, f"{resolve_storage(storage).rstrip('/')}/{name}",
-                                       steps_per_epoch)},
+        datasets={"train": TrainStream(cfg, listing, monitor_name, run_uri(storage, name), steps_per_epoch)},
     )
     return trainer, {"derived": derived, "warnings": cluster.warnings, "eval_plan": plan,
                      "steps_per_epoch": steps_per_epoch, "num_items": info.num_items, "monitor_name": monitor_name,
@@ -234,18 +245,24 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
 def _teacher_from_checkpoint(cfg: IBOTConfig, checkpoint):
     from ibot_ray.checkpoint import load_checkpoint
     from ibot_ray.model import build_student_teacher
+    from pipelines.storage import local_checkpoint
     from pipelines.train_worker import STATE_FILE
 
     _, teacher = build_student_teacher(cfg)
-    with checkpoint.as_directory() as d:
+    with local_checkpoint(checkpoint) as d:  # a download retried through storage outages
         state = load_checkpoint(Path(d) / STATE_FILE)
     teacher.load_state_dict(state["teacher"])
     return teacher, state
 
 
+def run_uri(storage: str | None, name: str) -> str:
+    """The run folder of run ``name``: a local path, or a URI with its scheme (``s3://bucket/runs/name``)."""
+    return f"{resolve_storage(storage).rstrip('/')}/{name}"
+
+
 def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", address: str | None = None,
              knn: bool = True, export: bool = True, verbose: bool = False, listing=None,
-             config_name: str | None = None) -> PretrainResult:
+             config_name: str | None = None, takeover: bool = False) -> PretrainResult:
     """Run (or resume) a pretraining run; prints progress, the k-NN before/after, and where the outputs are.
 
     The terminal gets a progress bar (a line per log step when stdout is not a TTY), one line per event and a
@@ -256,19 +273,35 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
 
     ``knn``: the driver's k-NN before and after training (random init, raw pixels, the trained teacher) on the run's
     evaluation split (pipelines/eval_split.py); ``listing``: the training source's listing when the caller has it;
-    ``config_name``: the preset or YAML the config came from, recorded in the run folder (:func:`claim_run`)."""
-    import torch
+    ``config_name``: the preset or YAML the config came from, recorded in the run folder (:func:`claim_run`).
 
-    from ibot_ray.model import build_student_teacher
+    One driver per run: the run's lease (pipelines/run_lease.py) is held from before any cluster resource is requested
+    to the end, so a second driver on the same run raises ``RunInUseError`` and leaves the first one unharmed;
+    ``takeover=True`` takes over a run whose driver is known to be gone, without waiting for its lease to go stale."""
     from pipelines.metrics import check_trackers
+    from pipelines.run_lease import RunLease
 
     t_start = time.time()
     cfg.validate()  # before any cluster resource is requested
     check_trackers(cfg, resolve_storage(storage))  # train.loggers the storage cannot hold (pipelines/metrics.py)
-    # the run's one listing, and what it is judged on: listed, planned and decoded here, before Ray starts (a missing
-    # source or an unlabelled explicit k-NN split is a config error)
+    # the run's one listing, and what it is judged on: listed and planned here, before Ray starts and before the run
+    # folder is touched (a missing source or an unlabelled explicit k-NN split is a config error)
     listing, plan = list_and_plan(cfg, listing)
-    claim_run(f"{resolve_storage(storage).rstrip('/')}/{name}", cfg.data.source, config_name)
+    with RunLease(run_uri(storage, name), takeover=takeover):
+        claim_run(run_uri(storage, name), cfg.data.source, config_name)
+        return _train(cfg, plan, storage=storage, name=name, address=address, knn=knn, export=export,
+                      verbose=verbose, t_start=t_start)
+
+
+def _train(cfg: IBOTConfig, plan, *, storage: str | None, name: str, address: str | None, knn: bool, export: bool,
+           verbose: bool, t_start: float) -> PretrainResult:
+    """:func:`pretrain` once the run is listed, planned and its lease held: the k-NN splits decoded, Ray started,
+    the k-NN before training, the fit, the k-NN after it, the export and the summary."""
+    import torch
+
+    from ibot_ray.model import build_student_teacher
+
+    listing = plan.train_listing
     evaluator = None
     if plan.enabled and (knn or cfg.train.knn_every_epochs):
         from pipelines.knn_eval import KNNEvaluator
@@ -312,8 +345,10 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
     if bad["count"]:
         print(f"[ibot-ray] skipped {bad['count']} distinct unreadable images (per data epoch "
               f"{bad['per_epoch']}), e.g. {bad['examples'][:3]}", flush=True)
-    ckpt_path = result.checkpoint.path if result.checkpoint else None
-    out = PretrainResult(run_path=str(result.path), checkpoint_path=ckpt_path,
+    # paths with their scheme (s3://...): Train V2's Result.path and Checkpoint.path are paths on its file system
+    run_path = run_uri(storage, name)
+    ckpt_path = f"{run_path}/{Path(result.checkpoint.path).name}" if result.checkpoint else None
+    out = PretrainResult(run_path=run_path, checkpoint_path=ckpt_path,
                          metrics=dict(result.metrics or {}), steps=int((result.metrics or {}).get("step", 0)),
                          knn_before=knn_before, knn_pixels=knn_pixels, bad_images=bad,
                          knn_split=plan.split if plan.enabled else None, eval_plan=plan)
@@ -324,7 +359,7 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
         if export:
             # the run folder from storage + name: Train V2's Result.path has no scheme (s3://...), and a
             # schemeless path would be written on the head's disk and lost at `ray down`
-            out.export_path = _export(teacher, cfg, f"{resolve_storage(storage).rstrip('/')}/{name}")
+            out.export_path = _export(teacher, cfg, run_path)
     out.wall_s = time.time() - t_start
     print(format_summary(name=name, steps=out.steps, total_steps=info["total_steps"], wall_s=out.wall_s,
                          train_s=train_s, metrics=out.metrics, run_path=out.run_path, checkpoint_path=ckpt_path,
@@ -384,14 +419,15 @@ def choose_config(overrides: list[str], *, address: str | None = None, verbose: 
 
 def run_pretrain(config: str | None = None, overrides: list[str] | tuple[str, ...] = (), *, data: str | None = None,
                  storage: str | None = None, name: str | None = None, address: str | None = None,
-                 verbose: bool = False) -> PretrainResult:
+                 verbose: bool = False, takeover: bool = False) -> PretrainResult:
     """What ``ibot-ray pretrain`` runs: resolve the config, validate it before any cluster resource is requested,
     name the run, and :func:`pretrain` it. Raises :class:`ConfigError` for a bad setting.
 
     ``config``: a preset name or YAML file; without one, ``demo`` when there is no data, else a preset chosen for
     the data (:func:`choose_config`, the choice printed with its reasons). ``overrides``: ``key=value`` strings;
     ``data``: the training source (``data.source``). ``name``: default the data's name (:func:`run_name_for`), else
-    the preset's; a name that holds a run of another source or config is refused (:func:`claim_run`)."""
+    the preset's; a name that holds a run of another source or config is refused (:func:`claim_run`).
+    ``takeover``: take over a run whose driver is gone (:func:`one_driver_per_run`)."""
     from ibot_ray.config import load_config
 
     overrides = list(overrides) + ([f"data.source={data}"] if data else [])
@@ -409,7 +445,7 @@ def run_pretrain(config: str | None = None, overrides: list[str] | tuple[str, ..
         name = run_name_for(cfg.data.source) if cfg.data.source != "demo" or config_name == "demo" else \
             run_name_for(config_name.rsplit(".", 1)[0])
     return pretrain(cfg, storage=storage, name=name, address=address, verbose=verbose, listing=listing,
-                    config_name=config_name)
+                    config_name=config_name, takeover=takeover)
 
 
 #: The run folder's record of what it trains (:func:`claim_run`).
@@ -429,20 +465,12 @@ def claim_run(run_path: str, source: str, config_name: str | None) -> None:
     (``--set``) may change on a resume, as before. Runs started before this record existed are not checked."""
     import json
 
-    from pipelines.sources import resolve_uri
+    from pipelines import storage
 
-    fs, path = resolve_uri(run_path)
-    record = f"{path}/{RUN_IDENTITY_FILE}"
+    record = f"{run_path.rstrip('/')}/{RUN_IDENTITY_FILE}"
     mine = {"source": _source_identity(source), "config": config_name}
-    try:
-        with fs.open_input_stream(record) as f:
-            theirs = json.loads(f.read())
-    except FileNotFoundError:
-        theirs = None
-    except OSError as e:  # pyarrow's local file system says "not found" as an OSError
-        if "not found" not in str(e).lower() and "no such file" not in str(e).lower():
-            raise
-        theirs = None
+    text = storage.read_text(record, setting="--storage")
+    theirs = None if text is None else json.loads(text)
     if theirs is not None:
         clash = [k for k in ("source", "config") if theirs.get(k) and mine[k] and theirs[k] != mine[k]]
         if clash:
@@ -451,15 +479,12 @@ def claim_run(run_path: str, source: str, config_name: str | None) -> None:
             raise ConfigError(f"run {run_path!r} holds a run of {what}; this command has {now}. Give it another "
                               "--name (or resume that run with its own data and --config)")
         return
-    fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(record) as f:
-        f.write(json.dumps(mine).encode())
+    storage.write_text(record, json.dumps(mine), setting="--storage")
 
 
 def _export(teacher, cfg: IBOTConfig, run_path: str) -> str:
-    import pyarrow.fs as pafs
-
     from ibot_ray.export import export_backbone
+    from pipelines.storage import copy_to, resolve
 
     meta = {"which": "teacher"}  # arch and every create_model kwarg are read from the model itself
     fname = "teacher_backbone.safetensors"
@@ -470,6 +495,6 @@ def _export(teacher, cfg: IBOTConfig, run_path: str) -> str:
         return str(target)
     with tempfile.TemporaryDirectory() as d:
         local = export_backbone(teacher.backbone, Path(d) / fname, metadata=meta)
-        fs, path = pafs.FileSystem.from_uri(run_path)
-        pafs.copy_files(str(local), f"{path}/export/{fname}", destination_filesystem=fs)
+        fs, path = resolve(run_path, setting="--storage")
+        copy_to(str(local), fs, f"{path}/export/{fname}")  # retried through storage outages
     return f"{run_path}/export/{fname}"

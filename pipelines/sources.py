@@ -19,7 +19,8 @@ read once in ``PARQUET_ROWS_PER_TASK``-row batches) run in epoch order, each epo
 ``(data.seed, epoch)``: folder images are permuted, Parquet units are permuted and so are the rows within each unit
 (up to ``PARQUET_SHUFFLE_MAX_BYTES``), so a one-row-group file is not read in the same order every epoch. The bytes
 are decoded later, in the augmenting actors (``pipelines/ingest.py``). Any URI that
-``pyarrow.fs.FileSystem.from_uri`` understands works: a local path, ``file://``, ``s3://``, ``gs://``.
+``pyarrow.fs.FileSystem.from_uri`` understands works: a local path, ``file://``, ``s3://``, ``gs://``; transient
+storage errors are retried (``pipelines/storage.py``).
 
 A stream that resumes from a checkpoint's :class:`~pipelines.stream_position.StreamPosition` starts each data epoch
 at the read unit of its watermark and leaves out the positions consumed above it before reading them: a folder
@@ -45,6 +46,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from pipelines import storage
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -99,14 +102,13 @@ class SourceInfo:
 
 
 def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path)`` for a local path or any URI pyarrow knows (``file://``, ``s3://``, ``gs://``, ...)."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    """``(filesystem, path)`` of a data source: a local path or any URI pyarrow knows (``file://``, ``s3://``,
+    ``gs://``, ...), through :func:`pipelines.storage.resolve`: every operation on a remote source is retried through
+    transient errors (listing, footers, the read tasks' reads). A URI that cannot be opened raises SourceError."""
     try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-        raise SourceError(f"data.source: cannot open {uri!r}: {e}") from None
-    return fs, path.rstrip("/") or "/"
+        return storage.resolve(uri, setting="data.source")
+    except storage.StorageConfigError as e:
+        raise SourceError(str(e)) from None
 
 
 def resolve_source(source: str, split: str = "train") -> str:
@@ -665,20 +667,18 @@ def epoch_stream(listing: SourceListing, *, seed: Optional[int], start_epoch: in
     Each read task reads about ``STREAM_TASK_ROWS`` rows. ``resume`` (a checkpoint's stream position): the epochs it
     has started begin at their watermark's read unit and leave out what it marks consumed (module doc)."""
     import ray.data
-    from ray.data._internal.util import RetryingPyFileSystem
 
     if num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
     plan, progress = stream_plan(listing, seed, start_epoch, num_epochs, resume)
     tasks = plan.num_tasks
-    # What ray.data.read_* do: transient storage errors (DataContext.retried_io_errors) are retried
-    fs = RetryingPyFileSystem.wrap(listing.fs, retryable_errors=ray.data.DataContext.get_current().retried_io_errors)
     ids = ray.data.range(tasks, override_num_blocks=min(tasks, MAX_ID_BLOCKS))
     if tasks > MAX_ID_BLOCKS:
         ids = ids.repartition(target_num_rows_per_block=1)  # streaming, and not fused with the read below
+    # listing.fs comes from resolve_uri: on remote storage every read is retried through transient errors
     return ids.map_batches(
         _read_stream_tasks, batch_size=1, batch_format="numpy",
-        fn_kwargs={"listing": listing, "fs": fs, "seed": seed, "plan": plan, "resume": progress},
+        fn_kwargs={"listing": listing, "fs": listing.fs, "seed": seed, "plan": plan, "resume": progress},
     )
 
 

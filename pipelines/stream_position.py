@@ -137,14 +137,13 @@ def encode(epochs, positions) -> np.ndarray:
     return np.asarray(epochs, dtype=np.int64) * POSITION_STRIDE + np.asarray(positions, dtype=np.int64)
 
 
-def read_stream_position(fs, checkpoint_path: str) -> Optional[StreamPosition]:
-    """The :class:`StreamPosition` saved in a checkpoint folder (a pyarrow filesystem and path), None when that
-    checkpoint has none (written before positions were recorded). Other read errors propagate."""
-    try:
-        with fs.open_input_stream(f"{checkpoint_path.rstrip('/')}/{STREAM_POSITION_FILE}") as f:
-            return StreamPosition.from_json(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        return None
+def read_stream_position(checkpoint_uri: str) -> Optional[StreamPosition]:
+    """The :class:`StreamPosition` saved in a checkpoint folder (local or remote; transient storage errors are
+    retried, pipelines/storage.py), None when that checkpoint has none (written before positions were recorded)."""
+    from pipelines import storage
+
+    text = storage.read_text(f"{checkpoint_uri.rstrip('/')}/{STREAM_POSITION_FILE}", setting="--storage")
+    return None if text is None else StreamPosition.from_json(text)
 
 
 class TrainedPositions:

@@ -71,6 +71,7 @@ from pipelines.ingest import (
 )
 from pipelines.metrics import SYNCED_FOLDERS, MetricsWriter
 from pipelines.resize import RESIZE_METRIC, ResizeNoticeClient
+from pipelines.storage import copy_to, local_checkpoint, upload_checkpoint
 from pipelines.stream_position import STREAM_POSITION_FILE, StreamPosition, TrainedPositions
 
 log = logging.getLogger(__name__)
@@ -256,7 +257,8 @@ def _report_checkpoint(metrics: dict, *, step_runner: IBOTStep, cfg: IBOTConfig,
     # the staged folder is deleted by Ray once uploaded (the default of ASYNC; asked for SYNC too)
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=_checkpoint_dir_name(step_runner.step),
                      checkpoint_upload_mode=CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC,
-                     delete_local_checkpoint_after_upload=True)
+                     delete_local_checkpoint_after_upload=True,
+                     checkpoint_upload_fn=upload_checkpoint)  # retried through storage outages (pipelines/storage.py)
     if rank == 0:
         _sync_logs(local_log_dir)
     return time.perf_counter() - t0
@@ -283,8 +285,6 @@ def _sync_logs(local_log_dir: Path) -> None:
     if str(local_log_dir).startswith(str(storage.experiment_fs_path)):
         return
     try:
-        import pyarrow.fs as pafs
-
         from pipelines.metrics import metrics_part_name
 
         path = Path(local_log_dir) / "metrics.jsonl"
@@ -297,15 +297,15 @@ def _sync_logs(local_log_dir: Path) -> None:
             if new:
                 fs = storage.storage_filesystem
                 name = metrics_part_name(new, os.getpid())
-                fs.create_dir(f"{target}/metrics", recursive=True)
+                fs.create_dir(f"{target}/metrics", recursive=True)  # (a remote fs retries: pipelines/storage.py)
                 with fs.open_output_stream(f"{target}/metrics/{name}") as out:
                     out.write(new)
                 _uploaded_offsets[str(path)] = start + len(new)
         for folder in SYNCED_FOLDERS:  # the trackers' files: one file (or folder) per writer process, so each
             local = Path(local_log_dir) / folder  # upload rewrites only this process's own files
             if local.exists():
-                pafs.copy_files(str(local), f"{target}/{folder}", destination_filesystem=storage.storage_filesystem)
-    except Exception as e:  # metrics upload must never kill training
+                copy_to(str(local), storage.storage_filesystem, f"{target}/{folder}")
+    except Exception as e:  # metrics upload must never kill training: rows not uploaded go with the next checkpoint
         log.warning("could not upload metrics to %s: %s", target, e)
 
 
@@ -385,7 +385,7 @@ def _train_loop(config: dict) -> dict:
     saved_position = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
+        with local_checkpoint(checkpoint) as d:  # a download retried through storage outages
             state = load_checkpoint(Path(d) / STATE_FILE, map_location=device)
             if (Path(d) / STREAM_POSITION_FILE).exists():
                 saved_position = StreamPosition.from_json((Path(d) / STREAM_POSITION_FILE).read_text())

@@ -262,6 +262,44 @@ def await_layout(cond, what: str, timeout: float = 60) -> None:
     refresh_autoscaling_coordinator()
 
 
+# ---- an S3-compatible server ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's standalone S3 server on 127.0.0.1 with a bucket named ``bucket``; yields the environment (endpoint,
+    dummy credentials) a client needs. It serves from this process: its state survives a stop and a restart."""
+    pytest.importorskip("moto")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="bucket")
+    yield env
+    server.stop()
+
+
+@pytest.fixture
+def faulty_s3(s3_server, monkeypatch):
+    """:class:`faulty_endpoint.FaultyEndpoint` in front of the S3 server, and this process's environment pointing
+    at it (``faulty_s3.env`` for subprocesses); forwarding, until a test sets another mode."""
+    from faulty_endpoint import FaultyEndpoint
+
+    host, port = s3_server["AWS_ENDPOINT_URL"].rsplit("/", 1)[-1].split(":")
+    endpoint = FaultyEndpoint((host, int(port)))
+    endpoint.env = {**s3_server, "AWS_ENDPOINT_URL": endpoint.url}
+    for k, v in endpoint.env.items():
+        monkeypatch.setenv(k, v)
+    yield endpoint
+    endpoint.close()
+
+
 # ---- runs in a thread ----------------------------------------------------------------------------
 
 

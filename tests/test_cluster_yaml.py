@@ -447,3 +447,18 @@ def test_shm_size_parser():
     assert shm_bytes(["--ulimit nofile=1:1", "--shm-size='1073741824b'"]) == 2**30
     assert shm_bytes(["--shm-size 512m"]) == 512 * 2**20
     assert shm_bytes(["--ipc=host"]) == 0
+
+
+def test_the_node_image_gets_no_repository_history_runs_or_secrets():
+    """Dockerfile.cluster copies the build context (``COPY . /tmp/ibot-ray``): .dockerignore keeps version control,
+    local runs and data, and credential files out of the image and the registry; boto3 is pinned with the rest."""
+    root = REPO
+    ignored = {line.strip() for line in (root / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".git", "runs", "ibot_runs", "bench_data", ".env", ".aws", "**/*.pem"} <= ignored, ignored
+    assert "COPY --chown=ray:users . /tmp/ibot-ray" in (root / "Dockerfile.cluster").read_text()
+    pins = dict(line.split("==") for line in (root / "cluster-constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert pins.get("boto3") and pins.get("botocore")
+    head_cmds = " ".join(load(root / "cluster.yaml")["head_setup_commands"])
+    assert re.search(r"pip install .*-c \S*cluster-constraints\.txt .*boto3", head_cmds), head_cmds

@@ -168,11 +168,12 @@ def test_only_checkpoints_reach_ray_train(ray_cluster, tmp_path, folder_data):
     assert all(r["checkpoint"] for r in reports)
     logged = _steps(read_metrics(storage / "reports" / "logs" / "metrics.jsonl"))
     assert logged == list(range(1, 13))  # every step still reaches the run's own log
-    # Each checkpoint keeps the metrics reported with it: a sweep trial that resumes hands the newest to Tune again.
-    from tune.sweep import latest_checkpoint_metrics
+    # Ray Train's snapshot keeps the metrics reported with the latest checkpoint: a sweep trial that resumes hands them
+    # to Tune again, and a restart streams from its data epoch.
+    from pipelines.ingest import latest_checkpoint_metrics
 
     assert latest_checkpoint_metrics(str(storage / "reports")) == reports[-1]["rank0"]
-    assert latest_checkpoint_metrics(str(storage / "no such run")) is None
+    assert latest_checkpoint_metrics(str(storage / "no such run")) == {}
 
 
 def test_bad_config_fails_before_any_cluster_resource():

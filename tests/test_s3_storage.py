@@ -24,23 +24,6 @@ from test_pretrain import TINY
 pytest.importorskip("moto")
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
-                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="bucket")
-    yield env
-    server.stop()
-
-
 def _cli(args: list[str], env: dict, cwd: Path, timeout: float = 420) -> subprocess.CompletedProcess:
     p = subprocess.run([sys.executable, "-m", "ibot_ray.cli", *args], env=env, cwd=cwd, capture_output=True,
                        text=True, timeout=timeout)
@@ -70,15 +53,19 @@ def test_pretrain_to_a_bucket_resume_history_and_export(s3_server, tmp_path, mon
     config = tmp_path / "tiny.yaml"
     config.write_text(_cli(["config", "--config", "demo", *sets], env, work).stdout)
 
-    def pretrain(epochs: int) -> None:
-        _cli(["pretrain", "--config", str(config), "--set", f"optim.epochs={epochs}", "--data", str(data),
-              "--storage", "s3://bucket/runs", "--name", "r"], env, work)
+    def pretrain(epochs: int) -> subprocess.CompletedProcess:
+        return _cli(["pretrain", "--config", str(config), "--set", f"optim.epochs={epochs}", "--data", str(data),
+                     "--storage", "s3://bucket/runs", "--name", "r"], env, work)
 
     pretrain(1)
     fs, _ = pafs.FileSystem.from_uri("s3://bucket/runs")
     first = read_metrics_history("s3://bucket/runs/r/logs")
     assert [r["step"] for r in first if "loss" in r] == [1, 2, 3]
-    pretrain(2)  # the same command with more epochs: resumes from the bucket's step 3
+    second = pretrain(2)  # the same command with more epochs: resumes from the bucket's step 3
+    # the closing summary names the bucket's paths with their scheme, and where the metrics history really is
+    assert "checkpoint      s3://bucket/runs/r/step_00000006" in second.stdout, second.stdout[-2000:]
+    assert "export          s3://bucket/runs/r/export/teacher_backbone.safetensors" in second.stdout
+    assert "metrics         s3://bucket/runs/r/logs/metrics/part-*.jsonl" in second.stdout
 
     listing = {i.path for i in fs.get_file_info(pafs.FileSelector("bucket/runs/r", recursive=True))}
     assert {"bucket/runs/r/step_00000003/state.pt", "bucket/runs/r/step_00000006/state.pt"} <= listing
@@ -219,3 +206,107 @@ def test_background_upload_is_committed_once_uploaded_and_a_kill_during_it_resum
     stalls = [r for r in rows if r.get("event") == "checkpoint_stall"]
     assert any(r["background"] for r in stalls) and not stalls[-1]["background"]  # the final one in the foreground
     print(f"killed at step {trained_past} while step {step} uploaded: resumed from {before}; {epochs}")
+
+
+def test_storage_outages_mid_run_are_weather(faulty_s3, tmp_path):
+    """The S3 endpoint goes down (connections refused) for 8 s and comes back for 20 s, then drops every connection
+    (resets) for 8 s and comes back, over and over while a run trains from the bucket into the bucket: the run
+    completes with no restart, every image is trained exactly once per data epoch, the whole metrics history is
+    there, and no SourceError is raised. Meanwhile a second driver on the same run is refused and leaves the first
+    unharmed (one driver per run, on S3).
+
+    (A restart would replay the data epoch it resumes in: only resume-inside-an-epoch makes "exactly once" hold across
+    restarts. Outages shorter than the retry deadline cause none: the storage calls wait them out.)"""
+    import json
+    import threading
+    import time
+
+    import pyarrow.fs as pafs
+
+    from pipelines.ingest import key_id
+    from pipelines.metrics import read_metrics_history
+
+    data = tmp_path / "images"
+    write_images(data, 48, kinds=("jpeg", "png"), size=(40, 40))  # 48 / 16 = 3 steps per epoch
+    fs, _ = pafs.FileSystem.from_uri("s3://bucket/weather_data")
+    pafs.copy_files(str(data), "bucket/weather_data", destination_filesystem=fs)
+    keys = {key_id(i.path) for i in fs.get_file_info(pafs.FileSelector("bucket/weather_data", recursive=True))}
+    assert len(keys) == 48
+    home = tmp_path / "home"
+    home.mkdir()
+    trained = tmp_path / "trained_keys"
+    env = {**os.environ, **faulty_s3.env, "HOME": str(home), "IBOT_TRAINED_KEYS_DIR": str(trained)}
+    work = tmp_path / "cwd"
+    work.mkdir()
+    sets = [a for s in TINY + ["optim.epochs=3", "train.checkpoint_every_steps=1", "train.num_workers=[1,1]",
+                               "data.local_shuffle_buffer_size=0", "data.source=s3://bucket/weather_data"]
+            for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "ibot_ray.cli", "pretrain", "--config", "demo", *sets, "--storage", "s3://bucket/runs",
+           "--name", "weather"]
+
+    stop = threading.Event()
+    timeline: list[tuple[float, str]] = []
+
+    def weather() -> None:  # 8 s down, 20 s up, 8 s of resets, 20 s up, ...: each outage outlasts the AWS SDK's
+        try:  # own retries (~6 s), so only pipelines/storage.py's retries carry the run through
+            while not stop.is_set():
+                for mode, seconds in (("refuse", 8.0), ("forward", 20.0), ("reset", 8.0), ("forward", 20.0)):
+                    if stop.is_set():
+                        break
+                    faulty_s3.set(mode)
+                    timeline.append((time.monotonic(), mode))
+                    stop.wait(seconds)
+        except BaseException as e:  # the endpoint broke, not the run: the test must say so
+            timeline.append((time.monotonic(), f"weather failed: {e!r}"))
+        faulty_s3.set("forward")
+
+    faulty_s3.set("refuse")  # down from the start: the driver's listing waits for it
+    with open(tmp_path / "out.txt", "w") as out_f, open(tmp_path / "err.txt", "w") as err_f:
+        run = subprocess.Popen(cmd, env=env, cwd=work, stdout=out_f, stderr=err_f, text=True)
+    sky = threading.Thread(target=weather, daemon=True)
+    sky.start()
+
+    def tails() -> str:
+        return f"{(tmp_path / 'out.txt').read_text()[-3000:]}\n{(tmp_path / 'err.txt').read_text()[-6000:]}"
+
+    try:
+        local_metrics = home / "ibot_runs" / "weather" / "logs" / "metrics.jsonl"  # rank 0's local copy
+        t0 = time.monotonic()
+        while not (local_metrics.exists() and '"loss"' in local_metrics.read_text()):
+            assert run.poll() is None, f"the run ended early:\n{tails()}"
+            assert time.monotonic() - t0 < 900, f"no training step within 900 s:\n{tails()}"
+            time.sleep(1)
+        second = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, (second.returncode, second.stderr[-3000:])
+        assert "run s3://bucket/runs/weather is in use by driver" in second.stderr, second.stderr[-3000:]
+        assert run.poll() is None  # the first driver trains on
+        run.wait(timeout=900)
+    finally:
+        stop.set()
+        sky.join(30)
+        if run.poll() is None:
+            run.kill()
+    out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert not [m for _, m in timeline if m.startswith("weather failed")], timeline
+    assert run.returncode == 0, tails()
+    assert "SourceError" not in out + err and "data source error" not in out + err
+    assert faulty_s3.faults > 0 and sum(m == "refuse" for _, m in timeline) >= 2, (faulty_s3.faults, timeline)
+    retried = [line for line in err.splitlines() if line.startswith("storage: ") and "retrying" in line]
+    print(f"{sum(m != 'forward' for _, m in timeline)} outages, {faulty_s3.faults} connections reset, "
+          f"{len(retried)} operations of the driver retried, e.g. {retried[:2]}")
+
+    rows = read_metrics_history("s3://bucket/runs/weather/logs")
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 10))  # every step, each once
+    assert len([r for r in rows if r.get("event") == "start"]) == 1  # the outages caused no restart
+    per_epoch: dict[int, list[int]] = {}
+    for log in trained.glob("rank*.jsonl"):
+        for line in log.read_text().splitlines():
+            row = json.loads(line)
+            for epoch, kid in zip(row["epoch"], row["key_id"]):
+                per_epoch.setdefault(epoch, []).append(kid)
+    assert sorted(per_epoch) == [0, 1, 2]
+    for epoch, ids in per_epoch.items():
+        assert len(ids) == len(set(ids)) == 48 and set(ids) == keys, epoch  # every image exactly once per epoch
+    listing = {i.path for i in fs.get_file_info(pafs.FileSelector("bucket/runs/weather", recursive=True))}
+    assert "bucket/runs/weather/step_00000009/state.pt" in listing
+    assert "bucket/runs/weather/driver.lease" not in listing  # released at the end
