@@ -45,7 +45,8 @@ class PretrainRun:
     steps: int  # optimiser steps trained
     metrics: dict  # the last reported metrics: loss, cls, mim, lr, health metrics, the last online k-NN, ...
     health: str  # "healthy: no collapse detected (...)" or "collapsed: <conditions>" (ibot_ray/health.py)
-    knn: Optional[dict]  # k-NN top-1 (%): split (its name), teacher, teacher_top5, random_init, raw_pixels
+    knn: Optional[dict]  # k-NN top-1 (%) on knn_split: teacher, teacher_top5, random_init, raw_pixels
+    knn_split: Optional[str] = None  # the split every k-NN figure was measured on (None: no labelled split)
     bad_images: int = 0  # distinct unreadable files skipped
     wall_s: float = 0.0
     details: Any = field(default=None, repr=False)  # pipelines.pretrain.PretrainResult, everything the driver saw
@@ -108,15 +109,14 @@ def pretrain(data: Union[PathLike, dict, None] = None, config: Optional[str] = N
     run_path = str(result.run_path).rstrip("/")
     knn = None
     if result.knn_after is not None:
-        knn = {"split": result.knn_split, "teacher": result.knn_after["knn_top1"],
-               "teacher_top5": result.knn_after.get("knn_top5")}
+        knn = {"teacher": result.knn_after["knn_top1"], "teacher_top5": result.knn_after.get("knn_top5")}
         if result.knn_before is not None:
             knn["random_init"] = result.knn_before["knn_top1"]
         if result.knn_pixels is not None:
             knn["raw_pixels"] = result.knn_pixels["knn_top1"]
     return PretrainRun(name=run_path.rsplit("/", 1)[-1], path=run_path, checkpoint=result.checkpoint_path,
                        export=result.export_path, logs=f"{run_path}/logs", steps=result.steps,
-                       metrics=result.metrics, health=verdict(result.metrics), knn=knn,
+                       metrics=result.metrics, health=verdict(result.metrics), knn=knn, knn_split=result.knn_split,
                        bad_images=int((result.bad_images or {}).get("count", 0)), wall_s=result.wall_s,
                        details=result)
 

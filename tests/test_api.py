@@ -69,6 +69,7 @@ def test_pretrain_returns_the_paths_the_metrics_and_the_health(api_run):
     assert Path(run.export).is_file() and run.export.endswith("export/teacher_backbone.safetensors")
     assert run.health == verdict(run.metrics) and run.health.startswith("healthy: no collapse detected")
     assert set(run.knn) == {"teacher", "teacher_top5", "random_init", "raw_pixels"}
+    assert run.knn_split.startswith("split ") and run.knn_split.endswith("queries.parquet (30 images)")
     assert all(0 <= v <= 100 for v in run.knn.values())
     rows = read_metrics(Path(run.logs) / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r][-1] == 12
