@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import time
 from pathlib import Path
 
@@ -45,10 +46,13 @@ def plot(rows: list[dict], result: dict, steps_per_epoch: int, title: str, path:
     ax = axes[0, 0]
     xs, ys = _curve(rows, "knn_top1")
     ax.plot([0] + [x / ep for x in xs], [result["random_init_knn"]["top1"]] + ys, "o-", label="teacher k-NN (online)")
+    last = max([r["step"] for r in rows], default=0) / ep
+    ax.plot([last], [result["knn"]["top1"]], "s", color="C3", label=f"final teacher ({result['knn']['top1']:.1f})")
     ax.axhline(result["pixel_knn"]["top1"], color="k", ls="--", label=f"raw pixels ({result['pixel_knn']['top1']:.1f})")
     ax.axhline(result["random_init_knn"]["top1"], color="gray", ls=":",
                label=f"random init ({result['random_init_knn']['top1']:.1f})")
-    ax.set(xlabel="epoch", ylabel="k-NN top-1 (%)", title=f"k-NN of the teacher [CLS], all on the {result['split']}")
+    ax.set(xlabel="epoch", ylabel="k-NN top-1 (%)",
+           title=textwrap.fill(f"k-NN of the teacher [CLS], all on the {result['split']}", 70))
     ax.title.set_fontsize(8)
     ax.legend(fontsize=8)
     ax = axes[0, 1]

@@ -145,7 +145,7 @@ SMALL_IMAGE_MAX_SIDE = 64
 #: The steps a CPU preset was chosen at (its epochs on the data it was measured on): on a CPU the budget is minutes,
 #: so another dataset keeps the steps, not the epochs. demo: 36 epochs x 62 steps (4,000 Fashion-MNIST images);
 #: photo_cpu: its epochs x 41 steps (2,664 scene crops of benchmarks/photo_scenes.py, 10 % held out).
-CPU_STEP_BUDGET = {"demo": 36 * 62, "photo_cpu": 16 * 41}
+CPU_STEP_BUDGET = {"demo": 36 * 62, "photo_cpu": 14 * 41}
 #: A run on more than this many epochs of a tiny source is cut here (the steps then fall under the budget).
 MAX_DERIVED_EPOCHS = 300
 #: Photos on a GPU: ``vit_small_16`` for this many epochs, its length-dependent settings derived from the run.

@@ -410,8 +410,12 @@ def choose_config(overrides: list[str], *, address: str | None = None, verbose: 
         from pipelines.cluster_plan import local_shape
 
         gpu = local_shape().capacity("GPU") > 0
-    choice = choose_preset(int(sorted(sides)[len(sides) // 2]), listing.info.num_items, gpu,
-                           user_set=_overridden_keys(overrides))
+    n = listing.info.num_items
+    if listing.info.has_labels and probe.data.eval_source == "auto":  # the held-out split will not train
+        from pipelines.eval_split import holdout_size
+
+        n -= holdout_size(n, probe.data.eval_holdout_fraction, probe.data.eval_max_images)
+    choice = choose_preset(int(sorted(sides)[len(sides) // 2]), n, gpu, user_set=_overridden_keys(overrides))
     derived = [f"{k}={v}" for k, v in choice.overrides.items()]
     cfg = load_config(choice.preset, derived + list(overrides))
     return cfg, choice.preset, listing, choice.reasons
