@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's GPU figures, in one call on a machine with one CUDA GPU (PyTorch and timm installed; Ray not needed):
+# The GPU figures of docs/benchmarks.md and docs/research-log.md, in one call on a machine with one CUDA GPU
+# (PyTorch and timm installed; Ray not needed):
 #
 #     bash benchmarks/gpu_recipes.sh TRAIN.parquet TEST.parquet OUT_DIR [BUDGET_SECONDS]
 #
@@ -7,7 +8,7 @@
 #    the full iBOT step against the bare student update, batch 64.
 # 2. Three recipes trained side by side on the one GPU by benchmarks/recipe_probe.py, each for the same budget of
 #    seconds (each times its own steps first and plans its epochs to fit, so its schedules end with the budget):
-#    small_gpu (8 px patches), small_gpu with 4 px patches, and the CPU demo recipe as shipped (the README's figures
+#    small_gpu (8 px patches), small_gpu with 4 px patches, and the CPU demo recipe as shipped (the research log's figures
 #    are from before small_gpu took the demo's stem and a constant momentum: PROBE_ARGS='--set model.stem=patch
 #    --set optim.momentum_schedule=cosine' repeats them). Each ends with the k-NN of random init, raw pixels,
 #    teacher and student on the full splits (FINAL_MAX images at most, 70,000 by default).

@@ -2,7 +2,7 @@
 # Several recipes, several seeds each, all at once on one machine: is a change to a preset bigger than what a seed
 # moves a run? Every arm x seed is one benchmarks/recipe_probe.py process (one thread, one loader worker), all
 # started together, sharing the GPU (DEVICE=cuda) and the cores. On an H100 with 16 cores nine 36-epoch demo probes
-# ran in 247 s (README, "Half the weight on the masked-patch loss").
+# ran in 247 s (docs/research-log.md, "Half the weight on the masked-patch loss").
 #
 #     bash benchmarks/seed_arms.sh OUT_DIR "SEEDS" NAME="--set k=v ..." [NAME="..." ...]
 #     e.g. bash benchmarks/seed_arms.sh seeds_out "0 1 2" demo="" mim05="--set loss.lambda_mim=0.5"

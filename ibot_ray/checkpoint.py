@@ -15,6 +15,7 @@ seeds every step from ``(train.seed, rank, step)``), which no saved state is nee
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import random
 import tempfile
@@ -42,6 +43,25 @@ class CheckpointError(RuntimeError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The checkpoint file does not exist (also catchable as ``FileNotFoundError``)."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint that does not fit what it is restored into (another model, optimiser or config)."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """The checkpoint file is truncated, corrupt, foreign or of a newer format: reading it again cannot help."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (I/O error, full disk); ``errno`` is the OS error's, when there was one."""
+
+    def __init__(self, message: str, errno: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+    def __reduce__(self):
+        return (self.__class__, (str(self), self.errno))
 
 
 # ---- validation --------------------------------------------------------------------------------------------------
@@ -108,8 +128,11 @@ def save_checkpoint(path: PathLike, state: dict) -> None:
     if FORMAT_KEY not in state:
         state = {FORMAT_KEY: FORMAT_VERSION, **state}
     _check_weights_only_safe(state)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -121,10 +144,16 @@ def save_checkpoint(path: PathLike, state: dict) -> None:
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, Exception):
-            raise CheckpointError(f"could not write checkpoint {path} ({type(e).__name__}: {e}); "
-                                  "any previous file there is unchanged") from e
+            raise _write_error(path, e) from e
         raise
     _fsync_dir(path.parent)
+
+
+def _write_error(path: Path, e: Exception) -> CheckpointWriteError:
+    code = getattr(e, "errno", None)
+    why = f"no space left on the device of {path.parent}" if code == errno.ENOSPC else f"{type(e).__name__}: {e}"
+    return CheckpointWriteError(f"could not write checkpoint {path} ({why}); any previous file there is unchanged",
+                                errno=code)
 
 
 def load_checkpoint(path: PathLike, *, map_location: Any = "cpu") -> dict:
@@ -140,15 +169,17 @@ def load_checkpoint(path: PathLike, *, map_location: Any = "cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ValueError, ... for bad files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(
+        raise CheckpointCorruptError(
             f"checkpoint {path} is truncated, corrupt or not a safe torch file ({type(e).__name__}: {first_line})"
         ) from e
     if not isinstance(state, dict) or FORMAT_KEY not in state:
         what = f"a dict with keys {sorted(map(str, state))[:8]}" if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"checkpoint {path} is not an ibot_ray checkpoint (no {FORMAT_KEY!r} marker; got {what})")
+        raise CheckpointCorruptError(
+            f"checkpoint {path} is not an ibot_ray checkpoint (no {FORMAT_KEY!r} marker; got {what})")
     version = state[FORMAT_KEY]
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {version!r}; this code reads 1..{FORMAT_VERSION}")
+        raise CheckpointCorruptError(
+            f"checkpoint {path} has format version {version!r}; this code reads 1..{FORMAT_VERSION}")
     return state
 
 
@@ -288,19 +319,19 @@ def restore_training_state(
     and the caller have one (resuming an fp16 run in bf16/fp32, or the reverse, simply drops it).
     """
     if not isinstance(state, dict) or FORMAT_KEY not in state:
-        raise CheckpointError("state is not an ibot_ray training state (no format marker)")
+        raise CheckpointMismatchError("state is not an ibot_ray training state (no format marker)")
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
-        raise CheckpointError(f"training state lacks {missing}")
+        raise CheckpointMismatchError(f"training state lacks {missing}")
     for name, module in (("student", student), ("teacher", teacher), ("loss", loss)):
         try:
             unwrap_model(module).load_state_dict(state[name], strict=True)
         except (RuntimeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"cannot restore {name}: {e}") from e
+            raise CheckpointMismatchError(f"cannot restore {name}: {e}") from e
     try:
         optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise CheckpointError(f"cannot restore optimizer: {e}") from e
+        raise CheckpointMismatchError(f"cannot restore optimizer: {e}") from e
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     if restore_rng and state.get("rng") is not None:

@@ -1,15 +1,15 @@
 """The ``ibot-ray`` command line.
 
     ibot-ray pretrain [--config FILE|PRESET] [--set key=value ...] [--data SOURCE]
-                      [--storage PATH_OR_URI] [--name RUN] [--address ADDR] [--verbose]
+                      [--storage PATH_OR_URI] [--name RUN] [--address ADDR] [--verbose] [--takeover]
     ibot-ray config   [--config FILE|PRESET] [--set key=value ...]     print the resolved, validated config
     ibot-ray export   CHECKPOINT OUT [--which teacher|student]           timm-loadable safetensors backbone
     ibot-ray eval     MODEL --train SRC --val SRC [--config FILE|PRESET] [--set key=value ...]
                       [--device cpu|cuda|auto] [--max-images N] [--no-linear] [--no-baselines] [--json OUT]
-                      k-NN, linear probe, raw-pixel and random-init baselines (README: evaluating a run)
+                      k-NN, linear probe, raw-pixel and random-init baselines (docs/evaluating.md)
     ibot-ray tune     --space FILE|NAME [--config ...] [--set ...] [--trials N] [--max-concurrent M]
                       [--scheduler asha|fifo|pbt] [--objective knn_top1|loss] [--storage PATH] [--name SWEEP]
-                      [--address ADDR]                                     sweep with Ray Tune (README: sweeps)
+                      [--address ADDR] [--takeover]                        sweep with Ray Tune (docs/sweeps.md)
 
 Ray is imported only by the commands that need it, so the method package stays usable without a cluster.
 """
@@ -22,31 +22,64 @@ import sys
 from .config import ConfigError, load_config, preset_names
 
 
-def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
+def _add_config_args(p: argparse.ArgumentParser, default: str | None, default_help: str | None = None) -> None:
     p.add_argument("--config", default=default,
-                   help=f"YAML file or preset name ({', '.join(preset_names())}); default: {default}")
+                   help=f"YAML file or preset name ({', '.join(preset_names())}); default: {default_help or default}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set loss.teacher_temp=0.07 (repeatable)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ibot-ray", description="iBOT self-supervised ViT pretraining on Ray")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _command(sub, name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` starts with what it does and one example, then lists its options."""
+    return sub.add_parser(name, help=summary, description=f"{description}\n\nexample:\n{example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    p = sub.add_parser("pretrain", help="run (or resume) a pretraining run on a local or remote Ray cluster")
-    _add_config_args(p, "demo")
-    p.add_argument("--data", help="training source: folder, Parquet file/folder, s3:// or gs:// URI, or 'demo'")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ibot-ray", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="iBOT self-supervised pretraining of Vision Transformers on Ray: your unlabelled images in, "
+                    "a timm backbone out.",
+        epilog="example:\n  ibot-ray pretrain                 # the demo: local Ray, shipped images, CPU, minutes\n"
+               "run 'ibot-ray COMMAND --help' for what a command does and an example; guides: docs/")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _command(
+        sub, "pretrain", "pretrain (or resume) a run on a local Ray or a cluster",
+        "Pretrain a ViT with iBOT on a folder, Parquet files or a bucket of images (default: the shipped demo), on a\n"
+        "local Ray or the cluster at --address. Without --config a preset is chosen for the images (their size and\n"
+        "count, and the device) and printed with the reasons. Prints progress, a health verdict and, for labelled\n"
+        "data (class subfolders, a label column), the teacher's k-NN on a held-out split beside the random-init and\n"
+        "raw-pixel baselines of that split; writes checkpoints, metrics and the exported backbone under\n"
+        "<storage>/<name>/ (name: the data's folder or file name). The same --storage and --name resume the run.\n"
+        "Exit status: 0 done, 2 config error, 4 stopped on collapse, 5 an error a restart cannot fix.",
+        "  ibot-ray pretrain --data ./my_images --set optim.epochs=10 --storage ./ibot_runs --name my_run")
+    _add_config_args(p, None, "demo without --data; with --data, chosen from the images' size and count and the "
+                              "device (printed with the reasons)")
+    p.add_argument("--data", help="training source: folder, Parquet file/folder, s3:// or gs:// URI, or 'demo' "
+                                  "(default: the preset's, 'demo')")
     p.add_argument("--storage", default=None,
                    help="run storage (local folder, shared file system or s3://...); default ./ibot_runs")
-    p.add_argument("--name", default=None, help="run name; the same name resumes (default: preset name)")
+    p.add_argument("--name", default=None,
+                   help="run name; the same storage and name resume the run (default: the data's folder or file "
+                        "name, 'demo' for the demo)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--verbose", action="store_true",
                    help="also show Ray's own logs (worker output, Train/Data logs); default: they stay in Ray's "
                         "log folder, /tmp/ray/session_latest/logs for a local Ray")
+    p.add_argument("--takeover", action="store_true",
+                   help="take the run over from a driver known to be gone, without waiting for its lease to go stale "
+                        "(one driver per run; README: resuming)")
 
-    p = sub.add_parser("tune", help="sweep temperatures / momentum schedules with Ray Tune (README: sweeps)")
+    p = _command(
+        sub, "tune", "sweep hyperparameters with Ray Tune (ASHA early stopping)",
+        "Sweep config fields (teacher temperatures, momentum schedules, recipe levers) with Ray Tune: each trial is a\n"
+        "full pretraining run, ASHA stops the bad ones early on the online k-NN (or the loss). Writes results.csv,\n"
+        "best_config.yaml and a plot; the same --storage and --name resume the sweep. Exit status: 0 done, 2 bad\n"
+        "space or config, 3 interrupted (run it again). Guide: docs/sweeps.md.",
+        "  ibot-ray tune --space demo_quick --config demo --trials 4 --set train.knn_every_epochs=1")
     p.add_argument("--space", required=True,
-                   help="search space YAML, or a shipped space name (tau_momentum, tau_grid, demo_quick)")
+                   help="search space YAML, or a shipped space name (tau_momentum, tau_grid, demo_quick, demo_recipe)")
     _add_config_args(p, "demo")
     p.add_argument("--data", help="training source (same as --set data.source=...)")
     p.add_argument("--trials", type=int, default=None,
@@ -68,16 +101,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for results.csv, best_config.yaml and the plot "
                                                "(default: the sweep folder when local)")
     p.add_argument("--verbose", action="store_true", help="also show Ray's own logs and Tune's trial results")
+    p.add_argument("--takeover", action="store_true",
+                   help="take the sweep over from a driver known to be gone, without waiting for its lease to go stale")
 
-    p = sub.add_parser("config", help="print the resolved and validated config as YAML")
+    p = _command(
+        sub, "config", "print the resolved and validated config as YAML",
+        "Resolve a config the way every command does (the defaults, then a preset or YAML file, then each --set)\n"
+        "and print it as YAML; a bad value is one error naming the field (exit status 2). Nothing is started.",
+        "  ibot-ray config --config demo --set optim.epochs=10 > my_config.yaml")
     _add_config_args(p, "vit_small_16")
 
-    p = sub.add_parser("export", help="export a checkpoint's backbone as timm-compatible safetensors")
+    p = _command(
+        sub, "export", "export a checkpoint's backbone as timm-loadable safetensors",
+        "Write a checkpoint's teacher (or student) backbone as a .safetensors file that timm loads directly, with\n"
+        "the architecture and its create_model arguments in the file's metadata (ibot_ray.load_backbone(OUT) reads\n"
+        "them). CHECKPOINT may be local or in a bucket (s3://, gs://).",
+        "  ibot-ray export ibot_runs/demo/step_00002232 demo_backbone.safetensors")
     p.add_argument("checkpoint", help="a state.pt checkpoint file or a Ray checkpoint folder holding one")
     p.add_argument("out", help="output .safetensors path")
     p.add_argument("--which", choices=["teacher", "student"], default="teacher")
 
-    p = sub.add_parser("eval", help="k-NN, linear probe and baselines of a checkpoint, export or timm model")
+    p = _command(
+        sub, "eval", "k-NN, linear probe and baselines of a checkpoint, export or timm model",
+        "Measure what a model learned on a labelled train/val pair (class folders or Parquet with a label column):\n"
+        "a weighted k-NN (k=20, T=0.07) and a fixed linear probe on its frozen [CLS] features, beside two baselines\n"
+        "on the same split: the raw-pixel k-NN and the same architecture at random init. Prints a table; --json\n"
+        "writes every number. Guide: docs/evaluating.md.",
+        "  ibot-ray eval ibot_runs/demo --train demo --val demo --json eval.json")
     p.add_argument("model", help="state.pt, a checkpoint folder, a run folder (latest step_*), an exported "
                                  ".safetensors file, or a timm model name (random init, never downloaded)")
     p.add_argument("--train", required=True, help="labelled train split (memory bank): class folders or Parquet")
@@ -108,12 +158,14 @@ def main(argv: list[str] | None = None) -> int:
 
                 import pyarrow.fs as pafs
 
-                fs, path = pafs.FileSystem.from_uri(args.checkpoint)
+                from pipelines.storage import copy_from, resolve
+
+                fs, path = resolve(args.checkpoint, setting="the checkpoint argument")  # retries transient errors
                 if fs.get_file_info(path).type == pafs.FileType.Directory:
                     path = f"{path.rstrip('/')}/state.pt"
                 with tempfile.TemporaryDirectory() as d:
                     local = Path(d) / "state.pt"
-                    pafs.copy_files(path, str(local), source_filesystem=fs)
+                    copy_from(fs, path, str(local))
                     out = export_from_checkpoint(local, args.out, which=args.which)
                 print(f"wrote {out}")
                 return 0
@@ -130,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 result = run_pretrain(args.config, args.overrides, data=args.data, storage=args.storage,
-                                      name=args.name, address=args.address, verbose=args.verbose)
+                                      name=args.name, address=args.address, verbose=args.verbose,
+                                      takeover=args.takeover)
             except Exception as e:
                 from ray.train import TrainingFailedError
 
@@ -155,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                                    objective=args.objective, storage=args.storage, name=args.name,
                                    address=args.address, grace_epochs=args.grace_epochs,
                                    reduction_factor=args.reduction_factor, max_failures=args.max_failures,
-                                   seed=args.seed, out_dir=args.out, verbose=2 if args.verbose else 1)
+                                   seed=args.seed, out_dir=args.out, verbose=2 if args.verbose else 1,
+                                   takeover=args.takeover)
             except (SpaceError, SweepError) as e:
                 print(f"ibot-ray tune: {e}", file=sys.stderr)
                 return 2
@@ -163,6 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ibot-ray: config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from pipelines.run_lease import RunInUseError
+        from pipelines.storage import StorageConfigError, StorageUnavailableError
+
+        if isinstance(e, (RunInUseError, StorageConfigError)):  # a second driver on a run; a storage setting
+            print(f"ibot-ray: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, StorageUnavailableError):
+            print(f"ibot-ray: {e}\nNothing was lost: run the same command again to resume.", file=sys.stderr)
+            return 1
+        raise
     return 1
 
 

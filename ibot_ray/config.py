@@ -10,6 +10,7 @@ and validated up front: a bad value raises :class:`ConfigError` naming the field
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ AUTO_FIELDS = ("optim.momentum_teacher", "optim.warmup_epochs", "loss.warmup_tea
 MAX_BAD_FRACTION = 0.9
 #: The fields that may be ``auto`` and are sized to the cluster when the run starts (pipelines/cluster_plan.py).
 CLUSTER_AUTO_FIELDS = ("train.num_workers", "data.actors", "optim.micro_batch_size")
+#: The experiment trackers ``train.loggers`` may name, with the modules each needs and the extra that installs them.
+LOGGERS = {"tensorboard": ((), None), "mlflow": (("mlflow", "sqlalchemy", "alembic"), "mlflow"),
+           "wandb": (("wandb",), "wandb")}
 
 
 @dataclass
@@ -139,9 +143,13 @@ class DataConfig:
     format: str = "auto"  # "auto", "folder" or "parquet"
     image_column: str = "image"
     label_column: str = "label"
-    eval_source: Optional[str] = None  # labelled split for online k-NN ("demo" uses the demo's test split)
+    # the labelled split the online k-NN, its baselines and the closing verdict are measured on (pipelines/
+    # eval_split.py): "auto" = the demo's test split for the demo, a held-out split of a labelled source (kept out of
+    # training), none for an unlabelled one; or a labelled source ("demo": the demo's test split); null: no k-NN
+    eval_source: Optional[str] = "auto"
     eval_train_source: Optional[str] = None  # labelled k-NN memory bank (default: the labelled training source)
-    eval_max_images: int = 2000
+    eval_max_images: int = 2000  # each split (memory bank, queries) at most this many images
+    eval_holdout_fraction: float = 0.1  # share of a labelled source held out for the k-NN (eval_source: auto)
     actors: tuple[int, int] = (1, 4)  # autoscaling CPU actor pool (min, max) for decode + augment (auto: the CPU nodes)
     actor_resource: Optional[str] = None  # custom resource the actors need (node pinning; auto-set on clusters)
     cpus_per_actor: float = 1.0
@@ -167,6 +175,9 @@ class TrainConfig:
     gpus_per_worker: float = 1.0
     worker_resource: Optional[str] = None  # custom resource every training worker needs one unit of (node pinning)
     checkpoint_every_steps: int = 500  # plus one at every epoch end
+    # scheduled checkpoints (every checkpoint_every_steps, epoch ends) at least this far apart in time, so tiny
+    # epochs do not checkpoint every few seconds; the last, just-in-time (preemption) and stop-on-collapse ones always
+    checkpoint_min_interval_s: float = 60.0
     keep_checkpoints: int = 3
     max_failures: int = -1  # worker/node failures (not preemptions) before the run fails; -1: unlimited
     max_preemption_failures: int = -1
@@ -182,6 +193,14 @@ class TrainConfig:
     stop_on_collapse: bool = False  # end the run (after a checkpoint) when a collapse is detected (ibot_ray/health.py)
     check_preemption: bool = True  # poll Ray Train's preemption info at each log step; checkpoint just in time
     seed: int = 0
+    # Experiment trackers rank 0 writes every metrics row to, besides logs/metrics.jsonl (pipelines/metrics.py):
+    # any of LOGGERS; mlflow and wandb need their extras (pip install "ibot-ray[mlflow]" / "ibot-ray[wandb]")
+    loggers: tuple[str, ...] = ("tensorboard",)
+    mlflow_tracking_uri: Optional[str] = None  # None: a SQLite store in the run's logs folder (logs/mlflow.db)
+    mlflow_experiment: str = "ibot-ray"
+    wandb_project: str = "ibot-ray"
+    wandb_entity: Optional[str] = None  # None: the W&B account's default entity
+    wandb_mode: str = "auto"  # online, offline (no network: files under logs/wandb), or auto: WANDB_MODE, else online
 
 
 @dataclass
@@ -521,10 +540,12 @@ def validate(cfg: IBOTConfig) -> None:
     _check(0 <= d.expected_bad_fraction <= MAX_BAD_FRACTION, "data.expected_bad_fraction",
            f"must be in [0, {MAX_BAD_FRACTION}]")
     _check(d.eval_max_images >= 1, "data.eval_max_images", "must be >= 1")
+    _check(0 < d.eval_holdout_fraction <= 0.5, "data.eval_holdout_fraction", "must be in (0, 0.5]")
 
     _check(t.use_gpu in ("auto", "true", "false"), "train.use_gpu", "must be auto, true or false")
     _check(t.cpus_per_worker >= 0 and t.gpus_per_worker >= 0, "train.cpus_per_worker", "must be >= 0")
     _check(t.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1")
+    _check(t.checkpoint_min_interval_s >= 0, "train.checkpoint_min_interval_s", "must be >= 0")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(t.max_failures >= -1, "train.max_failures", "must be >= -1")
     _check(t.max_preemption_failures >= -1, "train.max_preemption_failures", "must be >= -1")
@@ -534,6 +555,14 @@ def validate(cfg: IBOTConfig) -> None:
     _check(t.compile in ("auto", "true", "false"), "train.compile", f"must be auto, true or false, got {t.compile!r}")
     _check(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
     _check(t.knn_every_epochs >= 0, "train.knn_every_epochs", "must be >= 0")
+    for name in t.loggers:
+        _check(name in LOGGERS, "train.loggers", f"unknown logger {name!r} (known: {', '.join(LOGGERS)})")
+        missing = [mod for mod in LOGGERS[name][0] if importlib.util.find_spec(mod) is None]
+        _check(not missing, "train.loggers", f"{name} needs {', '.join(missing)}, which is not installed: "
+               f'pip install "ibot-ray[{LOGGERS[name][1]}]" (from a checkout: pip install ".[{LOGGERS[name][1]}]")')
+    _check(len(set(t.loggers)) == len(t.loggers), "train.loggers", f"names a logger twice: {list(t.loggers)}")
+    _check(t.wandb_mode in ("auto", "online", "offline"), "train.wandb_mode",
+           f"must be auto, online or offline, got {t.wandb_mode!r}")
 
     e = cfg.eval
     _check(e.knn_k >= 1, "eval.knn_k", "must be >= 1")
@@ -570,6 +599,7 @@ __all__ = [
     "AUTO_FIELDS",
     "MAX_BAD_FRACTION",
     "CLUSTER_AUTO_FIELDS",
+    "LOGGERS",
     "ConfigError",
     "IBOTConfig",
     "ModelConfig",

@@ -126,6 +126,15 @@ class CollapseDetector:
         return "collapsed: " + ", ".join(self.raised) + " (see the warnings above)"
 
 
+def verdict(metrics: dict) -> str:
+    """The health verdict of a run from its last reported metrics (``health``: the last status, ``health_alarms``:
+    every condition raised during the run), as the closing summary of ``ibot-ray pretrain`` states it."""
+    alarms = metrics.get("health_alarms") or ""
+    if alarms:
+        return f"collapsed: {alarms}"
+    return f"healthy: no collapse detected (last status: {metrics.get('health', 'unknown')})"
+
+
 def grace_steps(cfg, steps_per_epoch: int) -> int:
     """Steps during which no alarm is raised: the learning-rate warm-up (at least one log interval)."""
     from ibot_ray.recipe import resolved
@@ -134,5 +143,5 @@ def grace_steps(cfg, steps_per_epoch: int) -> int:
     return max(int(warmup * steps_per_epoch), int(cfg.train.log_every_steps))
 
 
-__all__ = ["Alarm", "CollapseDetector", "HealthThresholds", "conditions", "grace_steps", "UNIFORM", "DOMINANT",
-           "REPRESENTATION"]
+__all__ = ["Alarm", "CollapseDetector", "HealthThresholds", "conditions", "grace_steps", "verdict", "UNIFORM",
+           "DOMINANT", "REPRESENTATION"]

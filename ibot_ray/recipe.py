@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ibot_ray.config import AUTO, IBOTConfig, set_field, unresolved_auto
+from ibot_ray.config import AUTO, IBOTConfig, load_config, set_field, unresolved_auto
 
 PAPER_BLUR_SIGMA = (0.1, 2.0)
 #: Crops and masks one Ray Data block of the training stream should hold (``data.actor_batch_size: auto``).
@@ -137,5 +137,81 @@ def resolved(cfg: IBOTConfig, steps_per_epoch: int) -> IBOTConfig:
     return out
 
 
-__all__ = ["ACTOR_BLOCK_BYTES", "Derived", "actor_batch_for", "blur_sigma_for", "derive_settings", "resolved",
-           "sample_bytes"]
+# ---- a preset for the data: `ibot-ray pretrain --data X` without --config ------------------------------------------
+
+#: Images whose shorter side is at most this many pixels (the median of a sample) are "small" (scans, icons,
+#: thumbnails, CIFAR-sized photos): the presets with 32 px global crops fit them. Larger ones are photos.
+SMALL_IMAGE_MAX_SIDE = 64
+#: The steps a CPU preset was chosen at (its epochs on the data it was measured on): on a CPU the budget is minutes,
+#: so another dataset keeps the steps, not the epochs. demo: 36 epochs x 62 steps (4,000 Fashion-MNIST images);
+#: photo_cpu: its epochs x 41 steps (2,664 scene crops of benchmarks/photo_scenes.py, 10 % held out).
+CPU_STEP_BUDGET = {"demo": 36 * 62, "photo_cpu": 14 * 41}
+#: A run on more than this many epochs of a tiny source is cut here (the steps then fall under the budget).
+MAX_DERIVED_EPOCHS = 300
+#: Photos on a GPU: ``vit_small_16`` for this many epochs, its length-dependent settings derived from the run.
+GPU_PHOTO_EPOCHS = 100
+GPU_PHOTO_AUTO = ("optim.momentum_teacher", "optim.warmup_epochs", "loss.warmup_teacher_temp_epochs",
+                  "optim.freeze_last_layer")
+
+
+@dataclass
+class PresetChoice:
+    """The preset ``ibot-ray pretrain --data X`` picks without ``--config``, the ``--set`` values derived with it
+    (each applied only where the user set nothing), and one line per choice saying why."""
+
+    preset: str
+    overrides: dict
+    reasons: list
+
+
+def choose_preset(short_side: int, num_images: int, gpu: bool, *, user_set: frozenset = frozenset()) -> PresetChoice:
+    """A preset for ``num_images`` images whose median shorter side is ``short_side`` px, on a GPU or a CPU.
+
+    ==============  =========================================  ==================================================
+    images          CPU                                        GPU
+    ==============  =========================================  ==================================================
+    <= 64 px        ``demo``                                   ``small_gpu``
+    photos          ``photo_cpu``                              ``vit_small_16``, 100 epochs, warm-ups, teacher
+                                                               momentum and last-layer freeze derived from the run
+    ==============  =========================================  ==================================================
+
+    On a CPU the epochs keep the preset's step budget (:data:`CPU_STEP_BUDGET`: minutes, whatever the image count);
+    on any device the global batch stays within a quarter of the images (at least four steps per epoch). Fields in
+    ``user_set`` (the user's ``--set`` keys) are never derived."""
+    small = short_side <= SMALL_IMAGE_MAX_SIDE
+    kind = f"{'small images' if small else 'photos'} (median shorter side {short_side} px"
+    kind += f", {'at most' if small else 'over'} {SMALL_IMAGE_MAX_SIDE})"
+    device = "a GPU" if gpu else "CPU only"
+    preset = ("small_gpu" if gpu else "demo") if small else ("vit_small_16" if gpu else "photo_cpu")
+    reasons = [f"--config {preset}: {num_images} {kind}, {device} (give --config to choose)"]
+    overrides: dict = {}
+
+    def derive(field: str, value, why: str) -> None:
+        if field not in user_set:
+            overrides[field] = value
+            reasons.append(f"{field} = {value}: {why}")
+
+    base = load_config(preset, validate=False)
+    batch = int(base.optim.batch_size)
+    if num_images < 4 * batch:
+        fit = max(8, 2 ** int(math.log2(max(1, num_images // 4))))
+        if fit < batch:
+            derive("optim.batch_size", fit, f"the preset's {batch} would leave under 4 steps per epoch of "
+                   f"{num_images} images")
+            batch = fit
+    if preset == "vit_small_16":
+        derive("optim.epochs", GPU_PHOTO_EPOCHS, "a run on your data, not the paper's 800 ImageNet epochs")
+        for f in GPU_PHOTO_AUTO:
+            derive(f, AUTO, "derived from the run's length when it starts (the paper's values fit 800 epochs)")
+    elif not gpu:
+        steps = max(1, num_images // batch)
+        budget = CPU_STEP_BUDGET[preset]
+        epochs = int(min(MAX_DERIVED_EPOCHS, max(1, round(budget / steps))))
+        if epochs != base.optim.epochs:
+            derive("optim.epochs", epochs, f"the preset's budget of ~{budget} steps at {steps} steps per epoch "
+                   "(minutes on a CPU)")
+    return PresetChoice(preset, overrides, reasons)
+
+
+__all__ = ["ACTOR_BLOCK_BYTES", "CPU_STEP_BUDGET", "Derived", "PresetChoice", "SMALL_IMAGE_MAX_SIDE",
+           "actor_batch_for", "blur_sigma_for", "choose_preset", "derive_settings", "resolved", "sample_bytes"]

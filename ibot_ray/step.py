@@ -13,7 +13,8 @@ and it does not wait for the device: only a logged step (``log=True``) reads its
 
 A per-worker batch can be split into micro-batches (gradient accumulation): the gradient, the loss and the center update
 are then exactly those of the whole batch. ``loss_weight`` lets a distributed caller whose ranks hold unequal shares of
-the global batch weight its gradient so that DDP's average equals the global-batch mean.
+the global batch weight its gradient and its loss metrics so that their averages over the ranks (DDP's gradient
+average, the metrics' all-reduce) equal the global-batch mean.
 """
 
 from __future__ import annotations
@@ -345,6 +346,9 @@ class IBOTStep:
         world = 1
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size()
+            # each rank's loss parts weighted like its gradient (share * W / G): their mean over the ranks is the
+            # global batch's mean
+            packed[3] = packed[3] * loss_weight
             sizes = [t.numel() for t in packed]
             flat = torch.cat([t.reshape(-1).double() for t in packed])
             dist.all_reduce(flat)

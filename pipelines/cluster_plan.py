@@ -43,7 +43,7 @@ DATA_RESOURCE = "DATA_CPU"
 HEAD_RESOURCE = "node:__internal_head__"
 #: Where ``ray up`` leaves the autoscaling config on the head (``ray start --autoscaling-config=...``).
 AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
-#: Crop actors per training worker at least (one core crops ~200 photos/s; README "Cost": ~5 cores per A10G).
+#: Crop actors per training worker at least (one core crops ~200 photos/s; docs/deploying.md "Cost": ~5 cores per A10G).
 ACTORS_PER_GPU_WORKER = 4
 #: The elastic minimum is this fraction of the GPUs the cluster can have (8 GPUs: 2..8 workers).
 ELASTIC_MIN_FRACTION = 0.25

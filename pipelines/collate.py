@@ -23,13 +23,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from ibot_ray.config import IBOTConfig
 
 #: Tensor columns handed to the training loop (``key`` strings are dropped: a tensor-only batch is what Ray moves
-#: to the device; ``key_id`` names the image as a number, ``epoch`` is the row's data epoch).
-TENSOR_COLUMNS = ("global_crops", "local_crops", "masks", "label", "epoch", "key_id")
+#: to the device; ``key_id`` names the image as a number, ``epoch`` is the row's data epoch and ``position`` its
+#: place in that epoch's read order, pipelines/stream_position.py).
+TENSOR_COLUMNS = ("global_crops", "local_crops", "masks", "label", "epoch", "position", "key_id")
 
 
 class MultiCropCollateFn(ArrowBatchCollateFn):
     """Arrow batch of the ingest -> ``{"global_crops": uint8 (B,G,3,S,S), "local_crops": uint8 (B,L,3,s,s),
-    "masks": bool (B,G,h,w), "label", "epoch", "key_id": int64 (B,)}`` CPU tensors (zero-copy where Arrow allows)."""
+    "masks": bool (B,G,h,w), "label", "epoch", "position", "key_id": int64 (B,)}`` CPU tensors (zero-copy where Arrow
+    allows)."""
 
     def __init__(self, columns: Sequence[str] = TENSOR_COLUMNS) -> None:
         super().__init__()
@@ -44,7 +46,7 @@ class MultiCropCollateFn(ArrowBatchCollateFn):
         out = arrow_batch_to_tensors(batch.select(list(self.columns)), combine_chunks=True)
         if "masks" in out:
             out["masks"] = out["masks"].to(torch.bool)
-        for c in ("label", "epoch", "key_id"):
+        for c in ("label", "epoch", "position", "key_id"):
             if c in out:
                 out[c] = out[c].to(torch.int64)
         return out
@@ -63,8 +65,8 @@ def iter_train_batches(
     """Fixed-size batches of one pass over a Dataset or DataIterator (e.g. ``ray.train.get_dataset_shard``): for
     the training stream, every data epoch it holds, in one execution.
 
-    Yields ``{"global_crops", "local_crops", "masks", "label", "epoch", "key_id"}`` on ``device`` (uint8 crops;
-    float32 normalised with ImageNet statistics when ``normalize``). A partial last batch is dropped.
+    Yields ``{"global_crops", "local_crops", "masks", "label", "epoch", "position", "key_id"}`` on ``device`` (uint8
+    crops; float32 normalised with ImageNet statistics when ``normalize``). A partial last batch is dropped.
     ``shuffle_rows`` overrides ``data.local_shuffle_buffer_size`` (the trainer caps it to a quarter of a rank's epoch,
     so that the local shuffle mixes only the rows near an epoch boundary, never whole epochs of a small dataset).
     """

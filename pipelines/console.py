@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import math
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Optional, TextIO
+
+from ibot_ray.health import verdict as health_verdict
 
 PREFIX = "[ibot-ray]"
 #: How often the driver's thread polls the mailbox (seconds).
@@ -260,7 +263,8 @@ class ConsoleRenderer:
 
     def _on_knn(self, msg: dict) -> None:
         top5 = msg.get("knn_top5")
-        self.line(f"{PREFIX} k-NN after epoch {msg.get('epoch')}/{self.epochs}: top-1 {_pct(msg['knn_top1'])}"
+        on = f" on the {msg['split']}" if msg.get("split") else ""
+        self.line(f"{PREFIX} k-NN{on} after epoch {msg.get('epoch')}/{self.epochs}: top-1 {_pct(msg['knn_top1'])}"
                   + (f" top-5 {_pct(top5)}" if top5 is not None else ""))
 
     def _on_health(self, msg: dict) -> None:
@@ -377,10 +381,11 @@ def ray_log_dir() -> str:
 def format_summary(*, name: str, steps: int, total_steps: int, wall_s: float, train_s: Optional[float],
                    metrics: dict, run_path: str, checkpoint_path: Optional[str], export_path: Optional[str],
                    knn_before: Optional[dict], knn_after: Optional[dict], knn_pixels: Optional[dict] = None,
-                   bad_images: int = 0,
+                   knn_split: Optional[str] = None, knn_missing: Optional[str] = None, bad_images: int = 0,
                    restarts: int = 0, resizes: int = 0, preemptions: int = 0, log_dir: Optional[str] = None,
                    local: bool = True, verbose: bool = False) -> str:
-    """The closing block of ``ibot-ray pretrain``."""
+    """The closing block of ``ibot-ray pretrain``. ``knn_split`` names the split the k-NN figures were measured on
+    (all of them on that one split); ``knn_missing``: why there are none, and how to get one."""
     lines = [f"{PREFIX} done: run '{name}', {steps}/{total_steps} steps in {format_duration(wall_s)}"
              + (f" (training {format_duration(train_s)})" if train_s is not None else "")]
     if "loss" in metrics:
@@ -390,6 +395,8 @@ def format_summary(*, name: str, steps: int, total_steps: int, wall_s: float, tr
         if "images_per_s" in metrics:
             s += f", {float(metrics['images_per_s']):.0f} img/s"
         lines.append(s)
+    if knn_split and (knn_after is not None or "knn_top1" in metrics):
+        lines.append(f"  k-NN split      {knn_split}")
     if knn_after is not None:
         s = f"  k-NN top-1      trained teacher {_pct(knn_after['knn_top1'])}"
         if knn_after.get("knn_top5") is not None:
@@ -403,14 +410,16 @@ def format_summary(*, name: str, steps: int, total_steps: int, wall_s: float, tr
                          f"({knn_after['knn_top1'] - knn_pixels['knn_top1']:+.1f} points; "
                          f"{knn_pixels.get('variant', 'raw')} pixels, same split)")
             verdict = ("the features beat raw pixels" if knn_after["knn_top1"] >= knn_pixels["knn_top1"] else
-                       "the features are still worse than raw pixels: train longer, or see the README's recipes")
+                       "the features are still worse than raw pixels: train longer, or see docs/recipes.md")
             lines.append(f"                  -> {verdict}")
     elif "knn_top1" in metrics:
         lines.append(f"  k-NN top-1      {_pct(metrics['knn_top1'])} (last online evaluation)")
+    elif knn_missing:
+        lines.append(textwrap.fill(knn_missing, width=118, initial_indent="  quality         not measured: ",
+                                   subsequent_indent=" " * 18))
     if isinstance(metrics.get("health"), str):
-        alarms = metrics.get("health_alarms") or ""
-        lines.append("  health          " + (f"collapsed: {alarms} (see the warnings above)" if alarms else
-                                             f"healthy: no collapse detected (last status: {metrics['health']})"))
+        v = health_verdict(metrics)
+        lines.append("  health          " + v + (" (see the warnings above)" if v.startswith("collapsed") else ""))
     incidents = [f"{n} {what}" for n, what in ((restarts, "restart(s)"), (resizes, "resize(s)"),
                                                  (preemptions, "preemption(s)")) if n]
     if incidents:
@@ -421,7 +430,10 @@ def format_summary(*, name: str, steps: int, total_steps: int, wall_s: float, tr
         lines.append(f"  checkpoint      {checkpoint_path}")
     if export_path:
         lines.append(f"  export          {export_path}")
-    lines.append(f"  metrics         {run_path}/logs/metrics.jsonl, TensorBoard: {run_path}/logs/tensorboard")
+    # on remote storage the history is append-only parts, one per upload (pipelines/metrics.py)
+    history = (f"{run_path}/logs/metrics/part-*.jsonl (joined by pipelines.metrics.read_metrics_history)"
+               if "://" in run_path else f"{run_path}/logs/metrics.jsonl")
+    lines.append(f"  metrics         {history}, TensorBoard: {run_path}/logs/tensorboard")
     where = log_dir or RAY_LOG_DIR
     lines.append(f"  Ray's logs      {where}" + ("" if local else " (on the head node)")
                  + ("" if verbose else "; --verbose shows them here"))

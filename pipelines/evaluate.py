@@ -38,6 +38,7 @@ from pipelines.knn_eval import (
     DEFAULT_CHUNK_SIZE,
     EvalDataError,
     FeatureBuffer,
+    LabelledSource,
     best_pixel_knn,
     eval_min_side,
     eval_view,
@@ -226,17 +227,21 @@ def _split_report(src, n: int, skipped: list) -> dict:
             "unlabelled_rows": src.unlabelled_rows}
 
 
-def evaluate(model: LoadedModel, train: str, val: str, *, device: str = "auto", max_images: Optional[int] = None,
-             linear: bool = True, baselines: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE,
-             log: Optional[Callable[[str], None]] = None) -> dict:
-    """k-NN, linear probe and the two baselines of ``model`` on ``train`` (memory bank) / ``val`` (queries).
+def evaluate(model: LoadedModel, train: str | LabelledSource, val: str | LabelledSource, *, device: str = "auto",
+             max_images: Optional[int] = None, linear: bool = True, baselines: bool = True,
+             chunk_size: int = DEFAULT_CHUNK_SIZE, log: Optional[Callable[[str], None]] = None) -> dict:
+    """k-NN, linear probe and the two baselines of ``model`` on ``train`` (memory bank) / ``val`` (queries): sources,
+    or splits listed already (a run's evaluation plan, pipelines/eval_split.py; ``max_images`` then does not apply).
 
     Returns the JSON-ready result (see the module docstring; percentages, gains in points)."""
     log = log or (lambda s: None)
     t0 = time.time()
     cfg = model.cfg
     dev = resolve_device(device)
-    bank_src, query_src = open_labelled_pair(train, val, cfg, max_images=max_images)
+    if isinstance(train, LabelledSource):
+        bank_src, query_src = train, val
+    else:
+        bank_src, query_src = open_labelled_pair(train, val, cfg, max_images=max_images)
     num_classes = bank_src.label_map.num_classes
     encoders = {"model": model.backbone.to(dev).eval()}
     if baselines:

@@ -8,7 +8,15 @@ restart must instead end the run, once, with a message naming its cause and the 
   and diverges again);
 * a config or data-source error found on a worker (e.g. a k-NN memory bank that defaults to an unlabelled training
   source, raised on rank 0 at every start; a checkpoint that does not fit the config it is resumed with);
-* out of memory at the minimum world size (no smaller share of the global batch is left to try).
+* out of memory at the minimum world size (no smaller share of the global batch is left to try);
+* storage that refuses the run (access denied, missing credentials, a bucket that does not exist), and a checkpoint
+  that does not fit the config or whose file is damaged.
+
+Transient storage errors (pipelines/storage.py: throttling, 5xx, resets, an unreachable endpoint) are never fatal and
+never count toward the repeated-error budget below: they are retried where they happen, and one that outlasts its
+retry deadline restarts the worker group within Ray's ``train.max_failures``. A checkpoint that cannot be written
+(a full local disk) is not fatal either, since a restart may run elsewhere; its repeats end the run through the
+budget, with its own message.
 
 How, with Ray Train V2's own mechanisms:
 
@@ -72,13 +80,16 @@ def fatal_error(e: BaseException, *, world: int, min_world: int) -> Optional[Fat
 
     ``world``: this attempt's world size; ``min_world``: ``train.num_workers[0]`` (an out-of-memory error above it may
     pass on a restart with another share of the global batch; at it, nothing smaller is left)."""
-    from ibot_ray.checkpoint import CheckpointError
+    from ibot_ray.checkpoint import CheckpointCorruptError, CheckpointError, CheckpointWriteError
     from ibot_ray.config import ConfigError
     from ibot_ray.step import NonFiniteLossError
     from pipelines.sources import SourceError
+    from pipelines.storage import StorageConfigError, config_problem, is_transient
 
     if isinstance(e, FatalTrainingError):
         return e
+    if is_transient(e):  # storage weather, retried (pipelines/storage.py): never fatal
+        return None
     if isinstance(e, NonFiniteLossError):
         return FatalTrainingError(
             "the loss diverged", _first_line(e),
@@ -92,6 +103,18 @@ def fatal_error(e: BaseException, *, world: int, min_world: int) -> Optional[Fat
             "data source error on a training worker", _first_line(e),
             "the source named above: data.source, data.eval_source or data.eval_train_source (the k-NN memory "
             "bank; it defaults to the training source, which must then be labelled)")
+    if isinstance(e, StorageConfigError) or (isinstance(e, OSError) and config_problem(e)):
+        return FatalTrainingError(
+            "storage refused the run", f"{_first_line(e)} ({config_problem(e) or 'a storage setting'})",
+            "the storage setting named above (--storage, data.source, data.eval_source, data.eval_train_source) "
+            "or the credentials the nodes use for it")
+    if isinstance(e, CheckpointWriteError):
+        return None  # a full or failing local disk: its own message; a restart may land elsewhere (budget below)
+    if isinstance(e, CheckpointCorruptError):
+        return FatalTrainingError(
+            "the run's latest checkpoint cannot be read", _first_line(e),
+            "nothing in the config: the checkpoint file is damaged; start a new run (--name), or delete that "
+            "checkpoint folder and its entry in checkpoint_manager_snapshot.json to resume from an older one")
     if isinstance(e, CheckpointError):
         return FatalTrainingError(
             "the run's checkpoint cannot be resumed with this config", _first_line(e),
@@ -147,12 +170,16 @@ class FailureBudget(UserCallback):
             self.repeats.clear()  # progress: earlier errors were not blocking
 
     def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
+        from pipelines.storage import is_transient
+
         user = {rank: _user_exception(err) for rank, err in worker_exceptions.items()}
         for rank in sorted(user):
             if isinstance(user[rank], FatalTrainingError):
                 raise FatalTrainingError(user[rank].cause, f"{user[rank].detail} (rank {rank})", user[rank].setting)
         if self.max_repeated <= 0 or not user or any(e is None for e in user.values()):
             return  # a lost worker or node: Ray's budgets (train.max_failures / max_preemption_failures)
+        if any(is_transient(e) for e in user.values()):
+            return  # storage weather that outlasted its retries (pipelines/storage.py): Ray's budgets only
         for key in {fingerprint(e) for e in user.values()}:
             self.repeats[key] = self.repeats.get(key, 0) + 1
             if self.repeats[key] >= self.max_repeated:

@@ -46,7 +46,6 @@ from ibot_ray.decode import ImageDecodeError, apply_draft, draft_scale, open_ima
 from ibot_ray.knn import CROP_FRACTION, eval_transform, extract_features, knn_classify
 from pipelines.sources import (
     DEMO_CLASS_NAMES,
-    DEMO_DIR,
     SourceError,
     _has_image_extension,
     _list_files,
@@ -155,7 +154,7 @@ def _raw_listing(source: str, cfg: IBOTConfig, split: str) -> tuple[str, str, An
     return uri, fmt, fs, items, raw, names
 
 
-def _round_robin(labels: np.ndarray, max_images: Optional[int]) -> np.ndarray:
+def round_robin(labels: np.ndarray, max_images: Optional[int]) -> np.ndarray:
     """Indices of at most ``max_images`` items, round-robin over classes (ascending class, listing order within)."""
     if max_images is None or max_images >= len(labels):
         return np.arange(len(labels))
@@ -212,7 +211,7 @@ def open_labelled(source: str, cfg: IBOTConfig, *, split: str = "train", label_m
             raise EvalDataError(f"{split} split {source!r} has class {label_map.name(unknown[0])!r}"
                                 f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}, which the train "
                                 "split does not have")
-    picked = _round_robin(labels, max_images)
+    picked = round_robin(labels, max_images)
     out = LabelledSource(split=split, uri=uri, format=fmt, fs=fs, label_map=label_map, num_listed=len(labels),
                          labels=labels[picked], unlabelled_rows=unlabelled,
                           image_column=cfg.data.image_column)
@@ -505,35 +504,46 @@ def load_labelled_split(source: str, cfg: IBOTConfig, *, max_images: Optional[in
     return _decode_split(src, cfg)
 
 
-def eval_sources(cfg: IBOTConfig) -> tuple[str, str] | None:
-    """(memory bank source, query source) for the online k-NN, or None when no labelled split is configured."""
-    d = cfg.data
-    if not d.eval_source:
-        return None
-    if d.eval_source == "demo":
-        return str(DEMO_DIR / "train.parquet"), str(DEMO_DIR / "test.parquet")
-    bank = d.eval_train_source or (str(DEMO_DIR / "train.parquet") if d.source == "demo" else d.source)
-    return bank, d.eval_source
-
-
 class KNNEvaluator:
-    """The online k-NN: holds the two decoded eval splits (``data.eval_max_images`` each, one label map).
+    """The online k-NN: the two decoded eval splits of a run (``data.eval_max_images`` each, one label map).
+
+    Built from the run's :class:`~pipelines.eval_split.EvalPlan` (``KNNEvaluator(cfg, plan)``; without a plan the
+    config's own is made: the training source listed, then planned). The driver decodes the splits once; rank 0
+    gets them through the object store (:meth:`splits` / :meth:`from_splits`) instead of listing and decoding again
+    at every restart.
 
     ``evaluate(backbone)`` -> {"knn_top1", "knn_top5"} in percent, from ``features(backbone)`` (bank, queries);
     ``pixel_baseline()`` -> {"knn_top1", "knn_top5", "variant": "raw" | "centred", "view"}, the raw-pixel baseline
-    on the same splits (computed once).
+    on the same splits (computed once). ``split``: the split's name, for every line that shows a figure.
     """
 
-    def __init__(self, cfg: IBOTConfig) -> None:
-        srcs = eval_sources(cfg)
-        if srcs is None:
-            raise ValueError("data.eval_source is not set: no labelled split for k-NN")
+    def __init__(self, cfg: IBOTConfig, plan=None) -> None:
+        if plan is None:
+            from pipelines.eval_split import plan_evaluation
+            from pipelines.sources import list_source
+
+            plan = plan_evaluation(cfg, list_source(cfg))
+        if not plan.enabled:
+            raise EvalDataError(f"no labelled split for the k-NN: {plan.why_none}")
         self.cfg = cfg
-        bank_src, query_src = open_labelled_pair(srcs[0], srcs[1], cfg, max_images=cfg.data.eval_max_images)
-        self.num_classes = bank_src.label_map.num_classes
-        self.bank = _decode_split(bank_src, cfg)
-        self.queries = _decode_split(query_src, cfg)
+        self.split = plan.split
+        self.num_classes = max(plan.bank.label_map.num_classes, int(plan.queries.labels.max(initial=-1)) + 1)
+        self.bank = _decode_split(plan.bank, cfg)
+        self.queries = _decode_split(plan.queries, cfg)
         self._pixel: Optional[dict] = None
+
+    def splits(self) -> tuple:
+        """What :meth:`from_splits` needs (decoded images and labels; no file system), to ship to rank 0."""
+        strip = lambda s: LabelledSplit(s.images, s.labels, s.skipped, s.num_classes)  # noqa: E731
+        return strip(self.bank), strip(self.queries), self.num_classes, self.split
+
+    @classmethod
+    def from_splits(cls, cfg: IBOTConfig, splits: tuple) -> KNNEvaluator:
+        self = cls.__new__(cls)
+        self.cfg = cfg
+        self.bank, self.queries, self.num_classes, self.split = splits
+        self._pixel = None
+        return self
 
     @torch.no_grad()
     def features(self, backbone: torch.nn.Module, *, device: torch.device | str = "cpu",
@@ -555,6 +565,8 @@ class KNNEvaluator:
         """The raw-pixel k-NN baseline on the configured splits (the view is fixed by the first bank image)."""
         if self._pixel is None:
             bank_src, query_src = self.bank.source, self.queries.source
+            if bank_src is None:
+                raise ValueError("pixel_baseline needs the listed splits: call it on the driver's evaluator")
             view = pixel_view_for(bank_src, self.cfg)
             b = pixel_split_features(bank_src, view, self.cfg)
             q = pixel_split_features(query_src, view, self.cfg)
@@ -567,7 +579,7 @@ class KNNEvaluator:
 
 __all__ = [
     "DecodedChunk", "EvalDataError", "FeatureBuffer", "KNNEvaluator", "LabelMap", "LabelledSource", "LabelledSplit",
-    "PixelSplit", "PixelView", "best_pixel_knn", "eval_min_side", "eval_sources", "eval_view", "feature_dtype",
-    "iter_decoded", "knn_accuracy", "load_labelled_split", "open_labelled", "open_labelled_pair",
+    "PixelSplit", "PixelView", "best_pixel_knn", "eval_min_side", "eval_view", "feature_dtype",
+    "iter_decoded", "knn_accuracy", "load_labelled_split", "open_labelled", "open_labelled_pair", "round_robin",
     "pixel_features", "pixel_split_features", "pixel_view_for",
 ]

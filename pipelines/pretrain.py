@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ibot_ray.config import ConfigError, IBOTConfig
 
@@ -31,6 +33,8 @@ class PretrainResult:
     knn_before: dict | None = None
     knn_after: dict | None = None
     knn_pixels: dict | None = None  # raw-pixel k-NN of the same split (the baseline a run must beat)
+    knn_split: str | None = None  # the split every k-NN figure above was measured on (None: no k-NN)
+    eval_plan: Any = None  # that split, listed (pipelines/eval_split.py EvalPlan), for further evaluation
     export_path: str | None = None
     wall_s: float = 0.0
     bad_images: dict = field(default_factory=dict)
@@ -70,10 +74,14 @@ def init_ray(cfg: IBOTConfig, address: str | None = None, *, num_cpus: float | N
         quiet_driver_logging()
     if ray.is_initialized():
         return
-    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
+    init_kwargs = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
+    from pipelines.storage import RETRY_DEADLINE_ENV
+
+    if RETRY_DEADLINE_ENV in os.environ:  # the storage retry deadline set here reaches every task and actor
+        init_kwargs["runtime_env"] = {"env_vars": {RETRY_DEADLINE_ENV: os.environ[RETRY_DEADLINE_ENV]}}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **quiet)
+        ray.init(address=address, **init_kwargs)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token file in ~/.ray
     # A run starts ~10 Python processes at once (Train controller and workers, Data coordinator and actors, the
@@ -88,7 +96,7 @@ def init_ray(cfg: IBOTConfig, address: str | None = None, *, num_cpus: float | N
     needed = num_cpus or (t.num_workers[1] * max(1.0, t.cpus_per_worker) + d.actors[1] * d.cpus_per_actor + 1)
     # address="local": always a new private instance, even when another Ray runs on this machine
     ray.init(address="local", num_cpus=int(max(os.cpu_count() or 1, needed) + 0.999),
-             include_dashboard=_state_api_available(), **quiet)
+             include_dashboard=_state_api_available(), **init_kwargs)
 
 
 def resolve_storage(storage: str | None) -> str:
@@ -97,8 +105,32 @@ def resolve_storage(storage: str | None) -> str:
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
+def list_and_plan(cfg: IBOTConfig, listing=None):
+    """The run's one listing of its training source and its evaluation plan (pipelines/eval_split.py): what it is
+    judged on and what it trains on. A source or split that is missing, empty or unlabelled where labels are needed
+    raises a :class:`ConfigError` naming the setting (the CLI prints it and exits 2), before any cluster resource."""
+    from pipelines.eval_split import plan_evaluation
+    from pipelines.knn_eval import EvalDataError
+    from pipelines.sources import SourceError, list_source
+
+    try:
+        listing = listing if listing is not None else list_source(cfg)
+    except SourceError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        return listing, plan_evaluation(cfg, listing)
+    except EvalDataError as e:
+        d = cfg.data
+        bank = ("data.eval_train_source" if d.eval_train_source
+                else "data.source (the training source: data.eval_train_source is not set)")
+        raise ConfigError(
+            f"online k-NN: {e}. The k-NN memory bank (train split) is {bank}, the queries (val split) are "
+            "data.eval_source: point them at labelled data, or turn the k-NN off with data.eval_source=null") from None
+
+
 def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks: list | None = None,
-                  console_name: str | None = None, verbose: bool = False, per_trial: bool = False, listing=None):
+                  console_name: str | None = None, verbose: bool = False, per_trial: bool = False, listing=None,
+                  plan=None, evaluator=None):
     """The TorchTrainer of a run (also used by the Tune trial driver, ``per_trial``). Returns (trainer, info dict).
 
     The run's ``auto`` cluster fields are sized to the connected cluster first (pipelines/cluster_plan.py); the
@@ -106,17 +138,22 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
     resource is requested.
 
     ``listing``: the source's ``pipelines.sources.SourceListing`` when the caller listed it already (a sweep lists
-    once for all its trials); else the source is listed here, once for the whole run (restarts included).
+    once for all its trials); else the source is listed here, once for the whole run (restarts included). ``plan``:
+    its evaluation plan (:func:`list_and_plan`), made here when not given; the run trains on ``plan.train_listing``
+    (a labelled source's held-out images removed). ``evaluator``: the driver's decoded k-NN splits
+    (``KNNEvaluator``), shipped to rank 0 through the object store for the online k-NN; decoded here when the run
+    needs them and none is given.
 
     ``console_name``: the run's console mailbox (pipelines/console.py) that rank 0 posts progress and events to;
     without one rank 0 prints its progress lines (worker log forwarding). ``verbose`` keeps Ray Train's INFO logs."""
+    import ray
     import ray.data
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from pipelines.failures import FailureBudget
     from pipelines.ingest import TrainStream, create_monitor, ingest_execution_options
-    from pipelines.sources import list_source
+    from pipelines.resize import ResizeAwareTorchTrainer, create_resize_notice
+    from pipelines.storage import is_remote, resolve
     from pipelines.train_worker import TRAINED_KEYS_ENV, train_loop_per_worker
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -129,15 +166,25 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
     from pipelines.cluster_plan import apply_plan, describe_cluster, plan_run
 
     derived = derive_settings(cfg)  # the `auto` fields the data pipeline needs (crop blur) ...
-    plan = plan_run(cfg, describe_cluster(), per_trial=per_trial)  # ... and what the run asks of the cluster
-    apply_plan(cfg, plan)
-    derived += plan.derived
+    cluster = plan_run(cfg, describe_cluster(), per_trial=per_trial)  # ... and what the run asks of the cluster
+    apply_plan(cfg, cluster)
+    derived += cluster.derived
     # Ray Train's controller reads it from the process that calls fit() (propagated to the controller): set here,
     # it also reaches the controllers of sweep trials, whose actors do not inherit the sweep driver's environment.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.train.worker_start_timeout_s)
     monitor_name = create_monitor(name)
-    listing = listing if listing is not None else list_source(cfg)
+    if plan is None:
+        listing, plan = list_and_plan(cfg, listing)
+    listing = plan.train_listing
     info = listing.info
+    knn_splits = None
+    if cfg.train.knn_every_epochs and plan.enabled:  # rank 0's online k-NN: the splits decoded once, here
+        from pipelines.knn_eval import KNNEvaluator
+
+        knn_splits = ray.put((evaluator or KNNEvaluator(cfg, plan)).splits())
+    if per_trial and cfg.train.checkpoint_min_interval_s:
+        cfg.train.checkpoint_min_interval_s = 0.0  # Tune sees only the checkpoints' reports: ASHA judges epoch ends
+        derived.append("train.checkpoint_min_interval_s = 0: a sweep trial reports at every epoch end (ASHA's rungs)")
     g = cfg.optim.batch_size
     if info.num_items < g:
         raise ConfigError(f"optim.batch_size: global batch {g} is larger than the dataset ({info.num_items} images)")
@@ -158,28 +205,39 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
         resources_per_worker=resources,
         elastic_resize_monitor_interval_s=t.elastic_resize_interval_s,
     )
+    # Remote storage: Ray Train gets the retrying file system of pipelines/storage.py, so its own storage calls
+    # (the checkpoint-manager snapshot on the controller, checkpoint downloads, old checkpoints' deletion) wait out
+    # outages instead of failing the run; the path is then given without its scheme.
+    storage_path, storage_fs = resolve_storage(storage), None
+    if is_remote(storage_path):
+        storage_fs, storage_path = resolve(storage_path, setting="--storage")
     run_config = ray.train.RunConfig(
         name=name,
-        storage_path=resolve_storage(storage),
+        storage_path=storage_path,
+        storage_filesystem=storage_fs,
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures,
                                                max_preemption_failures=t.max_preemption_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
         callbacks=[*(callbacks or []), FailureBudget(t.max_repeated_errors)],  # pipelines/failures.py
         logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
     )
-    trainer = TorchTrainer(
+    # an elastic run resizes only after a checkpoint taken for the resize (pipelines/resize.py)
+    notice = create_resize_notice(name) if lo < hi else None
+    trainer = ResizeAwareTorchTrainer(
         train_loop_per_worker,
+        resize_notice=notice,
         train_loop_config={"cfg": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "monitor_name": monitor_name,
                            "console_name": console_name, "verbose": verbose, "num_items": info.num_items,
-                           "trained_keys_dir": os.environ.get(TRAINED_KEYS_ENV)},
+                           "positions_per_epoch": listing.positions_per_epoch, "resize_notice": notice,
+                           "trained_keys_dir": os.environ.get(TRAINED_KEYS_ENV), "knn_splits": knn_splits,
+                           "knn_label": plan.label},
         scaling_config=scaling,
         run_config=run_config,
         dataset_config=ray.train.DataConfig(execution_options=ingest_execution_options()),
         # a factory: Train calls it at every worker-group start, and it streams from the checkpoint's data epoch
-        datasets={"train": TrainStream(cfg, listing, monitor_name, f"{resolve_storage(storage).rstrip('/')}/{name}",
-                                       steps_per_epoch)},
+        datasets={"train": TrainStream(cfg, listing, monitor_name, run_uri(storage, name), steps_per_epoch)},
     )
-    return trainer, {"derived": derived, "warnings": plan.warnings,
+    return trainer, {"derived": derived, "warnings": cluster.warnings, "eval_plan": plan,
                      "steps_per_epoch": steps_per_epoch, "num_items": info.num_items, "monitor_name": monitor_name,
                      "total_steps": steps_per_epoch * cfg.optim.epochs}
 
@@ -187,64 +245,87 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
 def _teacher_from_checkpoint(cfg: IBOTConfig, checkpoint):
     from ibot_ray.checkpoint import load_checkpoint
     from ibot_ray.model import build_student_teacher
+    from pipelines.storage import local_checkpoint
     from pipelines.train_worker import STATE_FILE
 
     _, teacher = build_student_teacher(cfg)
-    with checkpoint.as_directory() as d:
+    with local_checkpoint(checkpoint) as d:  # a download retried through storage outages
         state = load_checkpoint(Path(d) / STATE_FILE)
     teacher.load_state_dict(state["teacher"])
     return teacher, state
 
 
-def knn_evaluator(cfg: IBOTConfig):
-    """The driver's online k-NN evaluator (pipelines/knn_eval.py). A k-NN split that is missing or unlabelled (a flat
-    image folder, Parquet without the label column) raises a :class:`ConfigError` naming the source and the setting
-    it came from (the CLI prints it and exits 2), not a traceback."""
-    from pipelines.knn_eval import EvalDataError, KNNEvaluator
-
-    try:
-        return KNNEvaluator(cfg)
-    except EvalDataError as e:
-        d = cfg.data
-        bank = ("data.eval_train_source" if d.eval_train_source
-                else "data.source (the training source: data.eval_train_source is not set)")
-        raise ConfigError(
-            f"online k-NN: {e}. The k-NN memory bank (train split) is {bank}, the queries (val split) are "
-            "data.eval_source: point them at labelled data, or turn the k-NN off with data.eval_source=null") from None
+def run_uri(storage: str | None, name: str) -> str:
+    """The run folder of run ``name``: a local path, or a URI with its scheme (``s3://bucket/runs/name``)."""
+    return f"{resolve_storage(storage).rstrip('/')}/{name}"
 
 
 def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", address: str | None = None,
-             knn: bool = True, export: bool = True, verbose: bool = False) -> PretrainResult:
+             knn: bool = True, export: bool = True, verbose: bool = False, listing=None,
+             config_name: str | None = None, takeover: bool = False) -> PretrainResult:
     """Run (or resume) a pretraining run; prints progress, the k-NN before/after, and where the outputs are.
 
     The terminal gets a progress bar (a line per log step when stdout is not a TTY), one line per event and a
     closing summary (pipelines/console.py); Ray's own logs stay in Ray's log folder unless ``verbose``. A run ended
     by an error that every restart would raise again (divergence, a config or source error on a worker, out of memory
     at the minimum world size) raises :class:`~pipelines.failures.FatalTrainingError` without restarting; other
-    failures past Ray Train's budgets raise its ``TrainingFailedError`` (the CLI prints either as one block)."""
+    failures past Ray Train's budgets raise its ``TrainingFailedError`` (the CLI prints either as one block).
+
+    ``knn``: the driver's k-NN before and after training (random init, raw pixels, the trained teacher) on the run's
+    evaluation split (pipelines/eval_split.py); ``listing``: the training source's listing when the caller has it;
+    ``config_name``: the preset or YAML the config came from, recorded in the run folder (:func:`claim_run`).
+
+    One driver per run: the run's lease (pipelines/run_lease.py) is held from before any cluster resource is requested
+    to the end, so a second driver on the same run raises ``RunInUseError`` and leaves the first one unharmed;
+    ``takeover=True`` takes over a run whose driver is known to be gone, without waiting for its lease to go stale."""
+    from pipelines.metrics import check_trackers
+    from pipelines.run_lease import RunLease
+
+    t_start = time.time()
+    cfg.validate()  # before any cluster resource is requested
+    check_trackers(cfg, resolve_storage(storage))  # train.loggers the storage cannot hold (pipelines/metrics.py)
+    # the run's one listing, and what it is judged on: listed and planned here, before Ray starts and before the run
+    # folder is touched (a missing source or an unlabelled explicit k-NN split is a config error)
+    listing, plan = list_and_plan(cfg, listing)
+    with RunLease(run_uri(storage, name), takeover=takeover):
+        claim_run(run_uri(storage, name), cfg.data.source, config_name)
+        return _train(cfg, plan, storage=storage, name=name, address=address, knn=knn, export=export,
+                      verbose=verbose, t_start=t_start)
+
+
+def _train(cfg: IBOTConfig, plan, *, storage: str | None, name: str, address: str | None, knn: bool, export: bool,
+           verbose: bool, t_start: float) -> PretrainResult:
+    """:func:`pretrain` once the run is listed, planned and its lease held: the k-NN splits decoded, Ray started,
+    the k-NN before training, the fit, the k-NN after it, the export and the summary."""
     import torch
 
     from ibot_ray.model import build_student_teacher
 
-    t_start = time.time()
-    cfg.validate()  # before any cluster resource is requested
-    # the k-NN splits are listed and decoded here, before Ray starts: an unlabelled one is a config error
-    evaluator = knn_evaluator(cfg) if knn and cfg.data.eval_source else None
+    listing = plan.train_listing
+    evaluator = None
+    if plan.enabled and (knn or cfg.train.knn_every_epochs):
+        from pipelines.knn_eval import KNNEvaluator
+
+        evaluator = KNNEvaluator(cfg, plan)
     init_ray(cfg, address, verbose=verbose)
     knn_before = knn_pixels = None
-    if evaluator is not None:
+    if evaluator is not None and knn:
         torch.manual_seed(cfg.train.seed)
         _, teacher0 = build_student_teacher(cfg)
         knn_before = evaluator.evaluate(teacher0.backbone)
         knn_pixels = evaluator.pixel_baseline()
-        print(f"[ibot-ray] k-NN on the labelled split before training: initial teacher top-1 "
+        print(f"[ibot-ray] k-NN on the {plan.split}, before training: initial teacher top-1 "
               f"{knn_before['knn_top1']:.2f}%, raw pixels {knn_pixels['knn_top1']:.2f}%", flush=True)
 
     from pipelines.console import ConsolePoller, ConsoleRenderer, format_summary, mailbox_name, ray_log_dir
 
-    trainer, info = build_trainer(cfg, storage=storage, name=name, console_name=mailbox_name(name), verbose=verbose)
-    print(f"[ibot-ray] run '{name}': {info['num_items']} images, {info['steps_per_epoch']} steps/epoch, "
-          f"{info['total_steps']} steps, storage {resolve_storage(storage)}", flush=True)
+    trainer, info = build_trainer(cfg, storage=storage, name=name, console_name=mailbox_name(name), verbose=verbose,
+                                  listing=listing, plan=plan, evaluator=evaluator)
+    held = f" ({plan.held_out} more held out for the k-NN)" if plan.held_out else ""
+    print(f"[ibot-ray] run '{name}': {info['num_items']} training images{held}, {info['steps_per_epoch']} "
+          f"steps/epoch, {info['total_steps']} steps, storage {resolve_storage(storage)}", flush=True)
+    for note in plan.notes:
+        print(f"[ibot-ray] note: {note}", flush=True)
     for d in info["derived"]:
         print(f"[ibot-ray] derived {d} (set it to override)", flush=True)
     for w in info["warnings"]:
@@ -264,47 +345,150 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
     if bad["count"]:
         print(f"[ibot-ray] skipped {bad['count']} distinct unreadable images (per data epoch "
               f"{bad['per_epoch']}), e.g. {bad['examples'][:3]}", flush=True)
-    ckpt_path = result.checkpoint.path if result.checkpoint else None
-    out = PretrainResult(run_path=str(result.path), checkpoint_path=ckpt_path,
+    # paths with their scheme (s3://...): Train V2's Result.path and Checkpoint.path are paths on its file system
+    run_path = run_uri(storage, name)
+    ckpt_path = f"{run_path}/{Path(result.checkpoint.path).name}" if result.checkpoint else None
+    out = PretrainResult(run_path=run_path, checkpoint_path=ckpt_path,
                          metrics=dict(result.metrics or {}), steps=int((result.metrics or {}).get("step", 0)),
-                         knn_before=knn_before, knn_pixels=knn_pixels, bad_images=bad)
-    if result.checkpoint is not None and (evaluator is not None or export):
+                         knn_before=knn_before, knn_pixels=knn_pixels, bad_images=bad,
+                         knn_split=plan.split if plan.enabled else None, eval_plan=plan)
+    if result.checkpoint is not None and ((evaluator is not None and knn) or export):
         teacher, state = _teacher_from_checkpoint(cfg, result.checkpoint)
-        if evaluator is not None:
+        if evaluator is not None and knn:
             out.knn_after = evaluator.evaluate(teacher.backbone)
         if export:
             # the run folder from storage + name: Train V2's Result.path has no scheme (s3://...), and a
             # schemeless path would be written on the head's disk and lost at `ray down`
-            out.export_path = _export(teacher, cfg, f"{resolve_storage(storage).rstrip('/')}/{name}")
+            out.export_path = _export(teacher, cfg, run_path)
     out.wall_s = time.time() - t_start
     print(format_summary(name=name, steps=out.steps, total_steps=info["total_steps"], wall_s=out.wall_s,
                          train_s=train_s, metrics=out.metrics, run_path=out.run_path, checkpoint_path=ckpt_path,
                          export_path=out.export_path, knn_before=knn_before, knn_after=out.knn_after,
-                         knn_pixels=knn_pixels,
+                         knn_pixels=knn_pixels, knn_split=plan.split if plan.enabled else None,
+                         knn_missing=None if plan.enabled else plan.why_none,
                          bad_images=int(bad["count"]), restarts=console.restarts, resizes=console.resizes,
                          preemptions=console.preemptions, log_dir=ray_log_dir(),
                          local=not (address or os.environ.get("RAY_ADDRESS")), verbose=verbose), flush=True)
     return out
 
 
+def run_name_for(source: str) -> str:
+    """A run's default name from its data: the folder's or file's name (``photos/`` -> ``photos``, ``x/train.parquet``
+    -> ``train``, ``s3://bucket/imgs/`` -> ``imgs``, ``demo`` -> ``demo``), characters other than letters, digits,
+    ``.``, ``_`` and ``-`` replaced by ``_``."""
+    tail = source.rstrip("/").rsplit("/", 1)[-1].split("://")[-1] or "run"
+    stem = tail[: -len(".parquet")] if tail.lower().endswith(".parquet") else tail
+    return re.sub(r"[^A-Za-z0-9._-]", "_", stem) or "run"
+
+
+def _overridden_keys(overrides: list[str]) -> frozenset:
+    return frozenset(o.split("=", 1)[0].strip() for o in overrides if "=" in o)
+
+
+def choose_config(overrides: list[str], *, address: str | None = None, verbose: bool = False):
+    """``ibot-ray pretrain --data X`` without ``--config``: list the source once, read a few image headers, look at
+    the device, and pick a preset (``ibot_ray.recipe.choose_preset``). Returns (config, listing, the lines saying
+    what was chosen and why). The user's own ``--set`` values win over every derived one."""
+    from ibot_ray.config import load_config
+    from ibot_ray.recipe import choose_preset
+    from pipelines.sources import SourceError, list_source, sample_image_sides
+
+    probe = load_config(None, overrides)  # the data section is the user's; the preset only chooses the rest
+    try:
+        listing = list_source(probe)
+    except SourceError as e:
+        raise ConfigError(str(e)) from None
+    sides = sample_image_sides(listing, seed=probe.data.seed)
+    if not sides:
+        raise ConfigError(f"data.source: none of the sampled images of {probe.data.source!r} could be read")
+    if address or os.environ.get("RAY_ADDRESS"):
+        from pipelines.cluster_plan import describe_cluster
+
+        init_ray(probe, address, verbose=verbose)
+        gpu = describe_cluster().capacity("GPU") > 0
+    else:
+        from pipelines.cluster_plan import local_shape
+
+        gpu = local_shape().capacity("GPU") > 0
+    n = listing.info.num_items
+    if listing.info.has_labels and probe.data.eval_source == "auto":  # the held-out split will not train
+        from pipelines.eval_split import holdout_size
+
+        n -= holdout_size(n, probe.data.eval_holdout_fraction, probe.data.eval_max_images)
+    choice = choose_preset(int(sorted(sides)[len(sides) // 2]), n, gpu, user_set=_overridden_keys(overrides))
+    derived = [f"{k}={v}" for k, v in choice.overrides.items()]
+    cfg = load_config(choice.preset, derived + list(overrides))
+    return cfg, choice.preset, listing, choice.reasons
+
+
 def run_pretrain(config: str | None = None, overrides: list[str] | tuple[str, ...] = (), *, data: str | None = None,
                  storage: str | None = None, name: str | None = None, address: str | None = None,
-                 verbose: bool = False) -> PretrainResult:
-    """What ``ibot-ray pretrain`` runs: resolve the config (``config``: a preset name or YAML file, then the
-    ``key=value`` ``overrides``, then ``data`` as ``data.source``), validate it before any cluster resource is
-    requested, name the run, and :func:`pretrain` it. Raises :class:`ConfigError` for a bad setting."""
+                 verbose: bool = False, takeover: bool = False) -> PretrainResult:
+    """What ``ibot-ray pretrain`` runs: resolve the config, validate it before any cluster resource is requested,
+    name the run, and :func:`pretrain` it. Raises :class:`ConfigError` for a bad setting.
+
+    ``config``: a preset name or YAML file; without one, ``demo`` when there is no data, else a preset chosen for
+    the data (:func:`choose_config`, the choice printed with its reasons). ``overrides``: ``key=value`` strings;
+    ``data``: the training source (``data.source``). ``name``: default the data's name (:func:`run_name_for`), else
+    the preset's; a name that holds a run of another source or config is refused (:func:`claim_run`).
+    ``takeover``: take over a run whose driver is gone (:func:`one_driver_per_run`)."""
     from ibot_ray.config import load_config
 
     overrides = list(overrides) + ([f"data.source={data}"] if data else [])
-    cfg = load_config(config, overrides)
-    name = name or (config if config and "/" not in config else "run")
-    return pretrain(cfg, storage=storage, name=name, address=address, verbose=verbose)
+    source = load_config(config, overrides, validate=False).data.source
+    listing = None
+    if config is None and source != "demo":
+        cfg, config_name, listing, reasons = choose_config(overrides, address=address, verbose=verbose)
+        for line in reasons:
+            print(f"[ibot-ray] chose {line}" if line.startswith("--config") else f"[ibot-ray] derived {line} "
+                  "(set it to override)", flush=True)
+    else:
+        config_name = config or "demo"
+        cfg = load_config(config_name, overrides)
+    if name is None:
+        name = run_name_for(cfg.data.source) if cfg.data.source != "demo" or config_name == "demo" else \
+            run_name_for(config_name.rsplit(".", 1)[0])
+    return pretrain(cfg, storage=storage, name=name, address=address, verbose=verbose, listing=listing,
+                    config_name=config_name, takeover=takeover)
+
+
+#: The run folder's record of what it trains (:func:`claim_run`).
+RUN_IDENTITY_FILE = "run.json"
+
+
+def _source_identity(source: str) -> str:
+    return source if source == "demo" or "://" in source else str(Path(source).expanduser().resolve())
+
+
+def claim_run(run_path: str, source: str, config_name: str | None) -> None:
+    """Refuse a run folder that holds a run of another training source or config, else record this one in it.
+
+    A name (``--name``, or the default from the data) that already holds a run resumes it: that is how a run
+    continues after an interruption. Resuming it with other data or another preset would silently mix two runs (the
+    epoch-length check catches only a changed image count), so the first run's ``run.json`` is compared; overrides
+    (``--set``) may change on a resume, as before. Runs started before this record existed are not checked."""
+    import json
+
+    from pipelines import storage
+
+    record = f"{run_path.rstrip('/')}/{RUN_IDENTITY_FILE}"
+    mine = {"source": _source_identity(source), "config": config_name}
+    text = storage.read_text(record, setting="--storage")
+    theirs = None if text is None else json.loads(text)
+    if theirs is not None:
+        clash = [k for k in ("source", "config") if theirs.get(k) and mine[k] and theirs[k] != mine[k]]
+        if clash:
+            what = ", ".join(f"{k} {theirs[k]!r}" for k in clash)
+            now = ", ".join(f"{k} {mine[k]!r}" for k in clash)
+            raise ConfigError(f"run {run_path!r} holds a run of {what}; this command has {now}. Give it another "
+                              "--name (or resume that run with its own data and --config)")
+        return
+    storage.write_text(record, json.dumps(mine), setting="--storage")
 
 
 def _export(teacher, cfg: IBOTConfig, run_path: str) -> str:
-    import pyarrow.fs as pafs
-
     from ibot_ray.export import export_backbone
+    from pipelines.storage import copy_to, resolve
 
     meta = {"which": "teacher"}  # arch and every create_model kwarg are read from the model itself
     fname = "teacher_backbone.safetensors"
@@ -315,6 +499,6 @@ def _export(teacher, cfg: IBOTConfig, run_path: str) -> str:
         return str(target)
     with tempfile.TemporaryDirectory() as d:
         local = export_backbone(teacher.backbone, Path(d) / fname, metadata=meta)
-        fs, path = pafs.FileSystem.from_uri(run_path)
-        pafs.copy_files(str(local), f"{path}/export/{fname}", destination_filesystem=fs)
+        fs, path = resolve(run_path, setting="--storage")
+        copy_to(str(local), fs, f"{path}/export/{fname}")  # retried through storage outages
     return f"{run_path}/export/{fname}"

@@ -2,11 +2,13 @@
 
 Every source becomes a lazy ``ray.data.Dataset`` of raw, *undecoded* rows
 
-    {"bytes": binary, "key": str, "label": int64, "epoch": int64}
+    {"bytes": binary, "key": str, "label": int64, "epoch": int64, "position": int64}
 
 ``key`` names the image stably across runs (the file path for a folder, ``"<parquet path>#<row>"`` for Parquet), so
 that per-image augmentation seeds and bad-input reports can refer to it; ``label`` is -1 when the source has none;
-``epoch`` is the row's data epoch.
+``epoch`` is the row's data epoch and ``position`` its index in that epoch's read order (0 .. rows per epoch - 1; it
+depends on the listing, ``data.seed`` and the epoch only, never on the world size): what a checkpoint records to
+resume inside an epoch (``pipelines/stream_position.py``).
 
 The driver lists a source once (:func:`list_source`): a folder is listed with ``pyarrow.fs.FileSelector(recursive=
 True)`` and a Parquet source only has its footers read, which gives :class:`SourceInfo` (item count, labels, class
@@ -17,16 +19,23 @@ read once in ``PARQUET_ROWS_PER_TASK``-row batches) run in epoch order, each epo
 ``(data.seed, epoch)``: folder images are permuted, Parquet units are permuted and so are the rows within each unit
 (up to ``PARQUET_SHUFFLE_MAX_BYTES``), so a one-row-group file is not read in the same order every epoch. The bytes
 are decoded later, in the augmenting actors (``pipelines/ingest.py``). Any URI that
-``pyarrow.fs.FileSystem.from_uri`` understands works: a local path, ``file://``, ``s3://``, ``gs://``.
+``pyarrow.fs.FileSystem.from_uri`` understands works: a local path, ``file://``, ``s3://``, ``gs://``; transient
+storage errors are retried (``pipelines/storage.py``).
+
+A stream that resumes from a checkpoint's :class:`~pipelines.stream_position.StreamPosition` starts each data epoch
+at the read unit of its watermark and leaves out the positions consumed above it before reading them: a folder
+image that is not needed is never fetched, a Parquet unit with nothing needed is never opened (a partly consumed
+unit is read, and only its needed rows are emitted).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -38,10 +47,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines import storage
+
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
 
     from ibot_ray.config import IBOTConfig
+    from pipelines.stream_position import EpochProgress, StreamPosition
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +102,13 @@ class SourceInfo:
 
 
 def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path)`` for a local path or any URI pyarrow knows (``file://``, ``s3://``, ``gs://``, ...)."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    """``(filesystem, path)`` of a data source: a local path or any URI pyarrow knows (``file://``, ``s3://``,
+    ``gs://``, ...), through :func:`pipelines.storage.resolve`: every operation on a remote source is retried through
+    transient errors (listing, footers, the read tasks' reads). A URI that cannot be opened raises SourceError."""
     try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-        raise SourceError(f"data.source: cannot open {uri!r}: {e}") from None
-    return fs, path.rstrip("/") or "/"
+        return storage.resolve(uri, setting="data.source")
+    except storage.StorageConfigError as e:
+        raise SourceError(str(e)) from None
 
 
 def resolve_source(source: str, split: str = "train") -> str:
@@ -192,7 +203,7 @@ def list_image_folder(uri: str, files: Optional[list[tuple[str, int]]] = None
     )
 
 
-def _folder_labels(paths: list[str], root: str, class_to_idx: Optional[dict[str, int]]) -> np.ndarray:
+def folder_labels(paths: list[str], root: str, class_to_idx: Optional[dict[str, int]]) -> np.ndarray:
     """Labels of folder images from their first-level class subfolder (-1 without classes)."""
     if class_to_idx is None:
         return np.full(len(paths), -1, dtype=np.int64)
@@ -329,33 +340,75 @@ def _read_parquet_unit(
     class_to_idx: Optional[dict[str, int]] = None,
     shuffle_seed: Optional[tuple[int, ...]] = None,
     max_shuffle_bytes: int = PARQUET_SHUFFLE_MAX_BYTES,
+    first_position: int = 0,
+    needed: Optional[np.ndarray] = None,
 ) -> Iterator[pa.Table]:
-    """One read unit (a run of row groups) -> ``{bytes, key, label}`` tables; runs in Ray tasks, never on the driver.
+    """One read unit (a run of row groups) -> ``{bytes, key, label, position}`` tables; runs in Ray tasks, never on
+    the driver.
 
     The unit's row groups are streamed once (``iter_batches`` without pre-buffering, ``PARQUET_READ_BUFFER``-byte
     reads). With ``shuffle_seed`` (the trainer's ``(data.seed, epoch, unit)``) a unit of at most
     ``max_shuffle_bytes`` is gathered and yielded as ``PARQUET_ROWS_PER_TASK``-row tables in a permutation seeded by
-    it; otherwise, and for a larger unit, the tables come in file order, so a task never holds a large row group."""
+    it; otherwise, and for a larger unit, the tables come in file order, so a task never holds a large row group.
+    The k-th row the unit emits (in that order) has position ``first_position + k``; ``needed`` (a boolean mask over
+    the unit's emitted rows, from a resumed stream) leaves out the rows already consumed."""
     columns = [image_column] + ([label_column] if label_column else [])
     path, rg, n_rg = str(unit["path"]), int(unit["row_group"]), int(unit["num_row_groups"])
     permute = shuffle_seed is not None and int(unit["bytes"]) <= max_shuffle_bytes
+    excluded = np.asarray(unit.get("excluded", ()), np.int64)  # file rows held out of training (eval_split.py)
     gathered = []
+
+    def emit(table: pa.Table, emitted: np.ndarray) -> Optional[pa.Table]:
+        """``table`` (rows emitted ``emitted``, in order) with its position column, without the unneeded rows."""
+        if needed is not None:
+            keep = needed[emitted]
+            if not keep.all():
+                table, emitted = table.filter(pa.array(keep)), emitted[keep]
+        if table.num_rows == 0:
+            return None
+        return table.append_column(POSITION_COLUMN, pa.array(first_position + emitted, pa.int64()))
+
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=PARQUET_READ_BUFFER)
-        row = int(unit["first_row"])
+        row, kept = int(unit["first_row"]), 0
         for batch in pf.iter_batches(batch_size=PARQUET_ROWS_PER_TASK, row_groups=range(rg, rg + n_rg),
                                      columns=columns, use_threads=False):
             table = _parquet_rows(pa.Table.from_batches([batch]), path, row, image_column, label_column, class_to_idx)
+            if len(excluded):
+                table = table.filter(pa.array(~np.isin(np.arange(row, row + batch.num_rows), excluded)))
             row += batch.num_rows
+            done, kept = kept, kept + table.num_rows  # emitted before this batch, after it
             if permute:
                 gathered.append(table)
-            else:
-                yield table
+            elif (out := emit(table, np.arange(done, done + table.num_rows))) is not None:
+                yield out
     if gathered:
         table = pa.concat_tables(gathered)
         order = np.random.default_rng(list(shuffle_seed)).permutation(table.num_rows)
-        for start in range(0, table.num_rows, PARQUET_ROWS_PER_TASK):
-            yield table.take(order[start:start + PARQUET_ROWS_PER_TASK])
+        emitted = np.arange(table.num_rows) if needed is None else np.flatnonzero(needed)
+        for start in range(0, len(emitted), PARQUET_ROWS_PER_TASK):
+            chunk = emitted[start:start + PARQUET_ROWS_PER_TASK]
+            yield table.take(order[chunk]).append_column(POSITION_COLUMN, pa.array(first_position + chunk, pa.int64()))
+
+
+def parquet_unit_labels(listing: SourceListing, units: Iterable[int]) -> Iterator[np.ndarray]:
+    """The int64 labels of read units ``units`` of a Parquet listing, one array per unit in file-row order (string
+    labels through the listing's class map; null, or a source without labels: -1). Reads only the label column."""
+    for u in units:
+        unit = listing.units[int(u)]
+        n = int(unit["length"])
+        if not listing.label_column:
+            yield np.full(n, -1, np.int64)
+            continue
+        rg = int(unit["row_group"])
+        with listing.fs.open_input_file(str(unit["path"])) as f:
+            col = pq.ParquetFile(f).read_row_groups(range(rg, rg + int(unit["num_row_groups"])),
+                                                    columns=[listing.label_column]).column(0)
+        if listing.class_to_idx is not None:
+            index = listing.class_to_idx
+            yield np.fromiter((index.get(v, -1) if v is not None else -1 for v in col.to_pylist()), np.int64, n)
+        else:
+            yield np.asarray(col.cast(pa.int64()).fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
 
 
 def _parquet_rows(table: pa.Table, path: str, first: int, image_column: str, label_column: Optional[str],
@@ -383,11 +436,18 @@ def _parquet_rows(table: pa.Table, path: str, first: int, image_column: str, lab
 #: each request in tens of milliseconds, so one request at a time would starve the augmenting actors).
 FOLDER_FILES_PER_UNIT = 64
 FOLDER_READ_THREADS = 8
-#: At most this many read tasks per stream: a very long run (units x epochs above it) reads several consecutive
-#: units of an epoch per task (each task still emits its rows as it reads them).
-MAX_STREAM_TASKS = 50_000
+#: A read task reads about this many rows (whole read units: at least one), however long the run: a lost node re-runs
+#: at most that much reading, and with ``preserve_order`` a finished task's output waits at most for the tasks before
+#: it, each ~100 MB of undecoded images at ~100 kB each (1.6M images per task at 100M rows x 800 epochs before).
+STREAM_TASK_ROWS = 1024
+#: The task ids of a stream come from ``ray.data.range`` in at most this many blocks (Ray builds one read task per
+#: block up front); above it, a streaming repartition cuts them into one-id blocks, so that every read task still
+#: reads a single ``STREAM_TASK_ROWS`` task, created as the stream gets to it.
+MAX_ID_BLOCKS = 10_000
 #: Column holding each row's data epoch (from the source to the training batch).
 EPOCH_COLUMN = "epoch"
+#: Column holding each row's position in its data epoch's read order (module doc).
+POSITION_COLUMN = "position"
 
 
 @dataclass
@@ -405,6 +465,7 @@ class SourceListing:
     class_to_idx: Optional[dict[str, int]] = None  # folder class names / Parquet string labels -> index
     image_column: str = "image"
     label_column: Optional[str] = None  # None: no labels (-1)
+    _unit_rows: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     @property
     def num_units(self) -> int:
@@ -412,6 +473,31 @@ class SourceListing:
         if self.info.format == "parquet":
             return len(self.units)
         return math.ceil(len(self.paths) / FOLDER_FILES_PER_UNIT)
+
+    def unit_rows(self) -> np.ndarray:
+        """Rows each read unit emits per data epoch (Parquet: in listing order; folder: its chunks in read order)."""
+        if self._unit_rows is None:
+            if self.info.format == "parquet":
+                # a unit's rows held out of training (pipelines/eval_split.py) are never emitted
+                rows = np.array([int(u["length"]) - len(u.get("excluded", ())) for u in self.units], np.int64)
+            else:
+                rows = np.full(self.num_units, FOLDER_FILES_PER_UNIT, np.int64)
+                rows[-1] = len(self.paths) - FOLDER_FILES_PER_UNIT * (self.num_units - 1)
+            self._unit_rows = rows
+        return self._unit_rows
+
+    @property
+    def positions_per_epoch(self) -> int:
+        """Rows a data epoch emits: its positions are ``0 .. positions_per_epoch - 1``."""
+        return int(self.unit_rows().sum())
+
+    def unit_bounds(self, seed: Optional[int], epoch: int) -> np.ndarray:
+        """``num_units + 1`` offsets: the k-th unit of data epoch ``epoch``'s read order emits positions
+        ``bounds[k] .. bounds[k + 1] - 1``."""
+        rows = self.unit_rows()
+        if self.info.format == "parquet":
+            rows = rows[epoch_order(len(rows), seed, epoch)]
+        return np.concatenate([[0], np.cumsum(rows)])
 
 
 def list_source(cfg: IBOTConfig, source: Optional[str] = None, *, split: str = "train") -> SourceListing:
@@ -438,6 +524,35 @@ def describe_source(cfg: IBOTConfig, source: Optional[str] = None, *, split: str
     return list_source(cfg, source, split=split).info
 
 
+def sample_image_sides(listing: SourceListing, n: int = 32, seed: int = 0) -> list[int]:
+    """The shorter sides of up to ``n`` images of the listing, drawn uniformly (seeded), from their headers only
+    (folder: the file is read, not decoded; Parquet: the rows of one or two read units). Unreadable ones are left
+    out."""
+    from PIL import Image, UnidentifiedImageError
+
+    rng = np.random.default_rng([int(seed), 0x73697A65])
+    blobs: list[bytes] = []
+    if listing.info.format == "folder":
+        picks = rng.choice(len(listing.paths), min(n, len(listing.paths)), replace=False)
+        with ThreadPoolExecutor(max_workers=FOLDER_READ_THREADS) as pool:
+            blobs = list(pool.map(lambda i: _read_whole(listing.fs, listing.paths[int(i)]), picks))
+    else:
+        for u in rng.permutation(len(listing.units)):
+            for table in _read_parquet_unit(listing.units[int(u)], listing.fs, listing.image_column, None):
+                blobs += table.column("bytes").to_pylist()[: n - len(blobs)]
+                if len(blobs) >= n:
+                    break
+            if len(blobs) >= n:
+                break
+    sides = []
+    for b in blobs:
+        try:
+            sides.append(min(Image.open(io.BytesIO(b)).size))
+        except (UnidentifiedImageError, OSError, ValueError):
+            continue
+    return sides
+
+
 @lru_cache(maxsize=4)
 def epoch_order(n: int, seed: Optional[int], epoch: int) -> np.ndarray:
     """The read order of ``n`` items (folder images, Parquet units) in data epoch ``epoch``: a permutation seeded by
@@ -451,71 +566,137 @@ def epoch_order(n: int, seed: Optional[int], epoch: int) -> np.ndarray:
     return out
 
 
-def _read_unit(listing: SourceListing, fs: pafs.FileSystem, seed: Optional[int], epoch: int,
-               position: int) -> Iterator[pa.Table]:
-    """The ``position``-th read unit of data epoch ``epoch`` -> ``{bytes, key, label}`` tables."""
+def _read_unit(listing: SourceListing, fs: pafs.FileSystem, seed: Optional[int], epoch: int, k: int,
+               bounds: np.ndarray, needed: Optional[np.ndarray] = None) -> Iterator[pa.Table]:
+    """The ``k``-th read unit of data epoch ``epoch`` -> ``{bytes, key, label, position}`` tables. ``bounds``:
+    :meth:`SourceListing.unit_bounds` of the epoch; ``needed``: which of the unit's positions to emit (None: all),
+    the others are not read (folder) or not emitted (Parquet)."""
+    first, last = int(bounds[k]), int(bounds[k + 1])
     if listing.info.format == "parquet":
-        i = int(epoch_order(len(listing.units), seed, epoch)[position])
+        i = int(epoch_order(len(listing.units), seed, epoch)[k])
         yield from _read_parquet_unit(listing.units[i], fs, listing.image_column, listing.label_column,
-                                      listing.class_to_idx, None if seed is None else (int(seed), int(epoch), i))
+                                      listing.class_to_idx, None if seed is None else (int(seed), int(epoch), i),
+                                      first_position=first, needed=needed)
         return
+    positions = np.arange(first, last)
+    if needed is not None:
+        positions = positions[needed]
     order = epoch_order(len(listing.paths), seed, epoch)
-    paths = [listing.paths[i] for i in order[position * FOLDER_FILES_PER_UNIT:(position + 1) * FOLDER_FILES_PER_UNIT]]
+    paths = [listing.paths[i] for i in order[positions]]
     with ThreadPoolExecutor(max_workers=min(FOLDER_READ_THREADS, len(paths))) as pool:
         blobs = list(pool.map(lambda p: _read_whole(fs, p), paths))
     yield pa.table({"bytes": pa.array(blobs, pa.binary()), "key": pa.array(paths, pa.string()),
-                    "label": _folder_labels(paths, listing.root or "", listing.class_to_idx)})
+                    "label": folder_labels(paths, listing.root or "", listing.class_to_idx),
+                    POSITION_COLUMN: pa.array(positions, pa.int64())})
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Which read units each task of a stream reads: data epochs ``start_epoch ..`` in order, each from its
+    ``first_units`` entry (the leading epochs of a resumed stream start at their watermark's unit; later ones at
+    0), ``units_per_task`` consecutive units per task (the last task of an epoch may read fewer)."""
+
+    start_epoch: int
+    num_epochs: int
+    num_units: int
+    units_per_task: int
+    first_units: tuple[int, ...] = ()
+
+    def _tasks_in(self, first_unit: int) -> int:
+        return math.ceil(max(0, self.num_units - first_unit) / self.units_per_task)
+
+    @property
+    def _leading(self) -> np.ndarray:  # cumulative task counts of the leading epochs
+        return np.cumsum([0] + [self._tasks_in(u) for u in self.first_units[:self.num_epochs]])
+
+    @property
+    def num_tasks(self) -> int:
+        lead = len(self.first_units[:self.num_epochs])
+        return int(self._leading[-1]) + (self.num_epochs - lead) * self._tasks_in(0)
+
+    def task(self, t: int) -> tuple[int, int, int]:
+        """``(data epoch, first unit, end unit)`` of task ``t``."""
+        cum = self._leading
+        if t < cum[-1]:
+            i = int(np.searchsorted(cum, t, side="right")) - 1
+            first = self.first_units[i] + (t - int(cum[i])) * self.units_per_task
+            return self.start_epoch + i, first, min(first + self.units_per_task, self.num_units)
+        per_epoch = self._tasks_in(0)
+        i, j = divmod(t - int(cum[-1]), per_epoch)
+        first = j * self.units_per_task
+        return self.start_epoch + len(cum) - 1 + i, first, min(first + self.units_per_task, self.num_units)
 
 
 def _read_stream_tasks(batch: dict[str, np.ndarray], listing: SourceListing, fs: pafs.FileSystem,
-                       seed: Optional[int], start_epoch: int, units_per_task: int) -> Iterator[pa.Table]:
-    """Stream task ids -> raw rows of their data epoch, each row tagged with its epoch (runs in Ray tasks)."""
-    n_units = listing.num_units
-    tasks_per_epoch = math.ceil(n_units / units_per_task)
+                       seed: Optional[int], plan: StreamPlan,
+                       resume: dict[int, EpochProgress]) -> Iterator[pa.Table]:
+    """Stream task ids -> raw rows of their data epoch, each row tagged with its epoch and position (runs in Ray
+    tasks). Units of a resumed epoch that hold no needed position are skipped without a read."""
     for t in batch["id"]:
-        epoch = start_epoch + int(t) // tasks_per_epoch
-        first = (int(t) % tasks_per_epoch) * units_per_task
-        for position in range(first, min(first + units_per_task, n_units)):
-            for table in _read_unit(listing, fs, seed, epoch, position):
+        epoch, first, end = plan.task(int(t))
+        bounds = listing.unit_bounds(seed, epoch)
+        progress = resume.get(epoch)
+        for k in range(first, end):
+            needed = None if progress is None else progress.needed(int(bounds[k]), int(bounds[k + 1]))
+            if needed is not None and not needed.any():
+                continue
+            for table in _read_unit(listing, fs, seed, epoch, k, bounds, needed):
                 yield table.append_column(EPOCH_COLUMN, pa.array(np.full(table.num_rows, epoch, np.int64)))
 
 
-def epoch_stream(listing: SourceListing, *, seed: Optional[int], start_epoch: int = 0,
-                 num_epochs: int = 1) -> ray.data.Dataset:
+def stream_plan(listing: SourceListing, seed: Optional[int], start_epoch: int, num_epochs: int,
+                resume: Optional[StreamPosition] = None) -> tuple[StreamPlan, dict[int, EpochProgress]]:
+    """The :class:`StreamPlan` of a stream, and the progress of its epochs that ``resume`` has started."""
+    units_per_task = max(1, STREAM_TASK_ROWS * listing.num_units // max(1, listing.positions_per_epoch))
+    progress = {e: p for e, p in (resume.epochs if resume else {}).items()
+                if start_epoch <= e < start_epoch + num_epochs}
+    first_units = tuple(
+        int(np.searchsorted(listing.unit_bounds(seed, e), progress[e].watermark, side="right")) - 1
+        if e in progress else 0
+        for e in range(start_epoch, max(progress, default=start_epoch - 1) + 1))
+    return StreamPlan(int(start_epoch), int(num_epochs), listing.num_units, units_per_task, first_units), progress
+
+
+def epoch_stream(listing: SourceListing, *, seed: Optional[int], start_epoch: int = 0, num_epochs: int = 1,
+                 resume: Optional[StreamPosition] = None) -> ray.data.Dataset:
     """One lazy Dataset for data epochs ``start_epoch .. start_epoch + num_epochs - 1``, in order: raw rows
-    ``{bytes, key, label, epoch}``, every item once per epoch, each epoch in its own :func:`epoch_order`.
+    ``{bytes, key, label, position, epoch}``, every item once per epoch, each epoch in its own :func:`epoch_order`.
 
     A single execution streams every epoch: the consumer sees epoch boundaries only in the ``epoch`` column (a few
-    rows of adjacent epochs may interleave there), and nothing downstream (the augmenting actor pool) restarts."""
+    rows of adjacent epochs may interleave there), and nothing downstream (the augmenting actor pool) restarts.
+    Each read task reads about ``STREAM_TASK_ROWS`` rows. ``resume`` (a checkpoint's stream position): the epochs it
+    has started begin at their watermark's read unit and leave out what it marks consumed (module doc)."""
     import ray.data
-    from ray.data._internal.util import RetryingPyFileSystem
 
     if num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
-    n_units = listing.num_units
-    units_per_task = max(1, math.ceil(n_units * num_epochs / MAX_STREAM_TASKS))
-    tasks = math.ceil(n_units / units_per_task) * num_epochs
-    # What ray.data.read_* do: transient storage errors (DataContext.retried_io_errors) are retried
-    fs = RetryingPyFileSystem.wrap(listing.fs, retryable_errors=ray.data.DataContext.get_current().retried_io_errors)
-    return ray.data.range(tasks, override_num_blocks=tasks).map_batches(
+    plan, progress = stream_plan(listing, seed, start_epoch, num_epochs, resume)
+    tasks = plan.num_tasks
+    ids = ray.data.range(tasks, override_num_blocks=min(tasks, MAX_ID_BLOCKS))
+    if tasks > MAX_ID_BLOCKS:
+        ids = ids.repartition(target_num_rows_per_block=1)  # streaming, and not fused with the read below
+    # listing.fs comes from resolve_uri: on remote storage every read is retried through transient errors
+    return ids.map_batches(
         _read_stream_tasks, batch_size=1, batch_format="numpy",
-        fn_kwargs={"listing": listing, "fs": fs, "seed": seed, "start_epoch": int(start_epoch),
-                   "units_per_task": units_per_task},
+        fn_kwargs={"listing": listing, "fs": listing.fs, "seed": seed, "plan": plan, "resume": progress},
     )
 
 
 def build_source_dataset(
     cfg: IBOTConfig, source: Optional[str] = None, *, split: str = "train", shuffle_seed: Optional[int] = None,
     start_epoch: int = 0, num_epochs: int = 1, listing: Optional[SourceListing] = None,
+    resume: Optional[StreamPosition] = None,
 ) -> tuple[ray.data.Dataset, SourceInfo]:
-    """A lazy Dataset of raw ``{"bytes", "key", "label", "epoch"}`` rows and the :class:`SourceInfo` of the source.
+    """A lazy Dataset of raw ``{"bytes", "key", "label", "position", "epoch"}`` rows and the :class:`SourceInfo` of
+    the source.
 
     ``source`` overrides ``cfg.data.source`` (e.g. for the eval split; ``"demo"`` picks ``split``); ``listing``
     skips the listing. With ``shuffle_seed`` the file (folder) or read-unit (Parquet) order of every data epoch
-    follows ``(shuffle_seed, epoch)``: see :func:`epoch_stream`.
+    follows ``(shuffle_seed, epoch)``: see :func:`epoch_stream` (and for ``resume``).
     """
     listing = listing if listing is not None else list_source(cfg, source, split=split)
-    return epoch_stream(listing, seed=shuffle_seed, start_epoch=start_epoch, num_epochs=num_epochs), listing.info
+    return epoch_stream(listing, seed=shuffle_seed, start_epoch=start_epoch, num_epochs=num_epochs,
+                        resume=resume), listing.info
 
 
 __all__ = [
@@ -523,9 +704,11 @@ __all__ = [
     "DEMO_DIR",
     "EPOCH_COLUMN",
     "IMAGE_EXTENSIONS",
+    "POSITION_COLUMN",
     "SourceError",
     "SourceInfo",
     "SourceListing",
+    "StreamPlan",
     "build_source_dataset",
     "describe_source",
     "detect_format",
@@ -536,4 +719,5 @@ __all__ = [
     "list_source",
     "resolve_source",
     "resolve_uri",
+    "sample_image_sides",
 ]

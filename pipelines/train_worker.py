@@ -12,11 +12,16 @@ Every (re)start of the worker group, whether first start, failure, resize or dri
   tagged with its data epoch, so an epoch boundary is only a step count (no new execution, no actor-pool warm-up).
   The rank that gets the ``G % W`` extra rows rotates with the step, so every rank consumes ``G / W`` rows per step
   on average, and rows a step does not use wait for the next step (:class:`RowCarry`): no row is read and dropped,
-  and every image is used once per data epoch. A restart streams from the checkpoint's data epoch (the highest data
-  epoch trained so far, or the next training epoch's if higher), replaying that data epoch from its beginning (Ray
-  Data cannot seek).
+  and every image is used once per data epoch. A restart continues every data epoch where the checkpoint left it,
+  at any world size: each rank notes the (data epoch, position) of the rows it trained, at a checkpoint the ranks
+  gather them and rank 0 saves the stream position (``pipelines/stream_position.py``), which the next stream
+  starts from (``pipelines/ingest.py`` ``TrainStream``).
 * Checkpoints (rank 0 writes, every rank reports) every ``train.checkpoint_every_steps`` steps, at each epoch end,
-  at the last step, and just in time when Ray Train reports that a node is being drained for preemption.
+  at the last step, just in time when Ray Train reports that a node is being drained for preemption, and before a
+  resize of the worker group (``pipelines/resize.py``). The periodic ones upload in the background
+  (``CheckpointUploadMode.ASYNC``): the step waits only for rank 0 to write the state to local disk, and Ray Train
+  commits the checkpoint once it is uploaded (a run killed during an upload resumes from the one before). The
+  just-in-time, resize, final and drain-window ones upload before the loop goes on.
 * Only checkpoints are reported to Ray Train (:func:`is_checkpoint_step`); the metrics of every
   ``train.log_every_steps`` go to the run's own log and console. Ray Train's controller takes one report per worker
   per poll (every 2 s, ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``) through a queue of one, so a worker that reports more
@@ -37,6 +42,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -55,8 +61,18 @@ from ibot_ray.step import IBOTStep, unwrap
 from pipelines.collate import iter_train_batches
 from pipelines.console import ConsoleClient, quiet_train_reports
 from pipelines.failures import FatalTrainingError, fatal_error
-from pipelines.ingest import RESUME_EPOCH_METRIC, bad_input_snapshot, get_bad_input_stats, merge_bad_input
-from pipelines.metrics import MetricsWriter
+from pipelines.ingest import (
+    CHECKPOINT_DIR_METRIC,
+    RESUME_EPOCH_METRIC,
+    bad_input_snapshot,
+    fold_bad_positions,
+    get_bad_input_stats,
+    merge_bad_input,
+)
+from pipelines.metrics import SYNCED_FOLDERS, MetricsWriter
+from pipelines.resize import RESIZE_METRIC, ResizeNoticeClient
+from pipelines.storage import copy_to, local_checkpoint, upload_checkpoint
+from pipelines.stream_position import STREAM_POSITION_FILE, StreamPosition, TrainedPositions
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +186,14 @@ def _all_ranks_max(value: int, world: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def _interval_passed(elapsed_s: float, min_interval_s: float, world: int, device: torch.device) -> bool:
+    """Whether a scheduled checkpoint is due (``train.checkpoint_min_interval_s`` since the last one). Clocks differ
+    between ranks, so the ranks agree on it (a collective at each scheduled step: every rank calls it then)."""
+    if min_interval_s <= 0:
+        return True
+    return bool(_all_ranks_max(int(elapsed_s >= min_interval_s), world, device))
+
+
 def _trained_keys_log(rank: int, folder: str | None):
     if not folder:
         return None
@@ -177,28 +201,76 @@ def _trained_keys_log(rank: int, folder: str | None):
     return open(Path(folder) / f"rank{rank}_{os.getpid()}.jsonl", "a")
 
 
+#: Rank 0 stages a checkpoint in a local folder named ``<prefix><pid>_<step>`` until it is uploaded.
+STAGING_PREFIX = "ibot_ckpt_"
+_staged: list[Path] = []  # this process's background uploads not known to be done (Ray deletes each folder after it)
+
+
+def _wait_for_uploads() -> None:
+    """Block until this process's background uploads are done (Ray deletes a staged folder once it is uploaded): at
+    most one checkpoint waits for its upload, so slow storage slows the checkpoints, never fills the disk."""
+    while _staged:
+        if _staged[0].exists():
+            time.sleep(0.05)
+        else:
+            _staged.pop(0)
+
+
+def _remove_stale_staging() -> None:
+    """Remove staged checkpoints that dead processes left behind (their upload failed or was cut short)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name[len(STAGING_PREFIX):].split("_", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _report_checkpoint(metrics: dict, *, step_runner: IBOTStep, cfg: IBOTConfig, data_epoch: int | None,
-                       rank: int, local_log_dir: Path, epoch_length: dict, monitor_name: str | None = None) -> None:
+                       rank: int, local_log_dir: Path, epoch_length: dict, monitor_name: str | None = None,
+                       position: StreamPosition | None = None, background: bool = False) -> float:
     """Rank 0 writes the checkpoint; every rank reports it with the step's metrics (Ray Train commits it once all
-    have)."""
-    with tempfile.TemporaryDirectory() as d:
-        checkpoint = None
-        if rank == 0:
-            state = training_state(
-                student=unwrap(step_runner.student), teacher=step_runner.teacher, optimizer=step_runner.optimizer,
-                loss=step_runner.loss, scaler=step_runner.scaler, epoch=int(metrics["epoch"]), step=step_runner.step,
-                config=cfg.to_dict(),
-                extra={"data_epoch": data_epoch, "skipped_steps": step_runner.counters.skipped_steps,
-                       **epoch_length,
-                       "bad_inputs": bad_input_snapshot(monitor_name) if monitor_name else None},
-            )
-            save_checkpoint(Path(d) / STATE_FILE, state)
-            cfg.save(Path(d) / "config.yaml")
-            (Path(d) / METRICS_FILE).write_text(json.dumps(metrics, default=float))
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=_checkpoint_dir_name(step_runner.step))
+    have, and once it is uploaded). ``background``: upload while training goes on (``CheckpointUploadMode.ASYNC``).
+    Returns the seconds the call blocked the loop."""
+    from ray.train import CheckpointUploadMode
+
+    t0 = time.perf_counter()
+    checkpoint = None
+    if rank == 0:
+        _wait_for_uploads()
+        d = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}_{step_runner.step}_"))
+        state = training_state(
+            student=unwrap(step_runner.student), teacher=step_runner.teacher, optimizer=step_runner.optimizer,
+            loss=step_runner.loss, scaler=step_runner.scaler, epoch=int(metrics["epoch"]), step=step_runner.step,
+            config=cfg.to_dict(),
+            extra={"data_epoch": data_epoch, "skipped_steps": step_runner.counters.skipped_steps,
+                   **epoch_length,
+                   "bad_inputs": bad_input_snapshot(monitor_name) if monitor_name else None},
+        )
+        save_checkpoint(d / STATE_FILE, state)
+        cfg.save(d / "config.yaml")
+        (d / METRICS_FILE).write_text(json.dumps(metrics, default=float))
+        if position is not None:
+            (d / STREAM_POSITION_FILE).write_text(position.to_json())
+        checkpoint = ray.train.Checkpoint.from_directory(str(d))
+        if background:
+            _staged.append(d)
+    # the staged folder is deleted by Ray once uploaded (the default of ASYNC; asked for SYNC too)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=_checkpoint_dir_name(step_runner.step),
+                     checkpoint_upload_mode=CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC,
+                     delete_local_checkpoint_after_upload=True,
+                     checkpoint_upload_fn=upload_checkpoint)  # retried through storage outages (pipelines/storage.py)
     if rank == 0:
         _sync_logs(local_log_dir)
+    return time.perf_counter() - t0
 
 
 #: metrics.jsonl byte offsets already uploaded by this process (or present before it started), per local file
@@ -222,8 +294,6 @@ def _sync_logs(local_log_dir: Path) -> None:
     if str(local_log_dir).startswith(str(storage.experiment_fs_path)):
         return
     try:
-        import pyarrow.fs as pafs
-
         from pipelines.metrics import metrics_part_name
 
         path = Path(local_log_dir) / "metrics.jsonl"
@@ -236,14 +306,15 @@ def _sync_logs(local_log_dir: Path) -> None:
             if new:
                 fs = storage.storage_filesystem
                 name = metrics_part_name(new, os.getpid())
-                fs.create_dir(f"{target}/metrics", recursive=True)
+                fs.create_dir(f"{target}/metrics", recursive=True)  # (a remote fs retries: pipelines/storage.py)
                 with fs.open_output_stream(f"{target}/metrics/{name}") as out:
                     out.write(new)
                 _uploaded_offsets[str(path)] = start + len(new)
-        tb = Path(local_log_dir) / "tensorboard"
-        if tb.exists():  # one event file per writer process: each upload rewrites only this process's own files
-            pafs.copy_files(str(tb), f"{target}/tensorboard", destination_filesystem=storage.storage_filesystem)
-    except Exception as e:  # metrics upload must never kill training
+        for folder in SYNCED_FOLDERS:  # the trackers' files: one file (or folder) per writer process, so each
+            local = Path(local_log_dir) / folder  # upload rewrites only this process's own files
+            if local.exists():
+                copy_to(str(local), storage.storage_filesystem, f"{target}/{folder}")
+    except Exception as e:  # metrics upload must never kill training: rows not uploaded go with the next checkpoint
         log.warning("could not upload metrics to %s: %s", target, e)
 
 
@@ -320,10 +391,13 @@ def _train_loop(config: dict) -> dict:
     resumed_from = None
     epoch_length = {"steps_per_epoch": steps_per_epoch, "num_items": config.get("num_items"),
                     "batch_size": cfg.optim.batch_size}
+    saved_position = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
+        with local_checkpoint(checkpoint) as d:  # a download retried through storage outages
             state = load_checkpoint(Path(d) / STATE_FILE, map_location=device)
+            if (Path(d) / STREAM_POSITION_FILE).exists():
+                saved_position = StreamPosition.from_json((Path(d) / STREAM_POSITION_FILE).read_text())
         check_epoch_length(state.get("extra") or {}, epoch_length, Path(checkpoint.path).name)
         # restore_rng=False: the saved state is rank 0's, and every step reseeds from (seed, rank, step) anyway
         info = restore_training_state(state, student=student, teacher=teacher, optimizer=runner.optimizer,
@@ -334,10 +408,18 @@ def _train_loop(config: dict) -> dict:
         resumed_from = runner.step
         if rank == 0 and monitor_name:  # the ledger continues from the checkpoint (a union: exact after a resume)
             merge_bad_input(monitor_name, info["extra"].get("bad_inputs"))
+    # rank 0 keeps the run's stream position; a checkpoint without one streamed its data epoch from the start
+    position = None
+    if rank == 0:
+        position = saved_position or StreamPosition(int(config.get("positions_per_epoch") or 0), start=data_epoch)
+        _remove_stale_staging()
+    trained = TrainedPositions()  # the rows this rank trained since the last checkpoint
+    resize_notice = ResizeNoticeClient(config["resize_notice"]) if config.get("resize_notice") else None
 
     total = runner.total_steps
     read, share, weight = rank_batch(cfg.optim.batch_size, world, rank)
-    writer = MetricsWriter(_local_log_dir()) if rank == 0 else None
+    writer = MetricsWriter(_local_log_dir(), cfg=cfg, run_name=ctx.get_experiment_name(),
+                           run_path=ctx.get_storage().experiment_fs_path) if rank == 0 else None
     if writer is not None:
         _mark_metrics_start(writer.folder)
     if rank == 0:
@@ -352,13 +434,15 @@ def _train_loop(config: dict) -> dict:
                           "per_rank_read": read, "micro_batch_size": cfg.optim.micro_batch_size or share,
                           "per_rank_share": [rank_batch(cfg.optim.batch_size, world, r)[1]
                                                                     for r in range(world)],
-                          "resumed_from": resumed_from if resumed_from is not None else -1}, runner.step)
+                          "resumed_from": resumed_from if resumed_from is not None else -1,
+                          "knn_label": config.get("knn_label")}, runner.step)
 
     evaluator = None
-    if rank == 0 and cfg.train.knn_every_epochs and cfg.data.eval_source:
+    if rank == 0 and cfg.train.knn_every_epochs and config.get("knn_splits") is not None:
         from pipelines.knn_eval import KNNEvaluator
 
-        evaluator = KNNEvaluator(cfg)
+        # decoded once by the driver (pipelines/pretrain.py build_trainer), not listed or decoded again here
+        evaluator = KNNEvaluator.from_splits(cfg, ray.get(config["knn_splits"]))
 
     # Every rank sees the same all-reduced health metrics, so every rank takes the same decisions.
     health = CollapseDetector(cfg, grace_steps=grace_steps(cfg, steps_per_epoch))
@@ -377,6 +461,7 @@ def _train_loop(config: dict) -> dict:
                                        pin_memory=device.type == "cuda"))
     keys_log = _trained_keys_log(rank, config.get("trained_keys_dir"))
     trained_epoch = data_epoch  # the highest data epoch this rank has trained on
+    last_checkpoint_t = time.monotonic()  # a (re)started group counts the interval from its start
     while runner.step < total and not stop_on_collapse:
         _, share, weight = rank_batch(cfg.optim.batch_size, world, rotated_rank(rank, runner.step, world))
         t0 = time.perf_counter()
@@ -388,7 +473,8 @@ def _train_loop(config: dict) -> dict:
                 f" {bad['count']} of the {config.get('num_items')} listed files are unreadable, more than its data "
                 "epochs allowed for (data.expected_bad_fraction); the restart from the latest checkpoint streams "
                 "enough epochs for the fraction measured so far")
-        row_epochs, row_ids = batch.pop("epoch"), batch.pop("key_id")
+        row_epochs, row_ids, row_positions = batch.pop("epoch"), batch.pop("key_id"), batch.pop("position")
+        trained.add(row_epochs, row_positions)
         trained_epoch = max(trained_epoch, int(row_epochs.max()))
         t1 = time.perf_counter()
         wait_s += t1 - t0
@@ -398,22 +484,29 @@ def _train_loop(config: dict) -> dict:
                                                                    total=total, cfg=cfg))
         images_seen += share
         if keys_log is not None:
-            keys_log.write(json.dumps({"step": runner.step, "world": world, "epoch": row_epochs.tolist(),
-                                       "key_id": row_ids.tolist()}) + "\n")
+            keys_log.write(json.dumps({"step": runner.step, "world": world, "t": time.time(),
+                                       "epoch": row_epochs.tolist(), "key_id": row_ids.tolist()}) + "\n")
             keys_log.flush()
         t0 = time.perf_counter()
         busy_s += t0 - t1
         step = runner.step
         epoch_end = step % steps_per_epoch == 0
-        do_ckpt = is_checkpoint_step(step, steps_per_epoch=steps_per_epoch, total=total,
-                                     every=cfg.train.checkpoint_every_steps)
-        do_log = is_log_step(step, steps_per_epoch=steps_per_epoch, total=total, cfg=cfg)
+        scheduled = is_checkpoint_step(step, steps_per_epoch=steps_per_epoch, total=total,
+                                       every=cfg.train.checkpoint_every_steps)
+        do_ckpt = scheduled and (step >= total or _interval_passed(time.monotonic() - last_checkpoint_t,
+                                                                   cfg.train.checkpoint_min_interval_s, world,
+                                                                   device))
+        do_log = is_log_step(step, steps_per_epoch=steps_per_epoch, total=total, cfg=cfg)  # as the step was told
         preempted = new_notice = False
         if do_log and cfg.train.check_preemption:
             info = ray.train.get_preemption_info()  # a barrier: every rank calls it
             preempted = info is not None
             new_notice = notices.is_new(info)  # one just-in-time checkpoint per notice, not per log step
             do_ckpt = do_ckpt or new_notice
+        resize = 0
+        if do_log and resize_notice is not None:  # rank 0 reads the notice, every rank takes its decision
+            resize = _all_ranks_max(resize_notice.poll() if rank == 0 else 0, world, device)
+            do_ckpt = do_ckpt or resize > 0
         if do_log:
             elapsed = max(1e-9, time.perf_counter() - t_window)
             metrics.update({
@@ -446,14 +539,19 @@ def _train_loop(config: dict) -> dict:
             if evaluator is not None and epoch_end and (step // steps_per_epoch) % cfg.train.knn_every_epochs == 0:
                 metrics.update(evaluator.evaluate(unwrap(teacher).backbone, device=device))
                 console.event("knn", epoch=step // steps_per_epoch, step=step, knn_top1=metrics["knn_top1"],
-                              knn_top5=metrics.get("knn_top5"))
+                              knn_top5=metrics.get("knn_top5"), split=config.get("knn_label"))
             images_seen, wait_s, busy_s = 0, 0.0, 0.0
             t_window = time.perf_counter()
-            if do_ckpt:
-                # a restart streams from here: the highest data epoch any rank trained on, or the next training
-                # epoch's when the data lags behind the steps (an epoch's leftover rows roll into the next)
-                metrics[RESUME_EPOCH_METRIC] = _all_ranks_max(max(trained_epoch, step // steps_per_epoch), world,
-                                                              device)
+            if do_ckpt:  # a restart streams from here: every rank's trained rows join rank 0's stream position
+                consumed = trained.gather(world, device)
+                if position is not None:
+                    position.add(consumed)
+                    if monitor_name:  # the unreadable rows do not hold the watermark back
+                        fold_bad_positions(monitor_name, position)
+                    metrics[RESUME_EPOCH_METRIC] = position.start
+                    metrics[CHECKPOINT_DIR_METRIC] = _checkpoint_dir_name(step)
+                if resize:
+                    metrics[RESIZE_METRIC] = resize
             if rank == 0:
                 if writer is not None:
                     writer.write(metrics, step)
@@ -465,13 +563,24 @@ def _train_loop(config: dict) -> dict:
                       + (f" knn {metrics['knn_top1']:.1f}%" if "knn_top1" in metrics else ""), flush=True)
             report = {k: v for k, v in metrics.items() if not isinstance(v, list)}
             if do_ckpt:  # only checkpoints go to Ray Train (module doc): a report between polls blocks the step
-                _report_checkpoint(report, step_runner=runner, cfg=cfg, data_epoch=metrics.get(RESUME_EPOCH_METRIC),
-                                   rank=rank, local_log_dir=writer.folder if writer else Path("."),
-                                   epoch_length=epoch_length, monitor_name=monitor_name)
+                # periodic ones upload in the background; one the run may stop or be torn down after, in the foreground
+                background = not (step >= total or preempted or resize or stop_on_collapse)
+                stall = _report_checkpoint(report, step_runner=runner, cfg=cfg, rank=rank,
+                                           data_epoch=metrics.get(RESUME_EPOCH_METRIC),
+                                           local_log_dir=writer.folder if writer else Path("."),
+                                           epoch_length=epoch_length, monitor_name=monitor_name, position=position,
+                                           background=background)
+                last_checkpoint_t = time.monotonic()
                 if preempted:  # a draining node may go any moment: a report returns once the controller has taken
                     ray.train.report(report)  # the previous one from this worker's queue (its next poll, <= 2 s)
                 console.event("checkpoint", name=_checkpoint_dir_name(step), step=step,
                               epoch=step // steps_per_epoch)
+                if writer is not None:
+                    writer.write({"event": "checkpoint_stall", "step": step, "checkpoint_stall_s": stall,
+                                  "background": background}, step)
+                if resize:  # the controller resizes the group once every rank has reported this checkpoint
+                    waited = resize_notice.wait_until_resized(resize)
+                    log.warning("resize request %d was withdrawn after %.0f s; training on", resize, waited)
             if new_notice:
                 console.event("preempted", step=step)
                 if writer is not None:  # the run's history records which checkpoint answered which notice

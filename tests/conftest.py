@@ -25,18 +25,26 @@ if REPO_ROOT not in sys.path:
 _pp = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 os.environ["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, TESTS_DIR] + [p for p in _pp if p not in (REPO_ROOT, TESTS_DIR)])
 
-os.environ["RAY_AUTH_MODE"] = "disabled"
-os.environ["RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S"] = "120"
-os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "30"
-os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
-# Ray Train's controller polls its workers every 2 s by default: a run's end, a killed worker and a resize decision
-# each wait for the next poll. The tests' runs are seconds long; a 0.5 s poll (propagated to every controller, also
-# those of CLI subprocesses and sweep trials) saves ~1 s per event at a negligible cost.
-os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-# What pipelines/pretrain.py init_ray gives a user's local Ray: start up to 8 worker processes at once. A raylet
-# otherwise starts min(cores, its CPUs) at a time: 2 here, and 1 on a multi-node test cluster's head without CPUs,
-# which hosts the Train controller, the Data coordinator and the run's actors.
-os.environ["RAY_worker_maximum_startup_concurrency"] = str(max(8, os.cpu_count() or 1))
+#: The environment of every Ray the session starts, and so of every actor and task in it (a raylet hands its own
+#: environment to the worker processes it starts). :func:`start_local_ray` applies it again: an in-process run changes
+#: os.environ (pipelines/pretrain.py ``build_trainer`` sets RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S from its config,
+#: 10 s in test_multinode.py's last run), and a Ray restarted from that environment gave the tests after it settings
+#: that depend on which tests ran before.
+RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Ray Train's controller polls its workers every 2 s by default: a run's end, a killed worker and a resize
+    # decision each wait for the next poll. The tests' runs are seconds long; a 0.5 s poll (propagated to every
+    # controller, also those of CLI subprocesses and sweep trials) saves ~1 s per event at a negligible cost.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # What pipelines/pretrain.py init_ray gives a user's local Ray: start up to 8 worker processes at once. A raylet
+    # otherwise starts min(cores, its CPUs) at a time: 2 here, and 1 on a multi-node test cluster's head without
+    # CPUs, which hosts the Train controller, the Data coordinator and the run's actors.
+    "RAY_worker_maximum_startup_concurrency": str(max(8, os.cpu_count() or 1)),
+}
+os.environ.update(RAY_ENV)
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 import numpy as np  # noqa: E402
@@ -198,6 +206,7 @@ def start_local_ray() -> None:
     import ray
     import ray.data
 
+    os.environ.update(RAY_ENV)  # the session's Ray environment, whatever in-process runs left in os.environ
     kwargs = dict(address="local", num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=False)
     try:
         ray.init(**kwargs)
@@ -251,6 +260,44 @@ def await_layout(cond, what: str, timeout: float = 60) -> None:
         assert time.time() - t0 < timeout, f"{what}: not within {timeout} s"
         time.sleep(0.2)
     refresh_autoscaling_coordinator()
+
+
+# ---- an S3-compatible server ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's standalone S3 server on 127.0.0.1 with a bucket named ``bucket``; yields the environment (endpoint,
+    dummy credentials) a client needs. It serves from this process: its state survives a stop and a restart."""
+    pytest.importorskip("moto")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="bucket")
+    yield env
+    server.stop()
+
+
+@pytest.fixture
+def faulty_s3(s3_server, monkeypatch):
+    """:class:`faulty_endpoint.FaultyEndpoint` in front of the S3 server, and this process's environment pointing
+    at it (``faulty_s3.env`` for subprocesses); forwarding, until a test sets another mode."""
+    from faulty_endpoint import FaultyEndpoint
+
+    host, port = s3_server["AWS_ENDPOINT_URL"].rsplit("/", 1)[-1].split(":")
+    endpoint = FaultyEndpoint((host, int(port)))
+    endpoint.env = {**s3_server, "AWS_ENDPOINT_URL": endpoint.url}
+    for k, v in endpoint.env.items():
+        monkeypatch.setenv(k, v)
+    yield endpoint
+    endpoint.close()
 
 
 # ---- runs in a thread ----------------------------------------------------------------------------

@@ -34,8 +34,8 @@ from pipelines.spot_watcher import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_FILES = sorted(REPO.glob("cluster*.yaml"))
-# The deployment guide: README.md, section "Deployment: a cloud cluster with spot GPU workers (`ray up`)".
-DEPLOYMENT_DOC = REPO / "README.md"
+# The deployment guide.
+DEPLOYMENT_DOC = REPO / "docs" / "deploying.md"
 DRIVER_RESOURCE = "TRAIN_DRIVER"  # the name the guide passes to --entrypoint-resources
 # What `ray up` gives the head when its node_config names no profile / service account (Ray's
 # autoscaler/_private/aws/config.py DEFAULT_RAY_IAM_ROLE, gcp/config.py DEFAULT_SERVICE_ACCOUNT_ID; those modules
@@ -315,7 +315,7 @@ def test_workers_have_their_own_identity_that_the_head_may_pass(path):
     cfg = prepared(load(path))
     check_worker_identity(cfg, DEPLOYMENT_DOC.read_text())
     for p in CLUSTER_FILES:  # comments point at the guide, which exists
-        assert "docs/deployment.md" not in p.read_text() and "Deployment: a cloud cluster" in p.read_text()
+        assert str(DEPLOYMENT_DOC.relative_to(REPO)) in p.read_text() and DEPLOYMENT_DOC.is_file()
 
 
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
@@ -447,3 +447,18 @@ def test_shm_size_parser():
     assert shm_bytes(["--ulimit nofile=1:1", "--shm-size='1073741824b'"]) == 2**30
     assert shm_bytes(["--shm-size 512m"]) == 512 * 2**20
     assert shm_bytes(["--ipc=host"]) == 0
+
+
+def test_the_node_image_gets_no_repository_history_runs_or_secrets():
+    """Dockerfile.cluster copies the build context (``COPY . /tmp/ibot-ray``): .dockerignore keeps version control,
+    local runs and data, and credential files out of the image and the registry; boto3 is pinned with the rest."""
+    root = REPO
+    ignored = {line.strip() for line in (root / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".git", "runs", "ibot_runs", "bench_data", ".env", ".aws", "**/*.pem"} <= ignored, ignored
+    assert "COPY --chown=ray:users . /tmp/ibot-ray" in (root / "Dockerfile.cluster").read_text()
+    pins = dict(line.split("==") for line in (root / "cluster-constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert pins.get("boto3") and pins.get("botocore")
+    head_cmds = " ".join(load(root / "cluster.yaml")["head_setup_commands"])
+    assert re.search(r"pip install .*-c \S*cluster-constraints\.txt .*boto3", head_cmds), head_cmds

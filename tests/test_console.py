@@ -1,7 +1,9 @@
 """The console of ``ibot-ray pretrain``: the renderer fed with real metric dicts, and the CLI on a real local Ray.
 
 The CLI test runs two tiny pretraining jobs as subprocesses (quiet and ``--verbose``, side by side) and checks that
-the quiet one shows the run's own lines only, none of Ray's internals, and that ``--verbose`` brings Ray's back."""
+the quiet one shows the run's own lines only, none of Ray's internals, and that ``--verbose`` brings Ray's back. The
+quiet job starts its own local Ray, as a user's first run does; the verbose one joins the test session's Ray
+(``--address``), which spares the 2-core machine a second Ray instance's start-up."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from pipelines.console import ConsoleMailbox, ConsoleRenderer, format_failure, format_summary
 
@@ -150,7 +154,8 @@ TINY = [
     "crops.local_crops_number=2", "head.out_dim=256", "head.patch_out_dim=256", "head.hidden_dim=128",
     "head.bottleneck_dim=64", "optim.batch_size=16", "optim.epochs=1", "optim.warmup_epochs=1",
     "loss.warmup_teacher_temp_epochs=1", "data.eval_source=null", "data.actors=[1,1]", "data.actor_batch_size=16",
-    "train.num_workers=[2,2]", "train.checkpoint_every_steps=4", "train.log_every_steps=2", "train.keep_checkpoints=2",
+    "train.num_workers=[2,2]", "train.checkpoint_every_steps=4", "train.checkpoint_min_interval_s=0",
+    "train.log_every_steps=2", "train.keep_checkpoints=2",
     "train.knn_every_epochs=0", "eval.image_size=32",
 ]
 RAY_INTERNALS = ("PlacementGroupCleaner", "TrainingReport(", "Reporting training result", "core_worker",
@@ -165,12 +170,14 @@ def _cli(args: list[str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def test_cli_console_shows_the_run_and_no_ray_internals(tmp_path, image_writer):
+@pytest.mark.slow
+def test_cli_console_shows_the_run_and_no_ray_internals(ray_cluster, tmp_path, image_writer):
     data = tmp_path / "images"
     image_writer(data, 96, kinds=("jpeg", "png"), size=(40, 40))  # 6 steps of 16
     common = ["--data", str(data), "--storage", str(tmp_path / "runs")] + [a for s in TINY for a in ("--set", s)]
     quiet = _cli(common + ["--name", "quiet"])
-    verbose = _cli(common + ["--name", "loud", "--verbose"])  # side by side: one wait for both
+    address = ray_cluster.get_runtime_context().gcs_address
+    verbose = _cli(common + ["--name", "loud", "--verbose", "--address", address])  # side by side: one wait for both
     out, err = quiet.communicate(timeout=480)
     vout, verr = verbose.communicate(timeout=480)
     assert quiet.returncode == 0, err[-3000:]

@@ -1,7 +1,9 @@
 """Elastic training on a simulated 2-node cluster (``ray.cluster_utils.Cluster``).
 
 Removing a training node shrinks the run to 1 worker and training continues; adding one grows it back to 2; the global
-batch is unchanged throughout and the final step count is exact. The scenario runs in a subprocess because it needs
+batch is unchanged throughout and the final step count is exact. The grow restarts from a checkpoint taken for the
+resize (no step lost, pipelines/resize.py), and across both restarts every image is trained exactly once per data
+epoch in the steps the run kept (pipelines/stream_position.py). The scenario runs in a subprocess because it needs
 its own multi-node Ray instance (the test session shares a single-node one).
 """
 
@@ -13,6 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,9 +36,11 @@ def scenario(out_dir: str) -> dict:
     from ibot_ray.config import load_config
     from pipelines.metrics import read_metrics
     from pipelines.pretrain import pretrain
+    from pipelines.train_worker import TRAINED_KEYS_ENV
 
     data = Path(out_dir) / "images"
-    write_images(data, 96, kinds=("jpeg", "png"), size=(40, 40))
+    images = write_images(data, 96, kinds=("jpeg", "png"), size=(40, 40))
+    os.environ[TRAINED_KEYS_ENV] = str(Path(out_dir) / "keys")
     # a dead node is declared dead after ~5 s of missed health checks (the default takes ~15 s), as in test_multinode.py
     head = {"num_cpus": 3, "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}}
     cluster = Cluster(initialize_head=True, head_node_args=head)
@@ -44,6 +50,7 @@ def scenario(out_dir: str) -> dict:
     cfg = load_config("demo", TINY + [
         f"data.source={data}", "optim.epochs=8", "train.num_workers=[1,2]", "train.worker_resource=trainer",
         "train.elastic_resize_interval_s=5", "train.worker_start_timeout_s=10", "train.checkpoint_every_steps=2",
+        "train.checkpoint_min_interval_s=0",
     ])  # 96 images / 16 = 6 steps per epoch, 48 steps: time to grow back after the node add
     # worker_start_timeout_s: how long a worker group's placement group may wait. Until Ray's AutoscalingCoordinator
     # re-reads the nodes (every 20 s; the test has it re-read them once the GCS marks the node dead), it still counts
@@ -92,12 +99,18 @@ def scenario(out_dir: str) -> dict:
         "events": events,
         "monitor_node": monitor_node,
         "driver_node": ray.get_runtime_context().get_node_id(),
+        "good": images["good"],
+        # the last step each worker group trained (its metrics rows come before the next group's start)
+        "group_last": [max([x["step"] for x in rows[rows.index(a):rows.index(b) if b else None] if "loss" in x],
+                           default=-1) for a, b in zip(starts(rows), [*starts(rows)[1:], None])],
+        "run_path": str(storage / "elastic"),
     }
     ray.shutdown()
     cluster.shutdown()
     return out
 
 
+@pytest.mark.slow
 def test_node_loss_shrinks_and_node_add_grows_the_run(tmp_path):
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
@@ -119,7 +132,20 @@ def test_node_loss_shrinks_and_node_add_grows_the_run(tmp_path):
     # every restart resumes from a checkpoint, never from scratch, and the run ends exactly at the planned step
     assert all(s["resumed_from"] > 0 for s in r["starts"][1:])
     assert r["steps"][-1] == 48
-    print(f"node loss -> training resumed with 1 worker: {r['node_loss_to_resumed_s']:.1f} s")
+    # the grow (1 -> 2 workers) restarts from the checkpoint the 1-worker group wrote for it: no step is lost
+    grow = next(i for i, s in enumerate(r["starts"]) if i > 0 and s["world_size"] == 2)
+    assert r["starts"][grow - 1]["world_size"] == 1
+    assert r["starts"][grow]["resumed_from"] == r["group_last"][grow - 1], (r["starts"], r["group_last"])
+    # the node loss lost at most the steps since the last checkpoint (every 2 steps, uploaded in the background)
+    shrink_lost = r["group_last"][0] - r["starts"][1]["resumed_from"]
+    assert 0 <= shrink_lost <= 4, (shrink_lost, r["starts"], r["group_last"])
+    # every image once per data epoch in the steps the run kept, whatever the restarts and world sizes
+    from test_ingest import check_exactly_once, trained_rows
+
+    epochs = check_exactly_once(trained_rows(tmp_path / "keys"), r["good"], Path(r["run_path"]))
+    assert len(epochs["done"]) >= 6, epochs  # 48 steps x 16 = 8 epochs of 96
+    print(f"node loss -> training resumed with 1 worker: {r['node_loss_to_resumed_s']:.1f} s; steps lost: shrink "
+          f"{shrink_lost}, grow 0; data epochs exactly once: {epochs}")
 
 
 if __name__ == "__main__":

@@ -177,26 +177,57 @@ def test_pixel_baseline_reports_the_better_variant():
 # ---- the CLI on real checkpoints and exports ---------------------------------------------------------------------
 
 
+#: the four networks of the run folder's two checkpoints: four random initialisations (seed per network), none of
+#: them train.seed's (the random-init baseline). Eval and export must read step 12's teacher.
+NETWORK_SEEDS = {"teacher12": 1234, "student12": 1, "teacher3": 3, "student3": 2}
+FM_TRAIN, FM_VAL = 120, 60  # Fashion-MNIST images per split (10 classes)
+
+
+def write_demo_folder(root: Path, split: str, n: int) -> Path:
+    """The first ``n`` images of the shipped Fashion-MNIST sample's ``split`` as an ImageFolder (PNG files)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.sources import DEMO_CLASS_NAMES, DEMO_DIR
+
+    t = pq.read_table(DEMO_DIR / f"{split}.parquet").slice(0, n)
+    for i, (png, label) in enumerate(zip(t.column("image").to_pylist(), t.column("label").to_pylist())):
+        folder = root / DEMO_CLASS_NAMES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:04d}.png").write_bytes(png)
+    return root
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A run folder with two step_* checkpoints (written by ibot_ray.checkpoint) whose teacher is not the random init,
-    plus pattern-image train/val folders with one undecodable file in train."""
+    """A run folder with two step_* checkpoints (written by ibot_ray.checkpoint) whose four networks all differ
+    (:data:`NETWORK_SEEDS`), Fashion-MNIST train/val folders (one undecodable file in train), and the k-NN numbers
+    each network gets on them from the online k-NN's code (``knn``). The fixture checks that step 12's teacher gets
+    numbers none of the other three gets: eval or export reading the student, or step 3, cannot pass."""
     root = tmp_path_factory.mktemp("eval")
     cfg = load_config("demo", TINY)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1234)  # not train.seed: the checkpoint's teacher differs from the random-init baseline
-        student, teacher = build_student_teacher(cfg)
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    nets = {}
+    for name, seed in NETWORK_SEEDS.items():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            student, teacher = build_student_teacher(cfg)  # the same weights: one of them is kept
+        nets[name] = teacher if name.startswith("teacher") else student
     for step in (3, 12):
+        student, teacher = nets[f"student{step}"], nets[f"teacher{step}"]
+        opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
         d = root / "run" / f"step_{step:08d}"
         state = training_state(student=student, teacher=teacher, optimizer=opt, loss=torch.nn.Module(), epoch=0,
                                step=step, config=cfg)
         save_checkpoint(d / "state.pt", state)
         cfg.save(d / "config.yaml")
-    train = write_pattern_folder(root / "train", 16, seed=0)
-    (train / "checker" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
-    val = write_pattern_folder(root / "val", 8, seed=1)
-    return {"root": root, "run": root / "run", "cfg": cfg, "teacher": teacher, "train": train, "val": val}
+    train = write_demo_folder(root / "train", "train", FM_TRAIN)
+    (train / "coat" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    val = write_demo_folder(root / "val", "test", FM_VAL)
+    eval_cfg = load_config("demo", TINY + [f"data.eval_train_source={train}", f"data.eval_source={val}"])
+    ev = KNNEvaluator(eval_cfg)
+    knn = {name: ev.evaluate(net.backbone) for name, net in nets.items()}
+    assert all(knn[name] != knn["teacher12"] for name in knn if name != "teacher12"), knn
+    return {"root": root, "run": root / "run", "cfg": cfg, "eval_cfg": eval_cfg, "evaluator": ev, "knn": knn,
+            "train": train, "val": val}
 
 
 def test_cli_eval_checkpoint_run_folder(tiny_run, capsys):
@@ -207,11 +238,11 @@ def test_cli_eval_checkpoint_run_folder(tiny_run, capsys):
     assert code == 0, err
     r = json.loads(out_json.read_text())
     assert "step_00000012" in r["model"]["spec"] and r["model"]["kind"] == "checkpoint"  # the latest checkpoint
-    assert r["train"]["images"] == 48 and r["train"]["skipped"] == 1 and "zz_broken.png" in r["train"][
+    assert r["train"]["images"] == FM_TRAIN and r["train"]["skipped"] == 1 and "zz_broken.png" in r["train"][
         "skipped_examples"][0]
-    assert r["val"]["images"] == 24 and r["num_classes"] == 3
+    assert r["val"]["images"] == FM_VAL and r["num_classes"] == 10
     assert r["feature_dim"] == load_config("demo").model.embed_dim  # the run's (narrow) backbone
-    assert r["pixel_knn"]["top1"] > 90.0 and r["pixel_knn"]["view"] == "as stored 16x16x1"
+    assert r["pixel_knn"]["view"] == "as stored 28x28x1"
     for key in ("knn", "linear", "random_init_knn"):
         assert 0.0 <= r[key]["top1"] <= r[key]["top5"] <= 100.0
     assert r["gains"]["knn_top1_over_pixel_knn"] == pytest.approx(r["knn"]["top1"] - r["pixel_knn"]["top1"])
@@ -222,15 +253,13 @@ def test_cli_eval_checkpoint_run_folder(tiny_run, capsys):
         assert label in out
     assert f"{r['knn']['top1']:.2f}" in out
 
-    # The online k-NN is the same code: KNNEvaluator on the same splits gives the same numbers for the teacher, and
-    # its random-init number is the run's initial teacher (train.seed).
-    cfg = load_config("demo", TINY + [f"data.eval_train_source={tiny_run['train']}",
-                                      f"data.eval_source={tiny_run['val']}"])
-    ev = KNNEvaluator(cfg)
-    online = ev.evaluate(tiny_run["teacher"].backbone)
-    assert online == {"knn_top1": r["knn"]["top1"], "knn_top5": r["knn"]["top5"]}
-    torch.manual_seed(cfg.train.seed)
-    _, teacher0 = build_student_teacher(cfg)
+    # The online k-NN is the same code: KNNEvaluator on the same splits gives the same numbers for step 12's teacher
+    # (and other numbers for its student and for step 3's networks: the fixture checked), and its random-init number
+    # is the run's initial teacher (train.seed).
+    assert tiny_run["knn"]["teacher12"] == {"knn_top1": r["knn"]["top1"], "knn_top5": r["knn"]["top5"]}
+    ev = tiny_run["evaluator"]
+    torch.manual_seed(tiny_run["eval_cfg"].train.seed)
+    _, teacher0 = build_student_teacher(tiny_run["eval_cfg"])
     assert ev.evaluate(teacher0.backbone)["knn_top1"] == r["random_init_knn"]["top1"]
     pix = ev.pixel_baseline()
     assert (pix["knn_top1"], pix["variant"]) == (r["pixel_knn"]["top1"], r["pixel_knn"]["variant"])
@@ -247,8 +276,40 @@ def test_cli_eval_export_matches_checkpoint(tiny_run, capsys):
     c = json.loads((tiny_run["root"] / "c.json").read_text())
     e = json.loads((tiny_run["root"] / "e.json").read_text())
     assert e["model"]["kind"] == "export" and e["eval_image_size"] == 32  # the export's recorded crop size
-    assert e["knn"]["top1"] == pytest.approx(c["knn"]["top1"], abs=100 / 24 + 1e-6)  # same weights, same features
+    assert e["knn"] == c["knn"]  # same weights, bit-identical features (test_export.py): the same numbers exactly
+    # ... and they are step 12's teacher's: an export of the student gets other numbers (the fixture checked)
+    assert tiny_run["knn"]["teacher12"] == {"knn_top1": e["knn"]["top1"], "knn_top5": e["knn"]["top5"]}
     assert e["linear"] is None and e["pixel_knn"] is None and "raw-pixel" not in out
+
+
+def test_cli_eval_linear_probe_reads_the_train_split_and_its_labels(tiny_run, tmp_path, capsys):
+    """The CLI's linear probe trains on --train's features with their own labels and scores --val's. Pattern images
+    (stripes / checkerboard) are linearly separable in any random ViT's features (k-NN and probe are 100 % on them),
+    so with 3 of the 27 val images filed under another class than their pattern the val top-1 is exactly 24 / 27,
+    and the train top-1 100 %. Swapped splits (train on val, 3 labels wrong; score the clean train split) or labels
+    not aligned with their images give other numbers; a train split with shuffled labels scores near chance."""
+    train = write_pattern_folder(tmp_path / "train", 16, seed=0)
+    val = write_pattern_folder(tmp_path / "val", 8, seed=1)
+    rng = np.random.default_rng(2)
+    for kind, filed_as in zip(PATTERNS, PATTERNS[1:] + PATTERNS[:1]):  # one image of each pattern mislabelled
+        Image.fromarray(pattern_image(kind, rng)).save(val / filed_as / f"zz_{kind}.png")
+    shuffled = tmp_path / "shuffled"
+    for i, (cls, img) in enumerate(zip(rng.permutation(np.repeat(PATTERNS, 16)), sorted(train.glob("*/*.png")))):
+        (shuffled / cls).mkdir(parents=True, exist_ok=True)
+        (shuffled / cls / f"{i:03d}.png").write_bytes(img.read_bytes())
+    ckpt = str(tiny_run["run"] / "step_00000012" / "state.pt")
+    results = {}
+    for name, split in (("clean", train), ("shuffled", shuffled)):
+        out_json = tmp_path / f"{name}.json"
+        code, _, err = run_cli(["eval", ckpt, "--train", str(split), "--val", str(val), "--no-baselines",
+                                "--json", str(out_json)], capsys)
+        assert code == 0, err
+        results[name] = json.loads(out_json.read_text())
+    r = results["clean"]
+    assert (r["train"]["images"], r["val"]["images"]) == (48, 27)
+    assert r["linear"]["top1"] == pytest.approx(100 * 24 / 27) and r["linear"]["train_top1"] == 100.0
+    assert r["knn"]["top1"] == pytest.approx(100 * 24 / 27)  # the k-NN reads the same features and labels
+    assert results["shuffled"]["linear"]["top1"] < 60.0  # chance is 33 %: the numbers above measure the labels
 
 
 def test_cli_eval_bad_input_exits_2_with_one_line(tiny_run, tmp_path, image_writer, capsys):

@@ -26,6 +26,7 @@ from ibot_ray.step import NonFiniteLossError
 from pipelines.failures import EXIT_FATAL, FailureBudget, FatalTrainingError, fatal_cause, fatal_error
 from pipelines.knn_eval import EvalDataError
 from pipelines.metrics import read_metrics
+from pipelines.storage import StorageUnavailableError
 
 # ---- classification and the controller-side budget ---------------------------------------------------------------
 
@@ -57,8 +58,48 @@ def test_deterministic_errors_are_fatal_with_the_setting_to_change():
     assert fatal_error(RuntimeError("Connection closed by peer [127.0.0.1]:1234"), world=2, min_world=2) is None
 
 
+def test_checkpoint_and_storage_errors_each_get_their_own_verdict(tmp_path):
+    """Only a checkpoint that does not fit the config asks for the run's config; a damaged checkpoint file, a full or
+    failing disk and storage errors each get their own message, and only errors a restart would repeat are fatal."""
+    import errno
+
+    from ibot_ray.checkpoint import CheckpointCorruptError, CheckpointMismatchError, save_checkpoint
+    from pipelines.storage import StorageConfigError
+
+    mismatch = fatal_error(CheckpointMismatchError("cannot restore student: size mismatch"), world=2, min_world=1)
+    assert "cannot be resumed with this config" in mismatch.cause and "config.yaml" in mismatch.setting
+    corrupt = fatal_error(CheckpointCorruptError("checkpoint /r/step_00000004/state.pt is truncated, corrupt or not "
+                                                 "a safe torch file (EOFError: )"), world=2, min_world=1)
+    assert "cannot be read" in corrupt.cause and "resume with the config" not in corrupt.setting
+    # a checkpoint that cannot be written (an unwritable folder here, a full disk on a node) is not the config's
+    # fault, and a restart may run on another node: retried (the repeated-error budget ends a run that keeps failing)
+    with pytest.raises(CheckpointError, match="could not write checkpoint /proc/") as info:
+        save_checkpoint("/proc/ibot_ray_test/state.pt", {"x": torch.zeros(1)})  # not writable, even for root
+    assert fatal_error(info.value, world=2, min_world=1) is None
+    from ibot_ray.checkpoint import CheckpointWriteError, _write_error
+
+    disk = _write_error(Path("/tmp/x/state.pt"), OSError(errno.ENOSPC, "No space left on device"))
+    assert isinstance(disk, CheckpointWriteError) and "no space left on the device of /tmp/x" in str(disk)
+    assert fatal_error(disk, world=2, min_world=1) is None
+    assert pickle.loads(pickle.dumps(disk)).errno == errno.ENOSPC
+    # storage: weather is retried, a refused access ends the run naming the storage settings
+    assert fatal_error(_upload_outage(), world=2, min_world=1) is None
+    denied = OSError("When getting information for key 'r' in bucket 'b': AWS Error ACCESS_DENIED during HeadObject "
+                     "operation: No response body.")
+    for e in (denied, StorageConfigError("--storage: cannot open 's3://Bad Bucket/r': access denied")):
+        fatal = fatal_error(e, world=2, min_world=1)
+        assert fatal is not None and "storage" in fatal.cause and "--storage" in fatal.setting, e
+
+
 def _lost_worker() -> WorkerHealthCheckFailedError:
     return WorkerHealthCheckFailedError("A worker health check failed.", failure=RayActorError())
+
+
+def _upload_outage() -> OSError:
+    """What pyarrow's S3 file system raises for an upload to an endpoint that is down (its exact text)."""
+    return OSError("When initiating multiple part upload for key 'r/step_00000012/state.pt' in bucket 'b': AWS "
+                   "Error NETWORK_CONNECTION during CreateMultipartUpload operation: curlCode: 7, Could not connect to "
+                   "server")
 
 
 def test_failure_budget_ends_on_fatal_errors_and_on_a_repeated_error_without_progress():
@@ -69,25 +110,30 @@ def test_failure_budget_ends_on_fatal_errors_and_on_a_repeated_error_without_pro
     with pytest.raises(FatalTrainingError, match=r"the loss diverged.*\n.*\(rank 1\)"):
         budget.after_exception(None, {0: RuntimeError("collective aborted"), 1: fatal})
 
-    # a transient error is retried; progress (a new highest step) forgives earlier ones
+    # an unclassified error is retried; progress (a new highest step) forgives earlier ones
     budget = FailureBudget(max_repeated=3)
-    flaky = {0: OSError("read timed out after 30 s on shard 17")}
+    flaky = {0: KeyError("no field 'mask' in row 17 of shard 3")}
     budget.after_exception(None, flaky)
     budget.after_exception(None, flaky)
     budget.after_report(None, [{"step": 12}], None)
-    budget.after_exception(None, {0: OSError("read timed out after 31 s on shard 4")})
+    budget.after_exception(None, {0: KeyError("no field 'mask' in row 18 of shard 4")})
     budget.after_report(None, [{"step": 12}], None)  # back to where it failed: not progress
     budget.after_exception(None, flaky)
     # lost workers and nodes are Ray's budget, never counted here, even when a survivor's error rides along
     for _ in range(5):
         budget.after_exception(None, {1: _lost_worker()})
-        budget.after_exception(None, {0: OSError("read timed out after 30 s on shard 17"), 1: _lost_worker()})
+        budget.after_exception(None, {0: KeyError("no field 'mask' in row 17 of shard 3"), 1: _lost_worker()})
+    # storage weather that outlasted its retries (an upload to an unreachable bucket) is never counted either
+    for _ in range(5):
+        budget.after_exception(None, {0: _upload_outage()})
+        budget.after_exception(None, {0: StorageUnavailableError("write s3://b/r/step_00000012/state.pt: storage "
+                                                                 "still unavailable after 600 s of retries")})
     with pytest.raises(FatalTrainingError, match=r"same error ended 3 attempts with no progress in between") as info:
         budget.after_exception(None, flaky)  # the third since step 12 (numbers ignored)
-    assert "OSError: read timed out" in str(info.value) and "train.max_repeated_errors" in str(info.value)
+    assert "KeyError" in str(info.value) and "train.max_repeated_errors" in str(info.value)
 
     # a training function's exception still in Ray's traceback wrapper counts as the same error
-    wrapped = UserExceptionWithTraceback(OSError("read timed out after 9 s on shard 1"), traceback_str="...")
+    wrapped = UserExceptionWithTraceback(KeyError("no field 'mask' in row 9 of shard 1"), traceback_str="...")
     budget = FailureBudget(max_repeated=2)
     budget.after_exception(None, flaky)
     with pytest.raises(FatalTrainingError, match="2 attempts"):
@@ -114,6 +160,7 @@ TINY = [
     "head.bottleneck_dim=32", "optim.batch_size=16", "optim.warmup_epochs=0", "loss.warmup_teacher_temp_epochs=0",
     "optim.max_nonfinite_steps=2", "data.eval_source=null", "data.actors=[1,1]", "data.actor_batch_size=16",
     "train.num_workers=[1,1]", "train.log_every_steps=1", "train.checkpoint_every_steps=100",
+    "train.checkpoint_min_interval_s=0",
     "train.knn_every_epochs=0", "eval.image_size=32",
 ]
 ABSURD_LR = "optim.lr=1e30"
@@ -184,3 +231,10 @@ def test_a_diverging_sweep_trial_ends_as_an_error(ray_cluster, tmp_path):
     assert row.status == "error" and "FatalTrainingError" in row.error and "non-finite" in row.error, res.table
     runs = list((tmp_path / "sweeps" / "nan" / "train_runs").glob("*/logs/metrics.jsonl"))
     assert len(runs) == 1 and len(_starts(runs[0])) == 1  # the Train run ended at its first failure
+    # Resuming the sweep restarts errored trials, but not one whose error no retry can fix: it ends again at once,
+    # with the same error, and trains nothing (its Train run starts no worker group)
+    again = _in_thread(lambda: run_sweep(space, config=base, objective="loss", scheduler="asha", max_failures=0,
+                                         storage=str(tmp_path / "sweeps"), name="nan"), timeout=480)
+    (row,) = again.rows
+    assert again.resumed and row.status == "error" and "non-finite" in row.error, again.table
+    assert len(_starts(runs[0])) == 1

@@ -5,12 +5,14 @@ The elastic (node loss / node add) scenario needs its own simulated multi-node c
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,8 @@ TINY = [
     "crops.local_crops_number=2", "head.out_dim=256", "head.patch_out_dim=256", "head.hidden_dim=128",
     "head.bottleneck_dim=64", "optim.batch_size=16", "optim.warmup_epochs=1", "loss.warmup_teacher_temp_epochs=1",
     "data.eval_source=null", "data.actors=[1,1]", "data.actor_batch_size=16", "train.num_workers=[2,2]",
-    "train.checkpoint_every_steps=2", "train.log_every_steps=1", "train.keep_checkpoints=2", "train.knn_every_epochs=0",
+    "train.checkpoint_every_steps=2", "train.checkpoint_min_interval_s=0", "train.log_every_steps=1",
+    "train.keep_checkpoints=2", "train.knn_every_epochs=0",
     "eval.image_size=32",
 ]
 
@@ -59,9 +62,16 @@ def folder_data(tmp_path, image_writer):
     return root
 
 
-def test_sigkilled_worker_restarts_from_checkpoint_and_completes(ray_cluster, tmp_path, folder_data):
-    from pipelines.pretrain import pretrain
+def test_sigkilled_worker_restarts_from_checkpoint_and_completes(ray_cluster, tmp_path, folder_data, monkeypatch):
+    """A worker killed mid-epoch: the restart resumes from the last committed checkpoint, continues that data epoch
+    where the checkpoint left it (not at its start), and every image is trained exactly once per data epoch in the
+    steps the run kept."""
+    from test_ingest import check_exactly_once, trained_rows
 
+    from pipelines.pretrain import pretrain
+    from pipelines.train_worker import TRAINED_KEYS_ENV
+
+    monkeypatch.setenv(TRAINED_KEYS_ENV, str(tmp_path / "keys"))
     cfg = load_config("demo", TINY + [f"data.source={folder_data}", "optim.epochs=3"])  # 6 steps/epoch, 18 steps
     storage = tmp_path / "runs"
     metrics = storage / "killed" / "logs" / "metrics.jsonl"
@@ -81,11 +91,22 @@ def test_sigkilled_worker_restarts_from_checkpoint_and_completes(ray_cluster, tm
     assert after[0] == resumed + 1 and after[-1] == 18 and after == sorted(after)
     ckpts = sorted(p.name for p in (storage / "killed").glob("step_*"))
     assert ckpts[-1] == "step_00000018" and len(ckpts) <= 2  # keep_checkpoints
+    epochs = check_exactly_once(trained_rows(tmp_path / "keys"), sorted(str(p) for p in folder_data.iterdir()),
+                                storage / "killed")
+    # 18 steps x 16 = 3 data epochs of 96; the local shuffle mixes the rows near an epoch's end with the next's, so
+    # a few rows of the last epochs may still wait in a buffer when the run ends
+    assert len(epochs["done"]) >= 1 and len(epochs["done"]) * 96 + sum(epochs["partial"].values()) == 288, epochs
 
 
-def test_second_invocation_with_the_same_name_resumes(ray_cluster, tmp_path, folder_data):
+def test_second_invocation_with_the_same_name_resumes(ray_cluster, tmp_path, folder_data, monkeypatch):
+    """A driver re-run continues the run: its steps, its schedules, and each data epoch at the checkpoint's stream
+    position (every image exactly once per data epoch across both invocations)."""
+    from test_ingest import check_exactly_once, trained_rows
+
     from pipelines.pretrain import pretrain
+    from pipelines.train_worker import TRAINED_KEYS_ENV
 
+    monkeypatch.setenv(TRAINED_KEYS_ENV, str(tmp_path / "keys"))
     storage = tmp_path / "runs"
     metrics = storage / "again" / "logs" / "metrics.jsonl"
     cfg = load_config("demo", TINY + [f"data.source={folder_data}", "optim.epochs=2", "train.max_failures=0"])
@@ -104,6 +125,9 @@ def test_second_invocation_with_the_same_name_resumes(ray_cluster, tmp_path, fol
     after = [r["step"] for r in rows[rows.index(starts[1]):] if "loss" in r]
     assert after[0] == starts[1]["resumed_from"] + 1  # continues, never from scratch
     assert result.export_path and Path(result.export_path).exists()
+    epochs = check_exactly_once(trained_rows(tmp_path / "keys"), sorted(str(p) for p in folder_data.iterdir()),
+                                storage / "again")
+    assert len(epochs["done"]) >= 1 and len(epochs["done"]) * 96 + sum(epochs["partial"].values()) == 192, epochs
     # the schedules continue too: the lr at a resumed step equals the uninterrupted schedule's value
     from ibot_ray.schedules import Schedules
 
@@ -144,25 +168,28 @@ def test_only_checkpoints_reach_ray_train(ray_cluster, tmp_path, folder_data):
     assert all(r["checkpoint"] for r in reports)
     logged = _steps(read_metrics(storage / "reports" / "logs" / "metrics.jsonl"))
     assert logged == list(range(1, 13))  # every step still reaches the run's own log
-    # Each checkpoint keeps the metrics reported with it: a sweep trial that resumes hands the newest to Tune again.
-    from tune.sweep import latest_checkpoint_metrics
+    # Ray Train's snapshot keeps the metrics reported with the latest checkpoint: a sweep trial that resumes hands them
+    # to Tune again, and a restart streams from its data epoch.
+    from pipelines.ingest import latest_checkpoint_metrics
 
     assert latest_checkpoint_metrics(str(storage / "reports")) == reports[-1]["rank0"]
-    assert latest_checkpoint_metrics(str(storage / "no such run")) is None
+    assert latest_checkpoint_metrics(str(storage / "no such run")) == {}
 
 
 def test_bad_config_fails_before_any_cluster_resource():
-    env = dict(os.environ, RAY_ADDRESS="")
-    t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "ibot_ray.cli", "pretrain", "--set", "loss.teacher_temp=-0.5"],
-                       capture_output=True, text=True, env=env, timeout=120)
-    assert p.returncode == 2
-    assert "loss.teacher_temp" in p.stderr and "positive" in p.stderr
-    assert "Ray" not in p.stderr and "ray" not in p.stdout.lower()  # no local Ray was started
-    p = subprocess.run([sys.executable, "-m", "ibot_ray.cli", "pretrain", "--set", "train.num_workers=[4,2]"],
-                       capture_output=True, text=True, env=env, timeout=120)
-    assert p.returncode == 2 and "train.num_workers" in p.stderr
-    assert time.time() - t0 < 100
+    """``ibot-ray pretrain`` with a bad setting exits 2 naming it, and starts no Ray: a local Ray (what the CLI starts
+    without RAY_ADDRESS) creates its session folder, sockets and logs under RAY_TMPDIR, which stays empty."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ibr", dir="/tmp"))  # short: a Ray session's socket paths live under it
+    env = dict(os.environ, RAY_ADDRESS="", RAY_TMPDIR=str(ray_tmp))
+    try:
+        for setting, message in (("loss.teacher_temp=-0.5", "positive"), ("train.num_workers=[4,2]", "num_workers")):
+            p = subprocess.run([sys.executable, "-m", "ibot_ray.cli", "pretrain", "--set", setting],
+                               capture_output=True, text=True, env=env, timeout=300)
+            assert p.returncode == 2, (setting, p.stderr[-2000:])
+            assert setting.split("=")[0] in p.stderr and message in p.stderr and "Traceback" not in p.stderr
+            assert list(ray_tmp.iterdir()) == [], (setting, sorted(map(str, ray_tmp.rglob("*")))[:10])
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_unlabelled_knn_bank_is_a_config_error(tmp_path, image_writer, capsys):
@@ -182,3 +209,93 @@ def test_unlabelled_knn_bank_is_a_config_error(tmp_path, image_writer, capsys):
     assert str(flat) in lines[0] and "unlabelled" in lines[0] and "Traceback" not in out.err
     assert "data.source" in lines[0] and "data.eval_train_source" in lines[0] and "data.eval_source=null" in lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+# ---- what a run is judged on (pipelines/eval_split.py), end to end: `ibot-ray pretrain --data FOLDER` -------------
+
+def _trained_keys_per_epoch(folder: Path) -> dict[int, list[int]]:
+    """Data epoch -> key ids trained in it (the ``IBOT_TRAINED_KEYS_DIR`` hook of the worker loop)."""
+    out: dict[int, list[int]] = collections.defaultdict(list)
+    for f in sorted(folder.glob("rank*.jsonl")):
+        for row in map(json.loads, f.read_text().splitlines()):
+            for epoch, key in zip(row["epoch"], row["key_id"]):
+                out[epoch].append(key)
+    return out
+
+
+def test_a_labelled_folder_is_judged_on_its_own_held_out_split(ray_cluster, tmp_path, image_writer, capsys,
+                                                                 monkeypatch):
+    """Class subfolders, no --config, no --name: a preset is chosen for the images, the run is named after the
+    folder, the k-NN before, during and after training and both baselines are measured on a stratified held-out split
+    of the folder that never trains, every k-NN line names that split, and the scheduled checkpoints keep
+    ``train.checkpoint_min_interval_s`` apart (here: none but the last). The same name with other data is refused."""
+    from pipelines.ingest import key_id
+    from pipelines.pretrain import run_pretrain
+    from pipelines.train_worker import TRAINED_KEYS_ENV
+
+    written = image_writer(tmp_path / "pets", 60, kinds=("jpeg", "png"), classes=["cat", "dog", "eel"], size=(40, 40))
+    monkeypatch.setenv(TRAINED_KEYS_ENV, str(tmp_path / "keys"))
+    sets = TINY + ["data.eval_source=auto", "optim.epochs=2", "train.knn_every_epochs=1",
+                   "train.checkpoint_every_steps=1", "train.checkpoint_min_interval_s=3600"]
+    result = run_pretrain(None, sets, data=str(tmp_path / "pets"), storage=str(tmp_path / "runs"))
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "pets"
+    assert Path(result.run_path) == run  # named after the folder
+    assert "[ibot-ray] chose --config demo: 60 small images (median shorter side 40 px" in out
+    split = f"held-out split of {tmp_path / 'pets'} (12 images of 3 classes, kept out of training)"
+    assert result.knn_split == split
+    assert f"[ibot-ray] k-NN on the {split}, before training: initial teacher top-1" in out
+    assert "48 training images (12 more held out for the k-NN)" in out
+    assert f"k-NN split      {split}" in out and "same split" in out
+    online = [line for line in out.splitlines() if "after epoch" in line]
+    assert len(online) == 2 and all("k-NN on the held-out split after epoch" in line for line in online)
+    assert None not in (result.knn_before, result.knn_after, result.knn_pixels)
+    # the held-out images never trained; the others at most once per data epoch (the run's plan, made again)
+    from pipelines.pretrain import list_and_plan
+
+    _, plan = list_and_plan(load_config("demo", sets + [f"data.source={tmp_path / 'pets'}"]))
+    assert plan.split == split and set(written["good"]) == set(plan.train_listing.paths) | set(plan.queries.paths)
+    per_epoch = _trained_keys_per_epoch(tmp_path / "keys")
+    assert sum(len(keys) for keys in per_epoch.values()) == 2 * 48
+    assert all(len(keys) == len(set(keys)) for keys in per_epoch.values())
+    assert set().union(*per_epoch.values()) == {key_id(p) for p in plan.train_listing.paths}
+    # scheduled checkpoints (every step, two epoch ends) are within the minimum interval of the run's start: only
+    # the last one is written; the online k-NN still ran at both epoch ends
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_00000006"]
+    rows = read_metrics(run / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "knn_top1" in r] == [3, 6]
+    assert json.loads((run / "run.json").read_text()) == {"source": str(tmp_path / "pets"), "config": "demo"}
+    from ibot_ray.config import ConfigError
+
+    image_writer(tmp_path / "other", 8, kinds=("jpeg",), size=(40, 40))
+    with pytest.raises(ConfigError, match="holds a run of source"):
+        run_pretrain(None, sets, data=str(tmp_path / "other"), storage=str(tmp_path / "runs"), name="pets")
+
+
+def test_an_unlabelled_folder_gets_no_foreign_k_nn(ray_cluster, tmp_path, image_writer, capsys):
+    """A flat folder (no labels): no k-NN line about any data, and the summary says how to get a quality figure."""
+    from ibot_ray.cli import main as cli_main
+
+    image_writer(tmp_path / "flat", 48, kinds=("jpeg",), size=(40, 40))
+    sets = [a for s in TINY + ["data.eval_source=auto", "optim.epochs=1"] for a in ("--set", s)]
+    assert cli_main(["pretrain", "--data", str(tmp_path / "flat"), "--storage", str(tmp_path / "runs"), *sets]) == 0
+    out = capsys.readouterr().out
+    figures = ("top-1", "k-NN on", "k-NN split", "raw pixels", "random init", "demo's test split")
+    assert not [f for f in figures if f in out], out
+    assert "  quality         not measured: " in out
+    words = " ".join(out.split())  # the summary wraps its long lines
+    assert f"{tmp_path / 'flat'} is unlabelled (a flat image folder), so no k-NN was measured" in words
+    assert "class subfolders" in words and "'ibot-ray eval MODEL --train LABELLED --val LABELLED'" in words
+    assert (tmp_path / "runs" / "flat" / "export" / "teacher_backbone.safetensors").exists()
+
+
+def test_an_explicit_eval_source_wins(ray_cluster, tmp_path, image_writer):
+    """``data.eval_source`` set: the k-NN is on that split, and nothing is held out of the labelled training folder."""
+    from pipelines.pretrain import run_pretrain
+
+    image_writer(tmp_path / "train", 48, kinds=("jpeg",), classes=["a", "b"], size=(40, 40))
+    image_writer(tmp_path / "val", 10, kinds=("png",), classes=["a", "b"], size=(40, 40))
+    result = run_pretrain("demo", TINY + [f"data.eval_source={tmp_path / 'val'}", "optim.epochs=1"],
+                          data=str(tmp_path / "train"), storage=str(tmp_path / "runs"))
+    assert result.knn_split == f"split {tmp_path / 'val'} (10 images)"
+    assert result.steps == 3 and result.knn_after is not None  # all 48 images trained: 3 steps of 16

@@ -344,3 +344,133 @@ def test_parquet_shard_is_read_once(ray_cluster, tmp_path, cfg, monkeypatch):
     assert sorted(keys) == sorted(f"{path}#{i}" for i in range(2560))
     read = _bytes_read(log) - listed
     assert 0.9 * size <= read <= 1.2 * size, f"read {read} bytes of a {size}-byte file ({read / size:.1f}x)"
+
+
+# ---- resuming inside a data epoch (issue #29, items 1 and 6) ----------------------------------------------------
+
+
+class _CountingFS:
+    """A local filesystem that records every file the reader opens (in-process reads only)."""
+
+    def __init__(self) -> None:
+        import pyarrow.fs as pafs
+
+        self.fs, self.opened = pafs.LocalFileSystem(), []
+
+    def open_input_stream(self, path):
+        self.opened.append(path)
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path):
+        self.opened.append(path)
+        return self.fs.open_input_file(path)
+
+
+def _read_in_process(listing, seed, epoch, resume):
+    """Rows (key, position) of data epoch ``epoch`` as the stream's read tasks emit them, and the files they open."""
+    from pipelines.stream_position import StreamPosition
+
+    position = StreamPosition(listing.positions_per_epoch, epochs={epoch: resume} if resume else {})
+    plan, progress = sources.stream_plan(listing, seed, epoch, 1, position)
+    fs = _CountingFS()
+    rows = []
+    for t in range(plan.num_tasks):
+        for table in sources._read_stream_tasks({"id": [t]}, listing, fs, seed, plan, progress):
+            rows += list(zip(table.column("key").to_pylist(), table.column("position").to_pylist()))
+    return rows, fs.opened
+
+
+def test_resumed_folder_epoch_reads_only_the_images_still_owed(tmp_path, cfg):
+    """150 images = read units of 64, 64 and 22 positions. A position whose watermark is inside the second unit, with
+    two positions above it and the whole third unit consumed (rows trained by a rank that ran ahead): the resumed
+    epoch emits exactly the other positions, each with the key it has in the full epoch, and opens no other file."""
+    from pipelines.stream_position import EpochProgress
+
+    write_images(tmp_path / "d", 150, kinds=["png"], size=(8, 8))
+    listing = sources.list_source(cfg, str(tmp_path / "d"))
+    full, opened = _read_in_process(listing, 5, 2, None)
+    assert [p for _, p in full] == list(range(150)) and len(opened) == 150
+    resume = EpochProgress()
+    resume.add([*range(70), 75, 80, *range(128, 150)])
+    assert resume.watermark == 70
+    rows, opened = _read_in_process(listing, 5, 2, resume)
+    owed = [p for p in range(70, 128) if p not in (75, 80)]
+    assert [p for _, p in rows] == owed
+    assert rows == [full[p] for p in owed]  # the same image at the same position
+    assert sorted(opened) == sorted(k for k, _ in rows)  # nothing consumed is read
+
+
+def test_resumed_parquet_epoch_skips_consumed_units_unopened(tmp_path, cfg):
+    """900 rows in row groups of 300: three read units, each permuted per epoch. Half the first unit of the epoch's
+    order consumed (the watermark is inside it), the second untouched, the third consumed whole (a rank ran ahead):
+    two units are opened, not three, and exactly the rows owed come out, at the positions they have in the full
+    epoch."""
+    from pipelines.stream_position import EpochProgress
+
+    write_parquet(tmp_path / "p.parquet", 900, kinds=["png"], row_group_size=300, size=(8, 8))
+    listing = sources.list_source(cfg, str(tmp_path / "p.parquet"))
+    assert listing.num_units == 3 and listing.positions_per_epoch == 900
+    full, opened = _read_in_process(listing, 5, 1, None)
+    assert [p for _, p in full] == list(range(900)) and len(opened) == 3
+    resume = EpochProgress()
+    resume.add([*range(150), *range(600, 900)])
+    rows, opened = _read_in_process(listing, 5, 1, resume)
+    owed = list(range(150, 600))
+    assert rows == [full[p] for p in owed] and len(opened) == 2
+
+
+def test_resumed_stream_emits_the_complement_in_order_with_bounded_tasks(ray_cluster, tmp_path, cfg, monkeypatch):
+    """Through Ray Data, two data epochs: a stream resumed from a position (epoch 0 partly trained, epoch 1 barely
+    started) emits every position it owes once, with the image it has in the uninterrupted stream, in (epoch,
+    position) order. The same with read tasks of 32 rows and at most 3 id blocks (the streaming repartition that
+    keeps tasks small on a long run): the same rows, in the same order."""
+    import numpy as np
+
+    from pipelines.stream_position import StreamPosition, encode
+
+    write_images(tmp_path / "d", 100, kinds=["png"], size=(8, 8))
+    listing = sources.list_source(cfg, str(tmp_path / "d"))
+
+    def rows(**kw):
+        ds, _ = build_source_dataset(cfg, listing=listing, shuffle_seed=3, num_epochs=2, **kw)
+        return [(r["epoch"], r["position"], r["key"]) for r in ds.select_columns(["epoch", "position", "key"])
+                .take_all()]
+
+    full = rows()
+    assert [(e, p) for e, p, _ in full] == [(e, p) for e in (0, 1) for p in range(100)]
+    rng = np.random.default_rng(0)
+    position = StreamPosition(100)
+    position.add(encode([0] * 80, [*range(50), *rng.choice(np.arange(50, 100), 30, replace=False)]))
+    position.add(encode([1, 1], [4, 9]))
+    owed = [(e, p, k) for e, p, k in full if position.epochs[e].needed(p, p + 1)[0]]
+    assert len(owed) == 20 + 98
+    assert rows(resume=position) == owed
+    monkeypatch.setattr(sources, "STREAM_TASK_ROWS", 32)
+    monkeypatch.setattr(sources, "MAX_ID_BLOCKS", 3)
+    assert sources.stream_plan(listing, 3, 0, 2, position)[0].num_tasks > 3  # the repartitioned path
+    assert rows(resume=position) == owed
+
+
+def test_read_tasks_stay_small_however_long_the_run(monkeypatch):
+    """Issue #29, item 6: at 100M folder images x 800 epochs a read task held ~1.6M images (a 50,000-task cap over
+    the run). Now a task reads STREAM_TASK_ROWS images at any length; the task ids come from at most MAX_ID_BLOCKS
+    range blocks, cut into one-id blocks by a streaming repartition (tested above through Ray Data)."""
+    import numpy as np
+
+    from pipelines.stream_position import EpochProgress, StreamPosition
+
+    class Listing:  # what stream_plan reads of a 100M-image folder listing, without 100M paths
+        num_units = 100_000_000 // sources.FOLDER_FILES_PER_UNIT
+        positions_per_epoch = 100_000_000
+
+        def unit_bounds(self, seed, epoch):
+            return np.minimum(np.arange(self.num_units + 1) * sources.FOLDER_FILES_PER_UNIT, 100_000_000)
+
+    resume = StreamPosition(100_000_000, start=3, epochs={3: EpochProgress(99_000_000)})
+    plan, _ = sources.stream_plan(Listing(), 0, 3, 800, resume)
+    rows = (plan.units_per_task * sources.FOLDER_FILES_PER_UNIT)
+    assert rows == sources.STREAM_TASK_ROWS == 1024
+    assert plan.num_tasks == 977 + 799 * 97_657  # the resumed epoch starts at its watermark's unit
+    assert plan.task(0) == (3, 1_546_875, 1_546_891) and plan.task(977) == (4, 0, 16)
+    assert plan.task(plan.num_tasks - 1) == (802, 1_562_496, 1_562_500)
+    assert plan.num_tasks > sources.MAX_ID_BLOCKS  # so the stream repartitions its ids

@@ -137,10 +137,27 @@ def test_malformed_files(tmp_path, demo):
 
 
 def test_momentum_schedule_shape_is_sweepable_and_checked():
-    from tune.space import SpaceError, parse_space
+    """A grid over the momentum schedule's shape: each trial's config gets its shape, and its run's schedule has it
+    (0.996 -> 1, the ViT-S/16 preset's). An unknown shape is refused, naming the entry."""
+    from ibot_ray.schedules import Schedules
 
-    space = parse_space({"optim.momentum_schedule": {"type": "grid", "values": ["cosine", "linear", "constant"]}})
-    assert space is not None
+    shapes = ["cosine", "linear", "constant"]
+    base = load_config("vit_small_16")
+    space = parse_space({"optim.momentum_schedule": {"type": "grid", "values": shapes}}, base=base)
+    assert space.grid_only and space.grid_size == 3
+    assert space.param_space() == {"optim.momentum_schedule": {"grid_search": shapes}}
+    m0, m1 = base.optim.momentum_teacher, base.optim.momentum_teacher_end
+    assert (m0, m1) == (0.996, 1.0)
+    n = base.optim.epochs  # one step per epoch
+    step = np.arange(n)
+    expected = {"cosine": m1 + 0.5 * (m0 - m1) * (1 + np.cos(np.pi * step / n)),
+                "linear": m0 + (m1 - m0) * step / (n - 1),
+                "constant": np.full(n, m0)}
+    for shape in shapes:
+        cfg = space.trial_config(base, {"optim.momentum_schedule": shape})
+        assert cfg.optim.momentum_schedule == shape
+        momentum = Schedules(cfg, steps_per_epoch=1).momentum
+        np.testing.assert_allclose(momentum, expected[shape], rtol=0, atol=1e-12, err_msg=shape)
     with pytest.raises(SpaceError, match="optim.momentum_schedule"):
         parse_space({"optim.momentum_schedule": {"type": "choice", "values": ["cosine", "exponential"]}})
 

@@ -33,7 +33,8 @@ TINY = [
     "crops.local_crops_size=16", "crops.local_crops_number=2", "head.out_dim=64", "head.patch_out_dim=64",
     "head.hidden_dim=64", "head.bottleneck_dim=32", "train.log_every_steps=2",
     # a report (a checkpoint) every 2 of the run's 4 steps: ASHA's half-epoch grace period needs one mid-epoch
-    "train.checkpoint_every_steps=2", "train.knn_every_epochs=0", "data.eval_source=null", "data.cpus_per_actor=0.5",
+    "train.checkpoint_every_steps=2", "train.checkpoint_min_interval_s=0", "train.knn_every_epochs=0",
+    "data.eval_source=null", "data.cpus_per_actor=0.5",
     "data.actors=[1,1]", "eval.image_size=32",
 ]
 # CE(teacher, student) = H(teacher) + KL grows with the teacher's entropy: 0.2 (a nearly uniform teacher over 64
@@ -78,6 +79,7 @@ def _placement_groups_left() -> dict:
     return {k: (v["state"], v["bundles"]) for k, v in placement_group_table().items() if v["state"] != "REMOVED"}
 
 
+@pytest.mark.slow
 def test_asha_sweep_is_interrupted_resumes_and_reports(ray_cluster, tmp_path):
     from tune.sweep import run_sweep
 
@@ -185,10 +187,25 @@ def _never_runs() -> None:  # the train function of a worker group that is never
     raise AssertionError("the worker group was placed")
 
 
+def _alive_reapers() -> set[str]:
+    """The placement-group reapers (tune/sweep.py) the GCS's actor table shows alive."""
+    from ray._private.state import actors
+
+    return {a for a, info in actors().items()
+            if info["ActorClassName"].endswith("PlacementGroupReaper") and info["State"] == "ALIVE"}
+
+
 def test_reaper_removes_a_placement_group_still_being_placed_when_its_controller_dies(ray_cluster, tmp_path):
     """The window the interrupted sweep above can leave open: the Train controller dies while its worker group's
     placement group is still pending. No callback has been handed that group yet; the reaper finds it by its creator
-    in the GCS's table."""
+    in the GCS's table.
+
+    Deterministic whatever ran before: Ray Train would give up on the pending group after its worker-group start
+    timeout and place a new one, racing the test (the timeout comes from the environment of the process that calls
+    fit(): the one the session's Ray hands its actors, which was 10 s in the whole suite, where test_multinode.py had
+    restarted that Ray from the environment its last run left, and 30 s alone), so the Driver sets it longer than the
+    test; the group then stays pending until the reaper removes it. The controller is killed once its reaper is
+    alive, so the removal window times only the reaper's own work."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -203,20 +220,25 @@ def test_reaper_removes_a_placement_group_still_being_placed_when_its_controller
     @ray.remote(num_cpus=0)
     class Driver:  # a Tune trial's role: the process that calls fit() and owns the controller
         def fit(self, storage: str) -> None:
+            import os
+
+            os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "3600"  # Train propagates it to its controller
             TorchTrainer(_never_runs, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": total}),
                          run_config=RunConfig(name="unplaced", storage_path=storage,
                                               callbacks=[_pg_reaper_callback()])).fit()
 
     before = set(placement_group_table())
+    reapers_before = _alive_reapers()
     driver = Driver.remote()
     driver.fit.remote(str(tmp_path))
     try:
-        pending, deadline = [], time.time() + 120
-        while not pending and time.time() < deadline:
+        pending, reapers, deadline = [], set(), time.time() + 120
+        while not (pending and reapers) and time.time() < deadline:
             time.sleep(0.5)
             pending = [k for k, v in placement_group_table().items() if k not in before and v["state"] == "PENDING"
                        and list(v["bundles"].values()) == [{"CPU": float(total)}]]
-        assert len(pending) == 1, placement_group_table()
+            reapers = _alive_reapers() - reapers_before
+        assert len(pending) == 1 and len(reapers) == 1, (placement_group_table(), reapers)
         ray.kill(driver)  # as ASHA ends a trial: the controller dies with its owner, the group still pending
         deadline = time.time() + 60
         while placement_group_table()[pending[0]]["state"] != "REMOVED" and time.time() < deadline:
@@ -271,6 +293,7 @@ def test_report_arithmetic_matches_the_worker_loop():
     from tune.sweep import ASHA_TIME_ATTR, asha_rungs, report_steps
 
     cfg = load_config("demo", ["optim.epochs=2", "train.log_every_steps=2", "train.checkpoint_every_steps=3",
+                               "train.checkpoint_min_interval_s=0",
                                "train.knn_every_epochs=2"])
     spe = 5
     expected = sorted(set(range(3, 11, 3)) | {5, 10})

@@ -1,4 +1,4 @@
-"""Ray Tune sweeps of iBOT's temperatures and momentum schedules (``ibot-ray tune``; README: sweeps).
+"""Ray Tune sweeps of iBOT's temperatures and momentum schedules (``ibot-ray tune``; docs/sweeps.md).
 
 * :mod:`tune.space`: search spaces as YAML (``tune/spaces/*.yaml``), validated against the config;
 * :mod:`tune.sweep`: :func:`run_sweep`, one Ray Train run per Tune trial, ASHA early stopping, resumable state;

@@ -7,8 +7,8 @@
   hands every rank-0 ``ray.train.report`` to Tune through ``ray.tune.integration.ray_train.TuneReportCallback``, so
   one worker report is one Tune ``training_iteration``. The Train run is named ``<sweep>_<trial id>`` under
   ``<storage>/<sweep>/train_runs``: a restarted trial (a retry, or a resumed sweep) resumes its own Train checkpoint,
-  and first replays that checkpoint's report to Tune (:func:`latest_checkpoint_metrics`), which an interrupt may have
-  kept from Tune.
+  and first replays that checkpoint's report to Tune (``pipelines.ingest.latest_checkpoint_metrics``), which an
+  interrupt may have kept from Tune.
 * **Trial drivers** need a Ray resource: ``cfg.train.driver_resource`` (``TRAIN_DRIVER``, only the on-demand head of
   ``cluster.yaml`` has it) when set, else a small CPU fraction (``{"CPU": 0}`` is rejected by Ray).
 * **Objective.** ``knn_top1`` (online k-NN top-1 on ``data.eval_source``, mode max; measured at epoch ends) or
@@ -17,8 +17,11 @@
   ``grace_epochs`` epochs and at least the first k-NN evaluation. ASHA's rung records are kept in
   ``<sweep>/asha_state.yaml`` (Tune itself does not save scheduler state) so a resumed sweep still stops bad trials.
 * **State and faults.** Tune's experiment state lives in ``<storage>/<sweep>``. Running the same sweep again
-  (same storage and name) restores it: finished trials are kept, unfinished ones resume, errored ones restart. A
-  failing trial (even after ``max_failures`` retries) never ends the sweep.
+  (same storage and name) restores it: finished trials are kept, unfinished and errored ones resume (each from its
+  Train run's checkpoint), except those whose error no retry can fix (``FatalTrainingError``: diverged, out of
+  memory at the minimum size, a config error; kept in the trial's ``fatal_error.yaml``), which end again at once. A
+  failing trial (even after ``max_failures`` retries) never ends the sweep. One driver per sweep: a second one on the
+  same sweep stops with ``RunInUseError`` (pipelines/run_lease.py).
 * **Stopped trials release their workers.** ASHA ends a trial's driver actor, and the Train controller dies with
   it without shutting its worker group down. A small reaper (:func:`_pg_reaper_callback`) removes that worker
   group's placement group, also one still being placed; Ray Train's own cleaner cannot when the State API is
@@ -43,6 +46,7 @@ import yaml
 
 from ibot_ray.config import ConfigError, IBOTConfig, load_config
 from pipelines.pretrain import resolve_storage
+from pipelines.storage import read_text, write_text
 from tune.report import (
     TrialRow,
     best_row,
@@ -62,6 +66,8 @@ SPEC_FILE = "sweep_spec.yaml"
 ASHA_STATE_FILE = "asha_state.yaml"
 ASHA_TIME_ATTR = "step"  # the run's global step: a restarted trial replays steps, never counts them twice
 TRAIN_RUNS_DIR = "train_runs"
+#: In a trial's Train run folder: the FatalTrainingError that ended it (YAML), raised again when the sweep resumes.
+FATAL_ERROR_FILE = "fatal_error.yaml"
 DRIVER_CPU = 0.1  # a trial driver's CPU share when no driver resource is configured
 DRIVER_RESOURCE_SHARE = 0.01  # of cfg.train.driver_resource per trial driver (concurrency is capped separately)
 
@@ -70,7 +76,7 @@ PBT_UNSUPPORTED = (
     "Tune through TuneReportCallback, which forwards metrics and the Train checkpoint's path only, never a Tune "
     "checkpoint, so PBT could never exploit. The workaround (train in segments of perturbation_interval epochs and "
     "report a pointer checkpoint after each segment) needs the worker loop to stop a run at an epoch boundary, which "
-    "the config cannot express yet. Use --scheduler asha with random or grid search (README: sweeps)."
+    "the config cannot express yet. Use --scheduler asha with random or grid search (docs/sweeps.md)."
 )
 
 
@@ -78,39 +84,8 @@ class SweepError(RuntimeError):
     """A sweep cannot start or resume as asked; the message says why."""
 
 
-# ---- storage helpers (local paths or URIs) ---------------------------------------------------------
-
-
 def _is_uri(path: str) -> bool:
     return "://" in path
-
-
-def _fs(path: str):
-    import pyarrow.fs as pafs
-
-    if _is_uri(path):
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
-
-
-def read_text(path: str) -> Optional[str]:
-    """The text of a local or remote file, or None when it does not exist."""
-    import pyarrow.fs as pafs
-
-    fs, p = _fs(path)
-    if fs.get_file_info(p).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(p) as f:
-        return f.read().decode()
-
-
-def write_text(path: str, text: str) -> None:
-    fs, p = _fs(path)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    tmp = f"{p}.tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(text.encode())
-    fs.move(tmp, p)
 
 
 # ---- report arithmetic -----------------------------------------------------------------------------
@@ -276,7 +251,7 @@ def train_run_name(sweep_name: str, trial_id: str) -> str:
     return f"{sweep_name}_{trial_id}"
 
 
-def sweep_trial(config: dict, spec: Optional[dict] = None, listing: Any = None) -> None:
+def sweep_trial(config: dict, spec: Optional[dict] = None, listing: Any = None, plan: Any = None) -> None:
     """One Tune trial: the base config with this trial's values, trained to the end by its own TorchTrainer.
 
     An invalid combination of values (e.g. ``momentum_teacher > momentum_teacher_end``) raises the config's
@@ -288,17 +263,27 @@ def sweep_trial(config: dict, spec: Optional[dict] = None, listing: Any = None) 
 
     import ray.tune  # after validation: a bad combination fails without loading torch
 
+    from pipelines.failures import FatalTrainingError, fit_or_raise_fatal
+    from pipelines.ingest import latest_checkpoint_metrics
     from pipelines.pretrain import build_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
     name = train_run_name(spec["name"], trial_id)
+    run_path = f"{spec['train_storage']}/{name}"
+    # A resumed sweep retries its errored trials (Tuner.restore(resume_errored=True)), but only those a retry could
+    # fix: a trial that ended with an error every restart raises again (diverged, out of memory at the minimum size, a
+    # config error) raises it again here, before it asks for any Train resource.
+    known = read_text(f"{run_path}/{FATAL_ERROR_FILE}")
+    if known:
+        raise FatalTrainingError(**yaml.safe_load(known))
     callback = _report_callback({"train_run": name})
     d, b = cfg.data, base.data
     same_source = (d.source, d.format, d.image_column, d.label_column) == (b.source, b.format, b.image_column,
                                                                            b.label_column)
     trainer, info = build_trainer(cfg, storage=spec["train_storage"], name=name,
                                   callbacks=[callback, _pg_reaper_callback()], per_trial=True,
-                                  listing=listing if same_source else None)  # the sweep's one listing
+                                  listing=listing if same_source else None,  # the sweep's one listing and plan
+                                  plan=plan if d == b else None)
     for line in [*info["derived"], *(f"warning: {w}" for w in info["warnings"])]:
         print(f"[ibot-ray tune] trial {trial_id}: {line}", flush=True)
     total = int(info["total_steps"])
@@ -310,30 +295,15 @@ def sweep_trial(config: dict, spec: Optional[dict] = None, listing: Any = None) 
     # it: ASHA then judges that report at its rung now, instead of one report interval later (or never, when the next
     # report is the last); a run that had already finished has nothing more to report. Tune records a report it had
     # already seen again, with no effect on ASHA (a recorded rung is not judged twice).
-    replay = latest_checkpoint_metrics(f"{spec['train_storage']}/{name}")
-    if replay is not None:
+    replay = latest_checkpoint_metrics(run_path)
+    if replay:
         ray.tune.report({k: v for k, v in {**replay, **callback.extra}.items() if not isinstance(v, list)})
-    from pipelines.failures import fit_or_raise_fatal
-
-    fit_or_raise_fatal(trainer)  # a diverged or misconfigured trial ends as an error at once
-
-
-def latest_checkpoint_metrics(run_path: str) -> Optional[dict]:
-    """The metrics reported with the newest checkpoint of a Train run (local or remote) that has them, or None."""
-    import pyarrow.fs as pafs
-
-    from pipelines.train_worker import METRICS_FILE, checkpoint_dir_step
-
-    fs, p = _fs(run_path)
-    if fs.get_file_info(p).type != pafs.FileType.Directory:
-        return None
-    found = [(s, i.base_name) for i in fs.get_file_info(pafs.FileSelector(p))
-             if i.type == pafs.FileType.Directory and (s := checkpoint_dir_step(i.base_name)) is not None]
-    for _, d in sorted(found, reverse=True):  # newest first; one still being written may lack the file
-        text = read_text(f"{run_path}/{d}/{METRICS_FILE}")
-        if text:
-            return json.loads(text)
-    return None
+    try:
+        fit_or_raise_fatal(trainer)  # a diverged or misconfigured trial ends as an error at once
+    except FatalTrainingError as e:  # ... and stays one when the sweep is resumed
+        write_text(f"{run_path}/{FATAL_ERROR_FILE}",
+                   yaml.safe_dump({"cause": e.cause, "detail": e.detail, "setting": e.setting}))
+        raise
 
 
 def trial_dirname(trial: Any) -> str:
@@ -516,8 +486,8 @@ def _prepare_base(config: Union[str, IBOTConfig, None], overrides: Optional[list
         base = load_config(config or "demo", overrides, validate=False)
     if objective == "knn_top1":
         if not base.data.eval_source:
-            raise SweepError("objective knn_top1 needs a labelled held-out split: set data.eval_source "
-                             "(--set data.eval_source=demo for the demo data), or use --objective loss")
+            raise SweepError("objective knn_top1 needs a labelled split: set data.eval_source (auto: a held-out "
+                             "split of a labelled source), or use --objective loss")
         if base.train.knn_every_epochs == 0:
             print("[ibot-ray tune] objective knn_top1: train.knn_every_epochs was 0, evaluating every epoch",
                   flush=True)
@@ -562,6 +532,7 @@ def run_sweep(
     seed: Optional[int] = 0,
     out_dir: Optional[Union[str, Path]] = None,
     verbose: int = 1,
+    takeover: bool = False,
 ) -> SweepResult:
     """Run (or resume) a sweep and write its report; see the module doc.
 
@@ -578,6 +549,7 @@ def run_sweep(
         seed: seed of the random search (None: unseeded).
         out_dir: local folder for the table, CSV, best config and plot (default: the sweep folder when local,
             else ``./<name>_report``).
+        takeover: take the sweep over from a driver known to be gone (one driver per sweep: pipelines/run_lease.py).
     """
     t0 = time.time()
     if scheduler not in SCHEDULERS:
@@ -601,67 +573,77 @@ def run_sweep(
     spec = _spec(name, base, sp, objective, scheduler, exp_path)
     mode = OBJECTIVES[objective]
 
-    from pipelines.sources import list_source
+    from pipelines.pretrain import list_and_plan
 
-    try:
-        listing = list_source(base)  # once for the sweep: every trial reuses it (tune.with_parameters)
-        steps_per_epoch = listing.info.num_items // base.optim.batch_size
+    try:  # once for the sweep: every trial reuses the listing and the evaluation plan (tune.with_parameters)
+        listing, plan = list_and_plan(base)
+        steps_per_epoch = plan.train_listing.info.num_items // base.optim.batch_size
     except Exception as e:
         raise SweepError(f"data.source {base.data.source!r} cannot be listed: {e}") from None
+    if objective == "knn_top1" and not plan.enabled:
+        raise SweepError(f"objective knn_top1 needs a labelled split: {plan.why_none}; or use --objective loss")
     if steps_per_epoch < 1:
         raise SweepError(f"optim.batch_size {base.optim.batch_size} is larger than the dataset {base.data.source!r}")
 
-    _init_ray(base, address, max_concurrent or 1, verbose=verbose >= 2)  # 2+: Ray's logs on the console too
-    import ray.tune
-    from ray.tune import Tuner
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from pipelines.run_lease import RunLease
 
     strict_env = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
-    if objective == "knn_top1":
-        # k-NN is measured at epoch ends only; the other reports lack it, which Tune's strict check would reject.
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    driver = ({base.train.driver_resource: DRIVER_RESOURCE_SHARE} if base.train.driver_resource
-              else {"CPU": DRIVER_CPU})
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(sweep_trial, spec=spec, listing=listing), driver)
-
-    resumed = Tuner.can_restore(exp_path)
-    asha_info: dict = {}
-    if resumed:
-        stored = yaml.safe_load(read_text(f"{exp_path}/{SPEC_FILE}") or "{}") or {}
-        _check_same_sweep(stored, spec, exp_path)
-        print(f"[ibot-ray tune] resuming sweep {exp_path}", flush=True)
-        tuner = Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, restart_errored=True)
-        asha_info = stored.get("asha", {})
-    else:
-        concurrent = max_concurrent or default_max_concurrent(base)
-        sched = None
-        if scheduler == "asha":
-            grace, max_t = asha_rungs(base, steps_per_epoch, objective, grace_epochs)
-            grace = min(grace, max_t)
-            asha_info = {"grace_period": grace, "max_t": max_t, "reduction_factor": reduction_factor,
-                         "time_attr": ASHA_TIME_ATTR}
-            sched = _asha_class()(state_path=f"{exp_path}/{ASHA_STATE_FILE}", time_attr=ASHA_TIME_ATTR,
-                                  max_t=max_t, grace_period=grace,
-                                  reduction_factor=reduction_factor, stop_last_trials=False)
-        spec["asha"] = asha_info
-        write_text(f"{exp_path}/{SPEC_FILE}", yaml.safe_dump(spec, sort_keys=False))
-        print(f"[ibot-ray tune] sweep {exp_path}: {num_samples} sample(s) x grid {sp.grid_size} of "
-              f"{', '.join(sp.names)}; objective {objective} ({mode}); scheduler {scheduler} {asha_info or ''}; "
-              f"{concurrent} trial(s) at once", flush=True)
-        tuner = Tuner(
-            trainable,
-            param_space=sp.param_space(),
-            tune_config=ray.tune.TuneConfig(
-                metric=objective, mode=mode, num_samples=num_samples,
-                scheduler=sched, search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=concurrent),
-                trial_dirname_creator=trial_dirname),
-            run_config=ray.tune.RunConfig(name=name, storage_path=storage_path,
-                                          failure_config=ray.tune.FailureConfig(max_failures=max_failures),
-                                          verbose=verbose),
-        )
+    lease = RunLease(exp_path, what="sweep", takeover=takeover).acquire()  # one driver per sweep, before Ray
     try:
+        _init_ray(base, address, max_concurrent or 1, verbose=verbose >= 2)  # 2+: Ray's logs on the console too
+        import ray.tune
+        from ray.tune import Tuner
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        if objective == "knn_top1":
+            # k-NN is measured at epoch ends only; the other reports lack it, which Tune's strict check would reject.
+            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        driver = ({base.train.driver_resource: DRIVER_RESOURCE_SHARE} if base.train.driver_resource
+                  else {"CPU": DRIVER_CPU})
+        trainable = ray.tune.with_resources(ray.tune.with_parameters(sweep_trial, spec=spec, listing=listing,
+                                                                     plan=plan), driver)
+
+        resumed = Tuner.can_restore(exp_path)
+        asha_info: dict = {}
+        if resumed:
+            stored = yaml.safe_load(read_text(f"{exp_path}/{SPEC_FILE}") or "{}") or {}
+            _check_same_sweep(stored, spec, exp_path)
+            print(f"[ibot-ray tune] resuming sweep {exp_path}", flush=True)
+            # errored trials resume (same trial id, so their Train run continues from its checkpoint; Tune's
+            # restart_errored would start them over under a new id), and sweep_trial ends at once a trial whose
+            # error no retry can fix
+            tuner = Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            asha_info = stored.get("asha", {})
+        else:
+            concurrent = max_concurrent or default_max_concurrent(base)
+            sched = None
+            if scheduler == "asha":
+                grace, max_t = asha_rungs(base, steps_per_epoch, objective, grace_epochs)
+                grace = min(grace, max_t)
+                asha_info = {"grace_period": grace, "max_t": max_t, "reduction_factor": reduction_factor,
+                             "time_attr": ASHA_TIME_ATTR}
+                sched = _asha_class()(state_path=f"{exp_path}/{ASHA_STATE_FILE}", time_attr=ASHA_TIME_ATTR,
+                                      max_t=max_t, grace_period=grace,
+                                      reduction_factor=reduction_factor, stop_last_trials=False)
+            spec["asha"] = asha_info
+            write_text(f"{exp_path}/{SPEC_FILE}", yaml.safe_dump(spec, sort_keys=False))
+            print(f"[ibot-ray tune] sweep {exp_path}: {num_samples} sample(s) x grid {sp.grid_size} of "
+                  f"{', '.join(sp.names)}; objective {objective} ({mode}); scheduler {scheduler} {asha_info or ''}; "
+                  f"{concurrent} trial(s) at once", flush=True)
+            tuner = Tuner(
+                trainable,
+                param_space=sp.param_space(),
+                tune_config=ray.tune.TuneConfig(
+                    metric=objective, mode=mode, num_samples=num_samples,
+                    scheduler=sched, search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=concurrent),
+                    trial_dirname_creator=trial_dirname),
+                run_config=ray.tune.RunConfig(name=name, storage_path=storage_path,
+                                              failure_config=ray.tune.FailureConfig(max_failures=max_failures),
+                                              verbose=verbose),
+            )
         results = tuner.fit()
     finally:
+        lease.release()
         if strict_env is None:
             os.environ.pop("TUNE_DISABLE_STRICT_METRIC_CHECKING", None)
         else:
