@@ -53,7 +53,8 @@ COMPILED=1
 CAP_SCALE=1
 if [[ $DEVICE == cpu ]]; then
     CAP_SCALE=4  # a shared 2-core CI machine, not the GPU machine's 16 cores
-    S=(--config demo --set model.stem=patch --steps 1 --rounds 1)
+    # one torch thread: on a busy 2-core machine two threads wait on each other (the demo step ~100x slower)
+    S=(--config demo --set model.stem=patch --steps 1 --rounds 1 --threads 1)
     B=("${S[@]}")
     SMALL=2
     BIG=2
