@@ -185,7 +185,7 @@ class TrainConfig:
     worker_start_timeout_s: int = 30
     images_per_device: int = 0  # images one forward pass may hold on a device (0: estimated on GPU, no limit on CPU)
     # torch.compile the backbone and the head MLP in place, names kept: auto, true or false (auto: on CUDA, not on a
-    # CPU, where compiling costs minutes and buys little; ibot_ray/step.py compile_model)
+    # CPU, where no gain is measured; ibot_ray/step.py compile_model)
     compile: str = "auto"
     elastic_resize_interval_s: float = 60.0
     log_every_steps: int = 10
