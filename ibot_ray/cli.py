@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "log folder, /tmp/ray/session_latest/logs for a local Ray")
     p.add_argument("--takeover", action="store_true",
                    help="take the run over from a driver known to be gone, without waiting for its lease to go stale "
-                        "(one driver per run; README: resuming)")
+                        "(one driver per run: docs/pretraining.md#resume)")
 
     p = _command(
         sub, "tune", "sweep hyperparameters with Ray Tune (ASHA early stopping)",

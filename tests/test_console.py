@@ -187,7 +187,7 @@ def test_cli_console_shows_the_run_and_no_ray_internals(ray_cluster, tmp_path, i
         assert needle not in out and needle not in err, (needle, out, err)
     assert err == "", err
     lines = out.splitlines()
-    assert lines[0].startswith("[ibot-ray] run 'quiet': 96 images, 6 steps/epoch, 6 steps")
+    assert lines[0].startswith("[ibot-ray] run 'quiet': 96 training images, 6 steps/epoch, 6 steps")
     derived = [ln for ln in lines if ln.startswith("[ibot-ray] derived ")]  # the preset's `auto` fields, one each
     assert lines[1:1 + len(derived)] == derived and all("(set it to override)" in ln for ln in derived)
     assert lines[1 + len(derived)] == "[ibot-ray] training started: 2 workers, global batch 16 (8 per rank), 6 steps"
