@@ -410,14 +410,16 @@ def choose_config(overrides: list[str], *, address: str | None = None, verbose: 
         from pipelines.cluster_plan import local_shape
 
         gpu = local_shape().capacity("GPU") > 0
-    n = listing.info.num_items
-    if listing.info.has_labels and probe.data.eval_source == "auto":  # the held-out split will not train
+    side, user_set = int(sorted(sides)[len(sides) // 2]), _overridden_keys(overrides)
+    choice = choose_preset(side, listing.info.num_items, gpu, user_set=user_set)
+    cfg = load_config(choice.preset, list(overrides), validate=False)
+    if listing.info.has_labels and cfg.data.eval_source == "auto":  # the held-out split (its preset's cap) won't train
         from pipelines.eval_split import holdout_size
 
-        n -= holdout_size(n, probe.data.eval_holdout_fraction, probe.data.eval_max_images)
-    choice = choose_preset(int(sorted(sides)[len(sides) // 2]), n, gpu, user_set=_overridden_keys(overrides))
-    derived = [f"{k}={v}" for k, v in choice.overrides.items()]
-    cfg = load_config(choice.preset, derived + list(overrides))
+        n = listing.info.num_items
+        choice = choose_preset(side, n - holdout_size(n, cfg.data.eval_holdout_fraction, cfg.data.eval_max_images),
+                               gpu, user_set=user_set)
+    cfg = load_config(choice.preset, [f"{k}={v}" for k, v in choice.overrides.items()] + list(overrides))
     return cfg, choice.preset, listing, choice.reasons
 
 
