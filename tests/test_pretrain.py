@@ -226,6 +226,8 @@ def test_unlabelled_knn_bank_is_a_config_error(tmp_path, image_writer, capsys):
 
 
 # ---- what a run is judged on (pipelines/eval_split.py), end to end: `ibot-ray pretrain --data FOLDER` -------------
+# A labelled folder here; an unlabelled one in test_console.py's CLI run (no k-NN line, the summary says why); an
+# explicit data.eval_source in test_api.py's run. test_eval_split.py has each case's plan, without Ray.
 
 def _trained_keys_per_epoch(folder: Path) -> dict[int, list[int]]:
     """Data epoch -> key ids trained in it (the ``IBOT_TRAINED_KEYS_DIR`` hook of the worker loop)."""
@@ -284,32 +286,3 @@ def test_a_labelled_folder_is_judged_on_its_own_held_out_split(ray_cluster, tmp_
     image_writer(tmp_path / "other", 8, kinds=("jpeg",), size=(40, 40))
     with pytest.raises(ConfigError, match="holds a run of source"):
         run_pretrain(None, sets, data=str(tmp_path / "other"), storage=str(tmp_path / "runs"), name="pets")
-
-
-def test_an_unlabelled_folder_gets_no_foreign_k_nn(ray_cluster, tmp_path, image_writer, capsys):
-    """A flat folder (no labels): no k-NN line about any data, and the summary says how to get a quality figure."""
-    from ibot_ray.cli import main as cli_main
-
-    image_writer(tmp_path / "flat", 48, kinds=("jpeg",), size=(40, 40))
-    sets = [a for s in TINY + ["data.eval_source=auto", "optim.epochs=1"] for a in ("--set", s)]
-    assert cli_main(["pretrain", "--data", str(tmp_path / "flat"), "--storage", str(tmp_path / "runs"), *sets]) == 0
-    out = capsys.readouterr().out
-    figures = ("top-1", "k-NN on", "k-NN split", "raw pixels", "random init", "demo's test split")
-    assert not [f for f in figures if f in out], out
-    assert "  quality         not measured: " in out
-    words = " ".join(out.split())  # the summary wraps its long lines
-    assert f"{tmp_path / 'flat'} is unlabelled (a flat image folder), so no k-NN was measured" in words
-    assert "class subfolders" in words and "'ibot-ray eval MODEL --train LABELLED --val LABELLED'" in words
-    assert (tmp_path / "runs" / "flat" / "export" / "teacher_backbone.safetensors").exists()
-
-
-def test_an_explicit_eval_source_wins(ray_cluster, tmp_path, image_writer):
-    """``data.eval_source`` set: the k-NN is on that split, and nothing is held out of the labelled training folder."""
-    from pipelines.pretrain import run_pretrain
-
-    image_writer(tmp_path / "train", 48, kinds=("jpeg",), classes=["a", "b"], size=(40, 40))
-    image_writer(tmp_path / "val", 10, kinds=("png",), classes=["a", "b"], size=(40, 40))
-    result = run_pretrain("demo", TINY + [f"data.eval_source={tmp_path / 'val'}", "optim.epochs=1"],
-                          data=str(tmp_path / "train"), storage=str(tmp_path / "runs"))
-    assert result.knn_split == f"split {tmp_path / 'val'} (10 images)"
-    assert result.steps == 3 and result.knn_after is not None  # all 48 images trained: 3 steps of 16
