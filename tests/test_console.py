@@ -3,7 +3,9 @@
 The CLI test runs two tiny pretraining jobs as subprocesses (quiet and ``--verbose``, side by side) and checks that
 the quiet one shows the run's own lines only, none of Ray's internals, and that ``--verbose`` brings Ray's back. The
 quiet job starts its own local Ray, as a user's first run does; the verbose one joins the test session's Ray
-(``--address``), which spares the 2-core machine a second Ray instance's start-up."""
+(``--address``), which spares the 2-core machine a second Ray instance's start-up. The quiet job's data is a flat
+(unlabelled) folder with ``data.eval_source=auto``: no k-NN line about any data, and the summary says how to get a
+quality figure."""
 
 from __future__ import annotations
 
@@ -175,7 +177,7 @@ def test_cli_console_shows_the_run_and_no_ray_internals(ray_cluster, tmp_path, i
     data = tmp_path / "images"
     image_writer(data, 96, kinds=("jpeg", "png"), size=(40, 40))  # 6 steps of 16
     common = ["--data", str(data), "--storage", str(tmp_path / "runs")] + [a for s in TINY for a in ("--set", s)]
-    quiet = _cli(common + ["--name", "quiet"])
+    quiet = _cli(common + ["--name", "quiet", "--set", "data.eval_source=auto"])  # a flat folder: no k-NN
     address = ray_cluster.get_runtime_context().gcs_address
     verbose = _cli(common + ["--name", "loud", "--verbose", "--address", address])  # side by side: one wait for both
     out, err = quiet.communicate(timeout=480)
@@ -197,6 +199,14 @@ def test_cli_console_shows_the_run_and_no_ray_internals(ray_cluster, tmp_path, i
     assert "[ibot-ray] checkpoint step_00000006 saved (step 6/6, epoch 1/1)" in lines
     done = [i for i, ln in enumerate(lines) if ln.startswith("[ibot-ray] done: run 'quiet', 6/6 steps")]
     assert done and any(ln.strip().startswith("export ") for ln in lines[done[0]:])
+    assert (tmp_path / "runs" / "quiet" / "export" / "teacher_backbone.safetensors").exists()
+    # the data is unlabelled (a flat folder): no k-NN line about any data, and the summary says how to get a figure
+    figures = ("top-1", "k-NN on", "k-NN split", "raw pixels", "random init", "demo's test split")
+    assert not [f for f in figures if f in out], out
+    assert "  quality         not measured: " in out
+    words = " ".join(out.split())  # the summary wraps its long lines
+    assert f"{data} is unlabelled (a flat image folder), so no k-NN was measured" in words
+    assert "class subfolders" in words and "'ibot-ray eval MODEL --train LABELLED --val LABELLED'" in words
     logs = re.search(r"Ray's logs\s+(\S+);", out)
     assert logs, out
     # the cause is gone, not only its display: Ray Train's PlacementGroupCleaner could query the State API

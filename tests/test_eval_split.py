@@ -1,8 +1,8 @@
 """What a run is judged on (pipelines/eval_split.py), the preset chosen for the data (ibot_ray/recipe.py), the run's
 name and its record (pipelines/pretrain.py): the driver's decisions, without Ray.
 
-The end-to-end runs of each evaluation case (a labelled folder judged on its own held-out split, an unlabelled one
-without any k-NN, an explicit split) are in test_pretrain.py."""
+The end-to-end runs of each evaluation case: a labelled folder judged on its own held-out split in test_pretrain.py,
+an unlabelled one without any k-NN in test_console.py's CLI run, an explicit split in test_api.py's run."""
 
 from __future__ import annotations
 
@@ -123,7 +123,8 @@ def test_an_explicit_eval_source_wins(tmp_path, image_writer):
     image_writer(tmp_path / "train", 30, kinds=("jpeg",), classes=["a", "b"], size=(40, 40))
     image_writer(tmp_path / "val", 10, kinds=("png",), classes=["a", "b"], size=(40, 40))
     _, listing, plan = _plan(str(tmp_path / "train"), f"data.eval_source={tmp_path / 'val'}")
-    assert plan.kind == "explicit" and plan.train_listing is listing  # nothing held out of training
+    assert plan.kind == "explicit" and plan.enabled and plan.held_out == 0
+    assert plan.train_listing is listing  # nothing held out of training
     assert all(Path(p).parts[-3] == "val" for p in plan.queries.paths) and len(plan.queries) == 10
     assert all(Path(p).parts[-3] == "train" for p in plan.bank.paths) and len(plan.bank) == 30
     assert plan.split == f"split {tmp_path / 'val'} (10 images)"

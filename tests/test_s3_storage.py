@@ -1,10 +1,11 @@
 """A run whose storage is a bucket: a real S3-compatible server (moto's standalone server) on 127.0.0.1.
 
 ``ibot-ray pretrain --storage s3://bucket/runs --name r`` runs twice, as a user would resume it (more epochs the
-second time): the checkpoints, the whole metrics history of both runs (append-only parts, nothing overwritten) and
-the final export land in the bucket, nothing is written to a schemeless local path, and ``ibot-ray export
-s3://.../step_XXXXXXXX`` reads a checkpoint back from the bucket. The runs are CLI subprocesses with their own local
-Ray; the S3 endpoint and dummy credentials reach Ray's workers through the environment they inherit.
+second time), its first invocation killed once during a background checkpoint upload: the checkpoints, the whole
+metrics history of every attempt (append-only parts, nothing overwritten) and the final export land in the bucket,
+nothing is written to a schemeless local path, and ``ibot-ray export s3://.../step_XXXXXXXX`` reads a checkpoint back
+from the bucket. The runs are CLI subprocesses with their own local Ray; the S3 endpoint and dummy credentials reach
+Ray's workers through the environment they inherit.
 """
 
 from __future__ import annotations
@@ -29,67 +30,6 @@ def _cli(args: list[str], env: dict, cwd: Path, timeout: float = 420) -> subproc
                        text=True, timeout=timeout)
     assert p.returncode == 0, f"{args[0]} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return p
-
-
-@pytest.mark.slow
-def test_pretrain_to_a_bucket_resume_history_and_export(s3_server, tmp_path, monkeypatch):
-    import pyarrow.fs as pafs
-
-    from ibot_ray.export import exported_metadata
-    from pipelines.metrics import read_metrics_history
-
-    for k, v in s3_server.items():
-        monkeypatch.setenv(k, v)
-    data = tmp_path / "images"
-    write_images(data, 48, kinds=("jpeg", "png"), size=(40, 40))  # 48 / 16 = 3 steps per epoch
-    home = tmp_path / "home"  # the workers' local copy of the metrics (~/ibot_runs) stays inside the test
-    home.mkdir()
-    env = {**os.environ, **s3_server, "HOME": str(home)}
-    work = tmp_path / "cwd"
-    work.mkdir()
-
-    # one resolved config for both runs, so that the resumed run builds exactly the model it checkpointed
-    sets = [a for s in TINY + ["train.checkpoint_every_steps=3"] for a in ("--set", s)]
-    config = tmp_path / "tiny.yaml"
-    config.write_text(_cli(["config", "--config", "demo", *sets], env, work).stdout)
-
-    def pretrain(epochs: int) -> subprocess.CompletedProcess:
-        return _cli(["pretrain", "--config", str(config), "--set", f"optim.epochs={epochs}", "--data", str(data),
-                     "--storage", "s3://bucket/runs", "--name", "r"], env, work)
-
-    pretrain(1)
-    fs, _ = pafs.FileSystem.from_uri("s3://bucket/runs")
-    first = read_metrics_history("s3://bucket/runs/r/logs")
-    assert [r["step"] for r in first if "loss" in r] == [1, 2, 3]
-    second = pretrain(2)  # the same command with more epochs: resumes from the bucket's step 3
-    # the closing summary names the bucket's paths with their scheme, and where the metrics history really is
-    assert "checkpoint      s3://bucket/runs/r/step_00000006" in second.stdout, second.stdout[-2000:]
-    assert "export          s3://bucket/runs/r/export/teacher_backbone.safetensors" in second.stdout
-    assert "metrics         s3://bucket/runs/r/logs/metrics/part-*.jsonl" in second.stdout
-
-    listing = {i.path for i in fs.get_file_info(pafs.FileSelector("bucket/runs/r", recursive=True))}
-    assert {"bucket/runs/r/step_00000003/state.pt", "bucket/runs/r/step_00000006/state.pt"} <= listing
-    assert "bucket/runs/r/export/teacher_backbone.safetensors" in listing
-    parts = sorted(p for p in listing if p.startswith("bucket/runs/r/logs/metrics/part-"))
-    assert len(parts) >= 2, parts
-
-    rows = read_metrics_history("s3://bucket/runs/r/logs")
-    steps = [r["step"] for r in rows if "loss" in r]
-    assert steps == [1, 2, 3, 4, 5, 6], steps  # both runs' rows, each once, in order
-    starts = [r for r in rows if r.get("event") == "start"]
-    assert [s["resumed_from"] for s in starts] == [-1, 3]
-
-    # nothing went to a schemeless local path (Train V2's Result.path is "bucket/runs/r")
-    assert not list(work.rglob("*.safetensors"))
-
-    with fs.open_input_stream("bucket/runs/r/export/teacher_backbone.safetensors") as f:
-        (tmp_path / "exported.safetensors").write_bytes(f.read())
-    assert exported_metadata(tmp_path / "exported.safetensors")["which"] == "teacher"
-
-    out = tmp_path / "from_bucket.safetensors"
-    _cli(["export", "s3://bucket/runs/r/step_00000006", str(out)], env, work, timeout=120)
-    meta = exported_metadata(out)
-    assert int(meta["step"]) == 6
 
 
 def test_sweep_keeps_its_state_in_the_bucket_and_resumes(s3_server, tmp_path, monkeypatch):
@@ -131,43 +71,66 @@ def test_sweep_keeps_its_state_in_the_bucket_and_resumes(s3_server, tmp_path, mo
     assert "resuming sweep s3://bucket/sw/s" in again.stdout and "1 completed" in again.stdout, again.stdout[-3000:]
 
 
-def test_background_upload_is_committed_once_uploaded_and_a_kill_during_it_resumes_from_the_one_before(
-        s3_server, tmp_path):
-    """Issue #29, item 4. Periodic checkpoints upload in the background: over a throttled link (a proxy forwarding
-    400 kB/s toward the server: ~14 s per 5.5 MB TINY checkpoint), training goes on past a checkpoint's step while
-    it uploads, and the run's snapshot in the bucket still names the checkpoint before (Ray Train commits one only
-    once it is uploaded). Rank 0 killed during that upload: the run resumes from the checkpoint before, completes,
-    and trains every image exactly once per data epoch in the steps it kept."""
+@pytest.mark.slow
+def test_a_run_in_a_bucket_uploads_in_the_background_survives_a_kill_then_resumes_and_exports(
+        s3_server, tmp_path, monkeypatch, capsys):
+    """One run to ``s3://bucket/runs/r``, invoked twice as a user would (the same command, more epochs the second
+    time), from one config file printed by ``ibot-ray config``.
+
+    First invocation (issue #29, item 4): periodic checkpoints upload in the background: over a throttled link (a
+    proxy forwarding 400 kB/s toward the server: ~14 s per 5.5 MB TINY checkpoint), training goes on past a
+    checkpoint's step while it uploads, and the run's snapshot in the bucket still names the checkpoint before (Ray
+    Train commits one only once it is uploaded). Rank 0 killed during that upload: the run resumes from the
+    checkpoint before, completes, and trains every image exactly once per data epoch in the steps it kept.
+
+    Second invocation: resumes from the bucket's last checkpoint; the closing summary names the bucket's paths with
+    their scheme; the checkpoints, the whole metrics history of every attempt (append-only parts, nothing
+    overwritten) and the final export land in the bucket, nothing is written to a schemeless local path, and
+    ``ibot-ray export s3://.../step_XXXXXXXX`` reads a checkpoint back from the bucket."""
     import json
 
     import pyarrow.fs as pafs
     from tcp_proxy import TCPProxy
     from test_ingest import check_exactly_once, trained_rows
 
-    from pipelines.metrics import read_metrics
+    from ibot_ray.cli import main as cli_main
+    from ibot_ray.export import exported_metadata
+    from pipelines.metrics import read_metrics, read_metrics_history
     from pipelines.stream_position import STREAM_POSITION_FILE, StreamPosition
     from pipelines.train_worker import STAGING_PREFIX, TRAINED_KEYS_ENV
 
+    for k, v in s3_server.items():  # this process (ibot-ray export) talks to the server directly
+        monkeypatch.setenv(k, v)
     moto_port = int(s3_server["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
     proxy = TCPProxy(moto_port, rate=400_000).start()
     data = tmp_path / "images"
-    images = write_images(data, 48, kinds=("jpeg", "png"), size=(40, 40))  # 3 steps per epoch
-    home = tmp_path / "home"
+    images = write_images(data, 48, kinds=("jpeg", "png"), size=(40, 40))  # 48 / 16 = 3 steps per epoch
+    home = tmp_path / "home"  # the workers' local copy of the metrics (~/ibot_runs) stays inside the test
     home.mkdir()
-    env = {**os.environ, **s3_server, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "HOME": str(home),
-           TRAINED_KEYS_ENV: str(tmp_path / "keys")}
-    sets = [a for s in TINY + ["train.num_workers=[1,1]", "optim.epochs=4", "train.checkpoint_every_steps=2",
-                               "train.keep_checkpoints=10"] for a in ("--set", s)]
-    p = subprocess.Popen([sys.executable, "-m", "ibot_ray.cli", "pretrain", "--config", "demo", *sets, "--data",
-                          str(data), "--storage", "s3://bucket/runs", "--name", "bg"], env=env, cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = home / "ibot_runs" / "bg" / "logs" / "metrics.jsonl"
-    direct = pafs.S3FileSystem(endpoint_override=s3_server["AWS_ENDPOINT_URL"], access_key="testing",
-                               secret_key="testing", region="us-east-1")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    env = {**os.environ, **s3_server, "HOME": str(home)}
 
-    def committed() -> int:  # the step of the latest checkpoint in the run's snapshot (read past the proxy)
+    # one resolved config for both invocations, so that the resumed run builds exactly the model it checkpointed
+    sets = [a for s in TINY + ["train.num_workers=[1,1]", "train.checkpoint_every_steps=2",
+                               "train.keep_checkpoints=10"] for a in ("--set", s)]
+    assert cli_main(["config", "--config", "demo", *sets]) == 0
+    config = tmp_path / "tiny.yaml"
+    config.write_text(capsys.readouterr().out)
+
+    def command(epochs: int) -> list[str]:
+        return [sys.executable, "-m", "ibot_ray.cli", "pretrain", "--config", str(config), "--set",
+                f"optim.epochs={epochs}", "--data", str(data), "--storage", "s3://bucket/runs", "--name", "r"]
+
+    p = subprocess.Popen(command(4), cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}",
+                              TRAINED_KEYS_ENV: str(tmp_path / "keys")})
+    metrics = home / "ibot_runs" / "r" / "logs" / "metrics.jsonl"
+    fs, _ = pafs.FileSystem.from_uri("s3://bucket/runs")  # past the proxy
+
+    def committed() -> int:  # the step of the latest checkpoint in the run's snapshot
         try:
-            with direct.open_input_stream("bucket/runs/bg/checkpoint_manager_snapshot.json") as f:
+            with fs.open_input_stream("bucket/runs/r/checkpoint_manager_snapshot.json") as f:
                 return json.loads(f.read())["latest_checkpoint_result"]["metrics"]["step"]
         except (FileNotFoundError, OSError, TypeError):
             return 0
@@ -199,13 +162,47 @@ def test_background_upload_is_committed_once_uploaded_and_a_kill_during_it_resum
     starts = [r for r in rows if r.get("event") == "start"]
     assert len(starts) == 2 and starts[1]["resumed_from"] == before, (starts, seen)
     assert max(r["step"] for r in rows if "loss" in r) == 12
-    with direct.open_input_stream(f"bucket/runs/bg/step_00000012/{STREAM_POSITION_FILE}") as f:
+    with fs.open_input_stream(f"bucket/runs/r/step_00000012/{STREAM_POSITION_FILE}") as f:
         position = StreamPosition.from_json(f.read().decode())
     epochs = check_exactly_once(trained_rows(tmp_path / "keys"), images["good"], position)
     assert len(epochs["done"]) >= 2, epochs  # 12 steps x 16 = 4 data epochs of 48
     stalls = [r for r in rows if r.get("event") == "checkpoint_stall"]
     assert any(r["background"] for r in stalls) and not stalls[-1]["background"]  # the final one in the foreground
     print(f"killed at step {trained_past} while step {step} uploaded: resumed from {before}; {epochs}")
+
+    # the same command with one more epoch: resumes from the bucket's step 12
+    second = subprocess.run(command(5), env=env, cwd=work, capture_output=True, text=True, timeout=420)
+    assert second.returncode == 0, f"{second.stdout[-3000:]}\n{second.stderr[-5000:]}"
+    # the closing summary names the bucket's paths with their scheme, and where the metrics history really is
+    assert "checkpoint      s3://bucket/runs/r/step_00000015" in second.stdout, second.stdout[-2000:]
+    assert "export          s3://bucket/runs/r/export/teacher_backbone.safetensors" in second.stdout
+    assert "metrics         s3://bucket/runs/r/logs/metrics/part-*.jsonl" in second.stdout
+
+    listing = {i.path for i in fs.get_file_info(pafs.FileSelector("bucket/runs/r", recursive=True))}
+    assert {f"bucket/runs/r/step_{s:08d}/state.pt" for s in (before, 12, 15)} <= listing
+    assert "bucket/runs/r/export/teacher_backbone.safetensors" in listing
+    parts = sorted(p for p in listing if p.startswith("bucket/runs/r/logs/metrics/part-"))
+    assert len(parts) >= 3, parts
+
+    # the history of all three attempts, in order: the killed one's rows up to (at least) the checkpoint it resumed
+    # from, then the restart's and the second invocation's, each step once
+    history = read_metrics_history("s3://bucket/runs/r/logs")
+    starts = [i for i, r in enumerate(history) if r.get("event") == "start"]
+    assert [history[i]["resumed_from"] for i in starts] == [-1, before, 12], [history[i] for i in starts]
+    attempts = [[r["step"] for r in history[a:b] if "loss" in r] for a, b in zip(starts, starts[1:] + [None])]
+    assert attempts[0] == list(range(1, len(attempts[0]) + 1)) and before <= len(attempts[0]) <= trained_past
+    assert attempts[1:] == [list(range(before + 1, 13)), [13, 14, 15]], attempts
+
+    # nothing went to a schemeless local path (Train V2's Result.path is "bucket/runs/r")
+    assert not list(work.rglob("*.safetensors"))
+
+    with fs.open_input_stream("bucket/runs/r/export/teacher_backbone.safetensors") as f:
+        (tmp_path / "exported.safetensors").write_bytes(f.read())
+    assert exported_metadata(tmp_path / "exported.safetensors")["which"] == "teacher"
+
+    out = tmp_path / "from_bucket.safetensors"
+    assert cli_main(["export", "s3://bucket/runs/r/step_00000015", str(out)]) == 0
+    assert int(exported_metadata(out)["step"]) == 15
 
 
 def test_storage_outages_mid_run_are_weather(faulty_s3, tmp_path):
