@@ -63,6 +63,13 @@ def folder_data(tmp_path, image_writer):
     return root
 
 
+#: The killed runs: 6 steps per epoch of 96 images. Long enough that a kill made once a checkpoint is committed (a
+#: controller poll, <= 2 s, after the report; periodic uploads run in the background) still lands mid-run on an idle
+#: machine, where a tiny step takes ~0.1-0.2 s.
+KILL_EPOCHS = 6
+KILL_STEPS = 6 * KILL_EPOCHS
+
+
 def _wait_for_a_committed_checkpoint(run_path: Path, timeout: float = 120.0) -> None:
     """Periodic checkpoints upload in the background, and Ray Train commits one (its snapshot names it) at its next
     poll once every rank has reported: a kill before that rightly resumes from nothing."""
@@ -84,31 +91,32 @@ def test_sigkilled_worker_restarts_from_checkpoint_and_completes(ray_cluster, tm
     from pipelines.train_worker import TRAINED_KEYS_ENV
 
     monkeypatch.setenv(TRAINED_KEYS_ENV, str(tmp_path / "keys"))
-    cfg = load_config("demo", TINY + [f"data.source={folder_data}", "optim.epochs=3"])  # 6 steps/epoch, 18 steps
+    cfg = load_config("demo", TINY + [f"data.source={folder_data}", f"optim.epochs={KILL_EPOCHS}"])  # 6 steps/epoch
     storage = tmp_path / "runs"
     metrics = storage / "killed" / "logs" / "metrics.jsonl"
     run = InThread(lambda: pretrain(cfg, storage=str(storage), name="killed", knn=False, export=False))
-    rows = run.wait(metrics, lambda r: any(s >= 5 for s in _steps(r)))
+    rows = run.wait(metrics, lambda r: any(s >= 3 for s in _steps(r)))
     _wait_for_a_committed_checkpoint(storage / "killed")
     pid = _starts(rows)[0]["pid"]
     killed_after = max(_steps(read_metrics(metrics)))
     os.kill(pid, signal.SIGKILL)  # rank 0's worker process, mid-run
     result = run.result(timeout=400)
-    assert result.steps == 18
+    assert result.steps == KILL_STEPS
     rows = read_metrics(metrics)
     starts = _starts(rows)
     assert len(starts) == 2 and starts[0]["resumed_from"] == -1
     resumed = starts[1]["resumed_from"]
     assert resumed % 2 == 0 and 2 <= resumed <= killed_after  # the last committed checkpoint before the kill
     after = [r["step"] for r in rows[rows.index(starts[1]):] if "loss" in r]
-    assert after[0] == resumed + 1 and after[-1] == 18 and after == sorted(after)
+    assert after[0] == resumed + 1 and after[-1] == KILL_STEPS and after == sorted(after)
     ckpts = sorted(p.name for p in (storage / "killed").glob("step_*"))
-    assert ckpts[-1] == "step_00000018" and len(ckpts) <= 2  # keep_checkpoints
+    assert ckpts[-1] == f"step_{KILL_STEPS:08d}" and len(ckpts) <= 2  # keep_checkpoints
     epochs = check_exactly_once(trained_rows(tmp_path / "keys"), sorted(str(p) for p in folder_data.iterdir()),
                                 storage / "killed")
-    # 18 steps x 16 = 3 data epochs of 96; the local shuffle mixes the rows near an epoch's end with the next's, so
-    # a few rows of the last epochs may still wait in a buffer when the run ends
-    assert len(epochs["done"]) >= 1 and len(epochs["done"]) * 96 + sum(epochs["partial"].values()) == 288, epochs
+    # KILL_STEPS x 16 = KILL_EPOCHS data epochs of 96; the local shuffle mixes the rows near an epoch's end with the
+    # next's, so a few rows of the last epochs may still wait in a buffer when the run ends
+    assert len(epochs["done"]) >= 1 and len(epochs["done"]) * 96 + sum(epochs["partial"].values()) == KILL_STEPS * 16, \
+        epochs
 
 
 def test_second_invocation_with_the_same_name_resumes(ray_cluster, tmp_path, folder_data, monkeypatch):
@@ -122,26 +130,28 @@ def test_second_invocation_with_the_same_name_resumes(ray_cluster, tmp_path, fol
     monkeypatch.setenv(TRAINED_KEYS_ENV, str(tmp_path / "keys"))
     storage = tmp_path / "runs"
     metrics = storage / "again" / "logs" / "metrics.jsonl"
-    cfg = load_config("demo", TINY + [f"data.source={folder_data}", "optim.epochs=2", "train.max_failures=0"])
+    cfg = load_config("demo", TINY + [f"data.source={folder_data}", f"optim.epochs={KILL_EPOCHS}",
+                                      "train.max_failures=0"])
     run = InThread(lambda: pretrain(cfg, storage=str(storage), name="again", knn=False, export=False))
-    rows = run.wait(metrics, lambda r: any(s >= 5 for s in _steps(r)))
+    rows = run.wait(metrics, lambda r: any(s >= 3 for s in _steps(r)))
     _wait_for_a_committed_checkpoint(storage / "again")
     os.kill(_starts(rows)[0]["pid"], signal.SIGKILL)  # no retries allowed: the first invocation fails
     assert run.join(timeout=300) and run.error is not None, "the run should have failed with max_failures=0"
     first_steps = _steps(read_metrics(metrics))
-    assert max(first_steps) < 12
+    assert max(first_steps) < KILL_STEPS
 
     result = pretrain(cfg, storage=str(storage), name="again", knn=False, export=True)  # same command again
     rows = read_metrics(metrics)
     starts = _starts(rows)
     assert len(starts) == 2 and starts[1]["resumed_from"] >= 2, starts
-    assert result.steps == 12
+    assert result.steps == KILL_STEPS
     after = [r["step"] for r in rows[rows.index(starts[1]):] if "loss" in r]
     assert after[0] == starts[1]["resumed_from"] + 1  # continues, never from scratch
     assert result.export_path and Path(result.export_path).exists()
     epochs = check_exactly_once(trained_rows(tmp_path / "keys"), sorted(str(p) for p in folder_data.iterdir()),
                                 storage / "again")
-    assert len(epochs["done"]) >= 1 and len(epochs["done"]) * 96 + sum(epochs["partial"].values()) == 192, epochs
+    assert len(epochs["done"]) >= 1 and len(epochs["done"]) * 96 + sum(epochs["partial"].values()) == KILL_STEPS * 16, \
+        epochs
     # the schedules continue too: the lr at a resumed step equals the uninterrupted schedule's value
     from ibot_ray.schedules import Schedules
 
