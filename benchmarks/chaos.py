@@ -115,19 +115,25 @@ def chaos_schedule(run: Run, cluster, training: list, proxy, outage_s: float, lo
     def group_of(world: int, after: int):  # a worker group of that size started after ``after`` starts
         return lambda: any(s["world_size"] == world for s in run.starts()[after:])
 
+    def shrunk(node) -> bool:  # the node is gone, a group of 1 started and trained 4 steps
+        _await(lambda: _node_dead(ray, node.node_id))
+        n = len(run.starts())
+        return run.wait(group_of(1, n - 1)) and run.wait(trained_since(max(run.steps()), 4, world=1))
+
+    def grown() -> bool:  # a node joins, a group of 2 started and trained 4 steps
+        event("add training node (grow)")
+        training.append(cluster.add_node(**TRAINING_NODE))
+        n = len(run.starts())
+        return run.wait(group_of(2, n)) and run.wait(trained_since(max(run.steps()), 4, world=2))
+
     if not run.wait(lambda: len(run.starts()) >= 1 and trained_since(0, 14, world=2)()):  # past the first checkpoint
         return
     node = training.pop()
     event("kill training node", node=node.node_id[:8])
     cluster.remove_node(node, allow_graceful=False)
-    _await(lambda: _node_dead(ray, node.node_id))
-    n = len(run.starts())
-    if not run.wait(group_of(1, n - 1)) or not run.wait(trained_since(max(run.steps()), 4, world=1)):
+    if not shrunk(node):
         return
-    event("add training node (grow)")
-    training.append(cluster.add_node(**TRAINING_NODE))
-    n = len(run.starts())
-    if not run.wait(group_of(2, n)) or not run.wait(trained_since(max(run.steps()), 4, world=2)):
+    if not grown():
         return
     node = training.pop()
     gcs = ray._raylet.GcsClient(address=cluster.address)
@@ -138,14 +144,9 @@ def chaos_schedule(run: Run, cluster, training: list, proxy, outage_s: float, lo
     time.sleep(3)
     event("drained node goes")
     cluster.remove_node(node, allow_graceful=True)
-    _await(lambda: _node_dead(ray, node.node_id))
-    n = len(run.starts())
-    if not run.wait(group_of(1, n - 1)) or not run.wait(trained_since(max(run.steps()), 4, world=1)):
+    if not shrunk(node):
         return
-    event("add training node (grow)")
-    training.append(cluster.add_node(**TRAINING_NODE))
-    n = len(run.starts())
-    if not run.wait(group_of(2, n)) or not run.wait(trained_since(max(run.steps()), 4, world=2)):
+    if not grown():
         return
     pid = run.starts()[-1]["pid"]
     event("kill rank 0's worker process", pid=pid)
