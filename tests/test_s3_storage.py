@@ -207,7 +207,7 @@ def test_a_run_in_a_bucket_uploads_in_the_background_survives_a_kill_then_resume
 
 def test_storage_outages_mid_run_are_weather(faulty_s3, tmp_path):
     """The S3 endpoint goes down (connections refused) for 8 s and comes back for 20 s, then drops every connection
-    (resets) for 8 s and comes back, over and over while a run trains from the bucket into the bucket: the run
+    (resets) for 8 s and comes back, for as long as a run trains from the bucket into the bucket: the run
     completes with no restart, every image is trained exactly once per data epoch, the whole metrics history is
     there, and no SourceError is raised. Meanwhile a second driver on the same run is refused and leaves the first
     unharmed (one driver per run, on S3).
@@ -287,7 +287,9 @@ def test_storage_outages_mid_run_are_weather(faulty_s3, tmp_path):
     assert not [m for _, m in timeline if m.startswith("weather failed")], timeline
     assert run.returncode == 0, tails()
     assert "SourceError" not in out + err and "data source error" not in out + err
-    assert faulty_s3.faults > 0 and sum(m == "refuse" for _, m in timeline) >= 2, (faulty_s3.faults, timeline)
+    # the weather changes only while the run lasts (stop is set once it ends): it met both kinds of outage; an idle
+    # machine may finish within the first cycle (56 s), a busy one sees several
+    assert faulty_s3.faults > 0 and {"refuse", "reset"} <= {m for _, m in timeline}, (faulty_s3.faults, timeline)
     retried = [line for line in err.splitlines() if line.startswith("storage: ") and "retrying" in line]
     print(f"{sum(m != 'forward' for _, m in timeline)} outages, {faulty_s3.faults} connections reset, "
           f"{len(retried)} operations of the driver retried, e.g. {retried[:2]}")
