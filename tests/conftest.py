@@ -303,6 +303,19 @@ def faulty_s3(s3_server, monkeypatch):
 # ---- runs in a thread ----------------------------------------------------------------------------
 
 
+def wait_for_a_committed_checkpoint(run_path, timeout: float = 120.0) -> None:
+    """Wait until Ray Train has committed a checkpoint of the run at ``run_path`` (its snapshot names one). Periodic
+    checkpoints upload in the background and are committed at the controller's next poll once every rank has
+    reported, so a tiny run can be several steps past one before it counts: a kill before that rightly resumes from
+    nothing, and a test that kills to test a resume must wait for this first."""
+    from pipelines.ingest import latest_checkpoint_metrics
+
+    deadline = time.time() + timeout
+    while not latest_checkpoint_metrics(str(run_path)):
+        assert time.time() < deadline, f"no checkpoint of {run_path} committed in {timeout:.0f} s"
+        time.sleep(0.1)
+
+
 class InThread:
     """``fn()`` in a daemon thread, for tests that act while a run trains (kill a worker, drain or add a node):
     ``wait`` polls a run's metrics file, ``result`` joins with a deadline and re-raises what ``fn`` raised.

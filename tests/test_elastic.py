@@ -30,7 +30,7 @@ def scenario(out_dir: str) -> dict:
     from ray.cluster_utils import Cluster
 
     sys.path.insert(0, str(HERE))
-    from conftest import InThread, await_layout, write_images
+    from conftest import InThread, await_layout, wait_for_a_committed_checkpoint, write_images
     from test_pretrain import TINY
 
     from ibot_ray.config import load_config
@@ -71,6 +71,7 @@ def scenario(out_dir: str) -> dict:
     wait(lambda rows: any(r.get("world_size") == 2 and r.get("step", 0) >= 4 and "loss" in r for r in rows))
     # where the run's ingest monitor lives (GCS actor table: ray.util.state needs a dashboard this cluster lacks)
     monitor_node = actor_table(ray.get_actor("ibot_ingest:elastic")._actor_id.hex())["Address"]["NodeID"]
+    wait_for_a_committed_checkpoint(storage / "elastic")  # the loss must find one to resume from
     t_remove = time.time()
     cluster.remove_node(nodes[1])  # a training node disappears without notice
     events.append(("removed", t_remove - t_start))

@@ -13,11 +13,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from conftest import InThread
+from conftest import InThread, wait_for_a_committed_checkpoint
 
 from ibot_ray.config import load_config
 from pipelines.metrics import read_metrics
@@ -70,17 +69,6 @@ KILL_EPOCHS = 6
 KILL_STEPS = 6 * KILL_EPOCHS
 
 
-def _wait_for_a_committed_checkpoint(run_path: Path, timeout: float = 120.0) -> None:
-    """Periodic checkpoints upload in the background, and Ray Train commits one (its snapshot names it) at its next
-    poll once every rank has reported: a kill before that rightly resumes from nothing."""
-    from pipelines.ingest import latest_checkpoint_metrics
-
-    deadline = time.time() + timeout
-    while not latest_checkpoint_metrics(str(run_path)):
-        assert time.time() < deadline, f"no checkpoint of {run_path} committed in {timeout:.0f} s"
-        time.sleep(0.1)
-
-
 def test_sigkilled_worker_restarts_from_checkpoint_and_completes(ray_cluster, tmp_path, folder_data, monkeypatch):
     """A worker killed mid-epoch: the restart resumes from the last committed checkpoint, continues that data epoch
     where the checkpoint left it (not at its start), and every image is trained exactly once per data epoch in the
@@ -96,7 +84,7 @@ def test_sigkilled_worker_restarts_from_checkpoint_and_completes(ray_cluster, tm
     metrics = storage / "killed" / "logs" / "metrics.jsonl"
     run = InThread(lambda: pretrain(cfg, storage=str(storage), name="killed", knn=False, export=False))
     rows = run.wait(metrics, lambda r: any(s >= 3 for s in _steps(r)))
-    _wait_for_a_committed_checkpoint(storage / "killed")
+    wait_for_a_committed_checkpoint(storage / "killed")
     pid = _starts(rows)[0]["pid"]
     killed_after = max(_steps(read_metrics(metrics)))
     os.kill(pid, signal.SIGKILL)  # rank 0's worker process, mid-run
@@ -134,7 +122,7 @@ def test_second_invocation_with_the_same_name_resumes(ray_cluster, tmp_path, fol
                                       "train.max_failures=0"])
     run = InThread(lambda: pretrain(cfg, storage=str(storage), name="again", knn=False, export=False))
     rows = run.wait(metrics, lambda r: any(s >= 3 for s in _steps(r)))
-    _wait_for_a_committed_checkpoint(storage / "again")
+    wait_for_a_committed_checkpoint(storage / "again")
     os.kill(_starts(rows)[0]["pid"], signal.SIGKILL)  # no retries allowed: the first invocation fails
     assert run.join(timeout=300) and run.error is not None, "the run should have failed with max_failures=0"
     first_steps = _steps(read_metrics(metrics))
