@@ -24,6 +24,8 @@ import threading
 import time
 from typing import Optional
 
+from tcp_proxy import listen
+
 _RESPONSES = {
     "503": (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\nContent-Length: %d\r\n"
             b"\r\n%s", b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Please reduce '
@@ -70,10 +72,7 @@ class FaultyEndpoint:
         return f"http://127.0.0.1:{self.port}"
 
     def _listen(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        sock.listen(64)
+        sock = listen(self.port)
         self.port = sock.getsockname()[1]
         self._listener = sock
         threading.Thread(target=self._accept, args=(sock,), daemon=True).start()

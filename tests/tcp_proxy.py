@@ -17,6 +17,15 @@ import time
 from typing import Optional
 
 
+def listen(port: int) -> socket.socket:
+    """A listening socket on 127.0.0.1:``port`` (0: a free port), reusable at once after a close."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen(64)
+    return s
+
+
 class TCPProxy:
     def __init__(self, target_port: int, *, rate: Optional[float] = None, port: int = 0,
                  target_host: str = "127.0.0.1") -> None:
@@ -28,10 +37,7 @@ class TCPProxy:
         self._lock = threading.Lock()
 
     def start(self) -> TCPProxy:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", self.port))
-        s.listen(64)
+        s = listen(self.port)
         self.port = s.getsockname()[1]
         self._listener = s
         threading.Thread(target=self._accept, args=(s,), daemon=True).start()
