@@ -5,8 +5,10 @@
 ``.safetensors`` backbone (``ibot_ray/export.py``), or a timm model name (always ``pretrained=False``: no weights are
 downloaded, so a timm name means a random initialisation of that architecture).
 
-:func:`evaluate` reads both splits **once**, streaming them in chunks (read -> decode -> views -> features; only the
-N x D features and labels are kept), and reports on the same splits:
+:func:`evaluate` streams both splits in chunks (read -> decode -> views -> features; only the N x D features and
+labels are kept): once for the model and its random init, and once more for the raw-pixel baseline, each decode at
+the draft scale its own view needs, exactly as the run's online k-NN decodes them (so both report the same figures
+for the same splits). It reports on the same splits:
 
 * ``knn``: weighted k-NN (``eval.knn_k`` = 20, ``eval.knn_temperature`` = 0.07, cosine on L2-normalised [CLS]
   features of the backbone, eval view ``eval.image_size``), top-1 / top-5;
@@ -39,14 +41,12 @@ from pipelines.knn_eval import (
     EvalDataError,
     FeatureBuffer,
     LabelledSource,
-    best_pixel_knn,
     eval_min_side,
     eval_view,
     iter_decoded,
     knn_accuracy,
     open_labelled_pair,
-    pixel_features,
-    pixel_view_for,
+    pixel_baseline,
 )
 
 
@@ -248,12 +248,7 @@ def evaluate(model: LoadedModel, train: str | LabelledSource, val: str | Labelle
         encoders["random"] = model.random_init().to(dev).eval()
     size = cfg.eval.image_size
     views = {"eval": eval_view(size)}
-    min_side = eval_min_side(size)
-    pixel_view = None
-    if baselines:
-        pixel_view = pixel_view_for(bank_src, cfg)
-        views["pixels"] = pixel_view
-        min_side = max(min_side, pixel_view.min_side)
+    min_side = eval_min_side(size)  # the eval view's own draft scale, as the online k-NN decodes it
 
     feats: dict[str, dict] = {}
     labels: dict[str, torch.Tensor] = {}
@@ -261,8 +256,6 @@ def evaluate(model: LoadedModel, train: str | LabelledSource, val: str | Labelle
     t_feat = time.time()
     for name, src in (("train", bank_src), ("val", query_src)):
         bufs = {k: FeatureBuffer(len(src)) for k in encoders}
-        if baselines:
-            bufs.update(raw=FeatureBuffer(len(src)), centred=FeatureBuffer(len(src)))
         ys, skipped = [], []
         for chunk in iter_decoded(src, views, cfg, chunk_size=chunk_size, min_side=min_side):
             skipped += chunk.skipped
@@ -270,10 +263,6 @@ def evaluate(model: LoadedModel, train: str | LabelledSource, val: str | Labelle
                 continue
             for k, enc in encoders.items():
                 bufs[k].add(extract_features(enc, [chunk.views["eval"]], device=dev))
-            if baselines:
-                r, c = pixel_features(chunk.views["pixels"])
-                bufs["raw"].add(r)
-                bufs["centred"].add(c)
             ys.append(chunk.labels)
         if not ys:
             raise EvalDataError(f"{name} split {src.uri!r}: no decodable labelled images")
@@ -281,6 +270,9 @@ def evaluate(model: LoadedModel, train: str | LabelledSource, val: str | Labelle
         labels[name] = torch.cat(ys)
         reports[name] = _split_report(src, len(labels[name]), skipped)
         log(f"{name}: {len(labels[name])} images featurised ({len(skipped)} undecodable skipped)")
+    pix = None
+    if baselines:  # its own decode of both splits, as the online k-NN's baseline (pipelines/knn_eval.py)
+        pix = pixel_baseline(bank_src, query_src, cfg, num_classes, device=dev, chunk_size=chunk_size)
     t_feat = time.time() - t_feat
 
     def on_dev(x: torch.Tensor) -> torch.Tensor:
@@ -300,9 +292,7 @@ def evaluate(model: LoadedModel, train: str | LabelledSource, val: str | Labelle
         "linear": None, "pixel_knn": None, "random_init_knn": None, "gains": {},
     }
     if baselines:
-        pix = best_pixel_knn({k: on_dev(feats["train"][k]) for k in ("raw", "centred")}, labels["train"],
-                             {k: feats["val"][k] for k in ("raw", "centred")}, labels["val"], cfg, num_classes)
-        result["pixel_knn"] = {**pix, "view": pixel_view.describe()}
+        result["pixel_knn"] = pix
         result["random_init_knn"] = {**knn("random"), "seed": cfg.train.seed}
         result["gains"] = {
             "knn_top1_over_pixel_knn": result["knn"]["top1"] - pix["top1"],

@@ -470,6 +470,21 @@ def pixel_split_features(src: LabelledSource, view: PixelView, cfg: IBOTConfig, 
     return PixelSplit(raw.result(), cen.result(), torch.cat(labels), skipped)
 
 
+def pixel_baseline(bank_src: LabelledSource, query_src: LabelledSource, cfg: IBOTConfig, num_classes: int, *,
+                   device: torch.device | str = "cpu", chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict:
+    """The raw-pixel k-NN baseline of a bank/query pair, the one number the online k-NN and ``ibot-ray eval`` both
+    report: the view fixed by the bank's first image, each split decoded for that view alone (a JPEG at the draft
+    scale the view needs, whatever other views want).
+
+    Returns :func:`best_pixel_knn`'s dict and ``"view"``."""
+    view = pixel_view_for(bank_src, cfg)
+    b = pixel_split_features(bank_src, view, cfg, chunk_size=chunk_size)
+    q = pixel_split_features(query_src, view, cfg, chunk_size=chunk_size)
+    r = best_pixel_knn({"raw": b.raw.to(device), "centred": b.centred.to(device)}, b.labels,
+                       {"raw": q.raw, "centred": q.centred}, q.labels, cfg, num_classes)
+    return {**r, "view": view.describe()}
+
+
 # ---- decoded splits for the online k-NN --------------------------------------------------------------------------
 
 
@@ -567,13 +582,8 @@ class KNNEvaluator:
             bank_src, query_src = self.bank.source, self.queries.source
             if bank_src is None:
                 raise ValueError("pixel_baseline needs the listed splits: call it on the driver's evaluator")
-            view = pixel_view_for(bank_src, self.cfg)
-            b = pixel_split_features(bank_src, view, self.cfg)
-            q = pixel_split_features(query_src, view, self.cfg)
-            r = best_pixel_knn({"raw": b.raw, "centred": b.centred}, b.labels, {"raw": q.raw, "centred": q.centred},
-                               q.labels, self.cfg, self.num_classes)
-            self._pixel = {"knn_top1": r["top1"], "knn_top5": r["top5"], "variant": r["variant"],
-                           "view": view.describe()}
+            r = pixel_baseline(bank_src, query_src, self.cfg, self.num_classes)
+            self._pixel = {"knn_top1": r["top1"], "knn_top5": r["top5"], "variant": r["variant"], "view": r["view"]}
         return dict(self._pixel)
 
 
@@ -581,5 +591,5 @@ __all__ = [
     "DecodedChunk", "EvalDataError", "FeatureBuffer", "KNNEvaluator", "LabelMap", "LabelledSource", "LabelledSplit",
     "PixelSplit", "PixelView", "best_pixel_knn", "eval_min_side", "eval_view", "feature_dtype",
     "iter_decoded", "knn_accuracy", "load_labelled_split", "open_labelled", "open_labelled_pair", "round_robin",
-    "pixel_features", "pixel_split_features", "pixel_view_for",
+    "pixel_baseline", "pixel_features", "pixel_split_features", "pixel_view_for",
 ]

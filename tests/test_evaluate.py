@@ -338,3 +338,33 @@ def test_cli_eval_timm_name_is_random_init(tiny_run, capsys):
     assert r["train"]["selected"] == 12 and r["val"]["selected"] == 12
     # A timm name is the random init with train.seed: exactly the random-init baseline.
     assert r["knn"]["top1"] == r["random_init_knn"]["top1"]
+
+
+def test_eval_and_the_online_knn_decode_alike_on_large_jpegs(tmp_path):
+    """``ibot-ray eval`` and the run's online k-NN give the same model k-NN and the same raw-pixel baseline on JPEGs
+    large enough for draft decoding: each view is decoded at its own draft scale (the eval view at 96 px wants a
+    shorter side >= 110, the 32 px pixel view >= 37), in both code paths. Random labels make every figure hang on
+    the exact neighbour order, so any difference in the decoded pixels shows."""
+    from conftest import write_images
+
+    from pipelines.evaluate import LoadedModel, evaluate
+
+    def folder(root: Path, seed: int) -> Path:
+        write_images(root, 48, kinds=("jpeg",), classes=["a", "b", "c"], seed=seed, size=(320, 400))
+        return root
+
+    train, val = folder(tmp_path / "train", 0), folder(tmp_path / "val", 1)
+    cfg = load_config("demo", ["model.depth=2", "eval.image_size=96", f"data.eval_train_source={train}",
+                               f"data.eval_source={val}"])
+    torch.manual_seed(0)
+    _, teacher = build_student_teacher(cfg)
+    backbone = teacher.backbone.eval()
+    model = LoadedModel(backbone=backbone, cfg=cfg, kind="checkpoint", description="teacher",
+                        random_init=lambda: backbone)
+    offline = evaluate(model, str(train), str(val), device="cpu", linear=False)
+    online = KNNEvaluator(cfg)
+    assert online.evaluate(backbone) == {"knn_top1": offline["knn"]["top1"], "knn_top5": offline["knn"]["top5"]}
+    pix = online.pixel_baseline()
+    assert pix["view"] == offline["pixel_knn"]["view"] == "eval view 32x32x3"
+    assert (pix["knn_top1"], pix["knn_top5"], pix["variant"]) == tuple(
+        offline["pixel_knn"][k] for k in ("top1", "top5", "variant"))
