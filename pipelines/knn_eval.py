@@ -22,7 +22,8 @@ stored, flattened. If the first bank image is at most 64 px on each side, every 
 (H, W) (bicubic) and channel count (a grey first image: 1 channel, colour images converted to luminance; a colour
 first image: 3 channels, grey replicated); larger images use the eval view (``ibot_ray.knn.eval_transform``) at 32 px.
 Two variants are scored, the raw pixels and the per-image mean-centred pixels; the better top-1 is reported with
-the name of the variant that won (so the baseline is never a strawman).
+the name of the variant that won (so the baseline is never a strawman). :func:`pixel_baseline` is the one place
+that computes it, for the online k-NN and for ``ibot-ray eval`` alike: each split decoded for the pixel view alone.
 
 ``"demo"`` as a source means the shipped Fashion-MNIST sample (train split -> ``train.parquet``, val -> ``test``).
 """
