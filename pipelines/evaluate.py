@@ -275,11 +275,8 @@ def evaluate(model: LoadedModel, train: str | LabelledSource, val: str | Labelle
         pix = pixel_baseline(bank_src, query_src, cfg, num_classes, device=dev, chunk_size=chunk_size)
     t_feat = time.time() - t_feat
 
-    def on_dev(x: torch.Tensor) -> torch.Tensor:
-        return x.to(dev)
-
     def knn(key: str) -> dict:
-        return knn_accuracy(on_dev(feats["train"][key]), labels["train"], feats["val"][key], labels["val"], cfg,
+        return knn_accuracy(feats["train"][key].to(dev), labels["train"], feats["val"][key], labels["val"], cfg,
                             num_classes)
 
     t_knn = time.time()

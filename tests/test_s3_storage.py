@@ -87,7 +87,6 @@ def test_a_run_in_a_bucket_uploads_in_the_background_survives_a_kill_then_resume
     their scheme; the checkpoints, the whole metrics history of every attempt (append-only parts, nothing
     overwritten) and the final export land in the bucket, nothing is written to a schemeless local path, and
     ``ibot-ray export s3://.../step_XXXXXXXX`` reads a checkpoint back from the bucket."""
-    import json
 
     import pyarrow.fs as pafs
     from tcp_proxy import TCPProxy
@@ -95,6 +94,7 @@ def test_a_run_in_a_bucket_uploads_in_the_background_survives_a_kill_then_resume
 
     from ibot_ray.cli import main as cli_main
     from ibot_ray.export import exported_metadata
+    from pipelines.ingest import latest_checkpoint_metrics
     from pipelines.metrics import read_metrics, read_metrics_history
     from pipelines.stream_position import STREAM_POSITION_FILE, StreamPosition
     from pipelines.train_worker import STAGING_PREFIX, TRAINED_KEYS_ENV
@@ -128,12 +128,8 @@ def test_a_run_in_a_bucket_uploads_in_the_background_survives_a_kill_then_resume
     metrics = home / "ibot_runs" / "r" / "logs" / "metrics.jsonl"
     fs, _ = pafs.FileSystem.from_uri("s3://bucket/runs")  # past the proxy
 
-    def committed() -> int:  # the step of the latest checkpoint in the run's snapshot
-        try:
-            with fs.open_input_stream("bucket/runs/r/checkpoint_manager_snapshot.json") as f:
-                return json.loads(f.read())["latest_checkpoint_result"]["metrics"]["step"]
-        except (FileNotFoundError, OSError, TypeError):
-            return 0
+    def committed() -> int:  # the step of the latest checkpoint in the run's snapshot (read past the proxy)
+        return latest_checkpoint_metrics("s3://bucket/runs/r").get("step", 0)
 
     try:
         t0, seen = time.time(), None
