@@ -185,10 +185,7 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
     if per_trial and cfg.train.checkpoint_min_interval_s:
         cfg.train.checkpoint_min_interval_s = 0.0  # Tune sees only the checkpoints' reports: ASHA judges epoch ends
         derived.append("train.checkpoint_min_interval_s = 0: a sweep trial reports at every epoch end (ASHA's rungs)")
-    g = cfg.optim.batch_size
-    if info.num_items < g:
-        raise ConfigError(f"optim.batch_size: global batch {g} is larger than the dataset ({info.num_items} images)")
-    steps_per_epoch = info.num_items // g
+    steps_per_epoch = epoch_length(cfg, info.num_items)["steps_per_epoch"]
     derived += derive_settings(cfg, steps_per_epoch)  # ... and those that need the run's length
     cfg.validate()
     t = cfg.train
@@ -242,6 +239,30 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
                      "total_steps": steps_per_epoch * cfg.optim.epochs}
 
 
+def epoch_length(cfg: IBOTConfig, num_items: int) -> dict:
+    """A run's epoch: ``steps_per_epoch`` full global batches of its ``num_items`` listed images (``batch_size``)."""
+    g = cfg.optim.batch_size
+    if num_items < g:
+        raise ConfigError(f"optim.batch_size: global batch {g} is larger than the dataset ({num_items} images)")
+    return {"steps_per_epoch": num_items // g, "num_items": num_items, "batch_size": g}
+
+
+def check_resume(cfg: IBOTConfig, num_items: int, run_path: str) -> None:
+    """Refuse, before Ray starts, to resume run ``run_path`` with another epoch length than its latest checkpoint's
+    (``pipelines.train_worker.check_epoch_length``: a ``FatalTrainingError``); a new run, or a checkpoint that
+    reported no length, passes. Without this the refusal would come from the workers, once a cluster had started
+    them and they had restored the checkpoint."""
+    from pipelines.ingest import CHECKPOINT_DIR_METRIC, latest_checkpoint_metrics
+
+    now = epoch_length(cfg, num_items)  # a global batch larger than the data is a config error, here too
+    resumed = latest_checkpoint_metrics(run_path)
+    if resumed:
+        from pipelines.train_worker import EPOCH_LENGTH_METRIC, check_epoch_length
+
+        check_epoch_length(resumed.get(EPOCH_LENGTH_METRIC) or {}, now,
+                           resumed.get(CHECKPOINT_DIR_METRIC) or "the latest checkpoint")
+
+
 def _teacher_from_checkpoint(cfg: IBOTConfig, checkpoint):
     from ibot_ray.checkpoint import load_checkpoint
     from ibot_ray.model import build_student_teacher
@@ -289,6 +310,7 @@ def pretrain(cfg: IBOTConfig, *, storage: str | None = None, name: str = "run", 
     listing, plan = list_and_plan(cfg, listing)
     with RunLease(run_uri(storage, name), takeover=takeover):
         claim_run(run_uri(storage, name), cfg.data.source, config_name)
+        check_resume(cfg, plan.train_listing.info.num_items, run_uri(storage, name))
         return _train(cfg, plan, storage=storage, name=name, address=address, knn=knn, export=export,
                       verbose=verbose, t_start=t_start)
 

@@ -80,6 +80,8 @@ STATE_FILE = "state.pt"
 #: the metrics reported with a checkpoint, beside it: a Tune trial that resumes hands them to Tune again
 #: (:func:`tune.sweep.sweep_trial`), since a report Train committed may never have reached Tune
 METRICS_FILE = "metrics.json"
+#: The key of the epoch length (``steps_per_epoch``, ``num_items``, ``batch_size``) in a checkpoint's report.
+EPOCH_LENGTH_METRIC = "epoch_length"
 
 
 def rank_batch(global_batch: int, world: int, rank: int) -> tuple[int, int, float]:
@@ -263,8 +265,10 @@ def _report_checkpoint(metrics: dict, *, step_runner: IBOTStep, cfg: IBOTConfig,
         checkpoint = ray.train.Checkpoint.from_directory(str(d))
         if background:
             _staged.append(d)
-    # the staged folder is deleted by Ray once uploaded (the default of ASYNC; asked for SYNC too)
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=_checkpoint_dir_name(step_runner.step),
+    # the staged folder is deleted by Ray once uploaded (the default of ASYNC; asked for SYNC too); the epoch length
+    # goes with the report, into the run's snapshot, where a driver resuming the run checks it before Ray starts
+    ray.train.report({**metrics, EPOCH_LENGTH_METRIC: epoch_length}, checkpoint=checkpoint,
+                     checkpoint_dir_name=_checkpoint_dir_name(step_runner.step),
                      checkpoint_upload_mode=CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC,
                      delete_local_checkpoint_after_upload=True,
                      checkpoint_upload_fn=upload_checkpoint)  # retried through storage outages (pipelines/storage.py)
@@ -336,7 +340,9 @@ def check_epoch_length(saved: dict, now: dict, checkpoint: str) -> None:
 
     Steps index the epochs and every schedule (lr, teacher temperature and momentum, freeze): resuming step s with
     another epoch length would silently move every epoch boundary and the rest of each schedule. Raised as a
-    :class:`FatalTrainingError` (ends the run once); checkpoints written before the length was recorded pass."""
+    :class:`FatalTrainingError` (ends the run once); checkpoints written before the length was recorded pass. The
+    driver checks the run's latest checkpoint before Ray starts (``pipelines.pretrain.check_resume``); each worker
+    checks the checkpoint it restores (a sweep trial's, one written before the length was reported)."""
     if saved.get("steps_per_epoch") is None or int(saved["steps_per_epoch"]) == now["steps_per_epoch"]:
         return
     def what(d):

@@ -170,6 +170,13 @@ def _starts(metrics: Path) -> list[dict]:
     return [r for r in read_metrics(metrics) if r.get("event") == "start"]
 
 
+def _train_controllers() -> set:
+    """The Ray Train controller actors the session's Ray has ever had (GCS actor table: no dashboard needed)."""
+    from ray._private.state import actors
+
+    return {a for a, info in actors().items() if info["ActorClassName"].endswith("TrainController")}
+
+
 def _in_thread(fn, timeout: float):
     """fn() with a deadline: a run that restarts forever (the bug) fails the test instead of hanging it."""
     return InThread(fn).result(timeout, "the run is restarting instead of ending")
@@ -192,14 +199,25 @@ def test_cli_resume_with_another_epoch_length_or_a_diverging_lr_ends_once(ray_cl
     assert len(_starts(metrics)) == 1
     capsys.readouterr()
 
-    # the same run resumed with another batch size: 12 steps per epoch instead of 6 would shift every epoch
+    # the same run resumed with another batch size: 12 steps per epoch instead of 6 would shift every epoch. The
+    # driver refuses it from the run's snapshot, before Ray Train starts a controller or a worker
+    controllers = _train_controllers()
     assert pretrain("optim.epochs=2", "optim.batch_size=8") == EXIT_FATAL
     err = capsys.readouterr().err
-    assert "epoch length changed" in err and "6 steps per epoch = 96 images / optim.batch_size 16" in err
+    assert "epoch length changed" in err and "step_00000006 was written with 6 steps per epoch = 96 images / " \
+        "optim.batch_size 16" in err
     assert "12 steps per epoch = 96 images / optim.batch_size 8" in err and "--name" in err
     assert err.count("[ibot-ray] training failed (FatalTrainingError)") == 1  # one block (Ray's own log lines aside)
-    rows = read_metrics(metrics)  # refused at the restore, before any step: nothing trained, nothing restarted
+    assert _train_controllers() == controllers  # no Train run was started for it
+    rows = read_metrics(metrics)  # nothing trained, nothing restarted
     assert len(_starts(metrics)) == 1 and max(r["step"] for r in rows if "loss" in r) == 6
+    # the workers' own check, for a checkpoint they restore (a sweep trial's): the same verdict from the same numbers
+    from pipelines.train_worker import check_epoch_length
+
+    with pytest.raises(FatalTrainingError, match="epoch length changed"):
+        check_epoch_length({"steps_per_epoch": 6, "num_items": 96, "batch_size": 16},
+                           {"steps_per_epoch": 12, "num_items": 96, "batch_size": 8}, "step_00000006")
+    check_epoch_length({"steps_per_epoch": 6}, {"steps_per_epoch": 6, "num_items": 97, "batch_size": 16}, "s")
 
     # resumed with an absurd learning rate: diverges, ends once with the message and the exit status
     assert pretrain("optim.epochs=2", ABSURD_LR) == EXIT_FATAL
