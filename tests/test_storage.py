@@ -8,6 +8,7 @@ system, as the run uses it, through pipelines/storage.py. No Ray cluster is need
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import threading
@@ -21,16 +22,51 @@ from pipelines.storage import RetryingFileSystem, RetryPolicy, StorageConfigErro
 
 pytest.importorskip("moto")
 
-#: Outages in these tests last this long (seconds): about twice as long as the AWS SDK's own retries last (3 attempts,
-#: 6.2-6.6 s against a refused, reset or throttling endpoint, measured), so an operation that survives one was retried
-#: by pipelines/storage.py (its warning says so); the retry deadline (600 s) is far above it.
-OUTAGE_S = 12.0
+#: An outage that nothing ends (the retry layer never took over) ends after this long, so that the test fails on its
+#: assertions instead of hanging; the retry deadline (600 s) is far above it.
+OUTAGE_CAP_S = 60.0
 
 
-def _after(seconds: float, fn) -> threading.Timer:
-    t = threading.Timer(seconds, fn)
-    t.start()
-    return t
+@contextlib.contextmanager
+def outage_until_retried(endpoint, mode: str):
+    """The endpoint in ``mode`` (refuse, reset, 503) until pipelines/storage.py logs that it retries an operation:
+    then the operation has failed through the AWS SDK's own retries (3 attempts, 6.2-6.6 s against such an endpoint,
+    measured), and only the retry layer can still carry it through. The outage then ends, so each test waits as long
+    as the SDK's retries last, not a fixed time chosen to outlast them. Yields the time it ended (None while on)."""
+    ended: list = []
+
+    def end() -> None:
+        if not ended:
+            ended.append(time.monotonic())
+            endpoint.set("forward")
+
+    class EndWhenRetried(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "retrying with backoff" in record.getMessage():
+                end()
+
+    logger = logging.getLogger("pipelines.storage")
+    handler, level = EndWhenRetried(logging.WARNING), logger.level
+    logger.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    cap = threading.Timer(OUTAGE_CAP_S, end)
+    endpoint.set(mode)
+    cap.start()
+    try:
+        yield ended
+    finally:
+        cap.cancel()
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        end()
+
+
+def _retried(caplog) -> list[str]:
+    """What pipelines/storage.py logged: the retry taking over, then the operation that succeeded after it."""
+    messages = [r.getMessage() for r in caplog.records if r.name == "pipelines.storage"]
+    assert any("retrying with backoff" in m for m in messages), caplog.text
+    assert any(" succeeded after " in m for m in messages), caplog.text
+    return messages
 
 
 def test_backoff_doubles_to_its_cap_with_jitter():
@@ -75,25 +111,26 @@ def test_errors_are_classified_transient_or_not():
 
 @pytest.mark.parametrize("mode, op", [("refuse", "write"), ("reset", "read"), ("503", "list")])
 def test_reads_writes_and_listings_wait_out_an_outage(faulty_s3, mode, op, caplog):
-    """Each kind of weather, lasting OUTAGE_S: an operation started during it completes once it passes (an endpoint
-    that is down, one that resets every connection, throttling), retried by pipelines/storage.py (its warning)."""
+    """Each kind of weather, lasting through the AWS SDK's own retries: an operation started during it completes once
+    it passes (an endpoint that is down, one that resets every connection, throttling), retried by
+    pipelines/storage.py (its warnings)."""
     caplog.set_level(logging.WARNING, logger="pipelines.storage")
     storage.write_text(f"s3://bucket/weather/{mode}/a.txt", "before")
-    faulty_s3.set(mode)
-    _after(OUTAGE_S, lambda: faulty_s3.set("forward"))
-    t0 = time.monotonic()
-    if op == "read":
-        assert storage.read_text(f"s3://bucket/weather/{mode}/a.txt") == "before"
-    elif op == "write":  # what Ray Train's snapshot write and the metrics uploads do
-        fs, path = storage.resolve(f"s3://bucket/weather/{mode}/b.txt", setting="test")
-        with fs.open_output_stream(path) as f:
-            f.write(b"during")
+    with outage_until_retried(faulty_s3, mode) as ended:
+        if op == "read":
+            assert storage.read_text(f"s3://bucket/weather/{mode}/a.txt") == "before"
+        elif op == "write":  # what Ray Train's snapshot write and the metrics uploads do
+            fs, path = storage.resolve(f"s3://bucket/weather/{mode}/b.txt", setting="test")
+            with fs.open_output_stream(path) as f:
+                f.write(b"during")
+        else:
+            fs, path = storage.resolve(f"s3://bucket/weather/{mode}", setting="test")
+            assert {i.base_name for i in fs.get_file_info(pafs.FileSelector(path))} == {"a.txt"}
+        done = time.monotonic()
+        assert ended and ended[0] < done, f"{op} completed during the outage, before any retry of pipelines/storage.py"
+    _retried(caplog)
+    if op == "write":
         assert storage.read_text(f"s3://bucket/weather/{mode}/b.txt") == "during"
-    else:
-        fs, path = storage.resolve(f"s3://bucket/weather/{mode}", setting="test")
-        assert {i.base_name for i in fs.get_file_info(pafs.FileSelector(path))} == {"a.txt"}
-    assert time.monotonic() - t0 >= OUTAGE_S * 0.9, f"{op} did not meet the outage"
-    assert any("retrying with backoff" in r.getMessage() for r in caplog.records), caplog.text
     if mode != "refuse":  # a refused connection never reaches the endpoint: nothing to count
         assert faulty_s3.faults > 0
 
@@ -105,12 +142,11 @@ def test_a_read_resumes_at_the_byte_where_the_connection_broke(faulty_s3, caplog
     fs, path = storage.resolve("s3://bucket/resume/blob.bin", setting="test")
     with fs.open_input_file(path) as f:
         head = f.read(1000)
-        faulty_s3.set("reset")  # every open connection is cut, new ones are reset
-        _after(OUTAGE_S, lambda: faulty_s3.set("forward"))
-        rest = f.read()
+        with outage_until_retried(faulty_s3, "reset"):  # every open connection is cut, new ones are reset
+            rest = f.read()
     assert head + rest == blob
     assert faulty_s3.faults > 0
-    assert any("blob.bin at byte 1000 failed" in r.getMessage() for r in caplog.records), caplog.text
+    assert any("blob.bin at byte 1000 failed" in m for m in _retried(caplog)), caplog.text
 
 
 def test_a_setting_error_fails_at_once_and_names_the_setting(faulty_s3):
@@ -146,7 +182,7 @@ def test_the_retrying_file_system_travels_and_compares_equal(faulty_s3):
     assert isinstance(local, pafs.LocalFileSystem) and path.startswith("/")
 
 
-def test_the_stream_factory_waits_out_storage_and_never_fails_the_run_for_it(faulty_s3, monkeypatch):
+def test_the_stream_factory_waits_out_storage_and_never_fails_the_run_for_it(faulty_s3, monkeypatch, caplog):
     """``TrainStream`` runs in Ray Train's controller at every worker-group start, where any exception becomes a
     ``ControllerError`` that the failure policy never retries (Ray 2.60: callbacks/datasets.py
     ``before_init_train_context`` -> controller.py ``_run_control_loop_iteration`` -> failure_handling/default.py
@@ -171,9 +207,10 @@ def test_the_stream_factory_waits_out_storage_and_never_fails_the_run_for_it(fau
                                              "metrics": {"step": 6, RESUME_EPOCH_METRIC: 2}}}
     storage.write_text(f"{run}/checkpoint_manager_snapshot.json", json.dumps(snapshot))
     assert latest_checkpoint_metrics("s3://bucket/runs/no_such_run") == {}  # a new run: no snapshot, epoch 0
-    faulty_s3.set("refuse")
-    _after(OUTAGE_S, lambda: faulty_s3.set("forward"))
-    assert latest_checkpoint_metrics(run)[RESUME_EPOCH_METRIC] == 2  # waited out, not {} (data epoch 0)
+    caplog.set_level(logging.WARNING, logger="pipelines.storage")
+    with outage_until_retried(faulty_s3, "refuse"):
+        assert latest_checkpoint_metrics(run)[RESUME_EPOCH_METRIC] == 2  # waited out, not {} (data epoch 0)
+    _retried(caplog)
 
     cfg = load_config("demo")
     stream = TrainStream(cfg, list_source(cfg), "no_monitor_needed", run, steps_per_epoch=3)
