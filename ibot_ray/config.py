@@ -417,9 +417,11 @@ def timm_patch_size(arch: str) -> int:
     m = re.search(r"patch(\d+)", arch)
     if m:
         return int(m.group(1))
-    try:
-        import timm
+    import timm
 
+    if not timm.list_models(arch):
+        raise ConfigError(f"model.arch: {arch!r} is not a timm model")
+    try:
         model = timm.create_model(arch, pretrained=False, num_classes=0)
         p = model.patch_embed.patch_size
         return int(p[0] if isinstance(p, (tuple, list)) else p)
@@ -435,22 +437,12 @@ def _check(cond: bool, name: str, msg: str) -> None:
 def validate(cfg: IBOTConfig) -> None:
     m, h, c, k, lo, o, d, t = cfg.model, cfg.head, cfg.crops, cfg.masking, cfg.loss, cfg.optim, cfg.data, cfg.train
 
-    import timm
-
-    _check(bool(timm.list_models(m.arch)), "model.arch", f"{m.arch!r} is not a timm model")
     _check(m.arch.startswith(("vit_", "deit", "eva", "vit")), "model.arch", f"{m.arch!r} is not a Vision Transformer")
     _check(m.patch_size is None or m.patch_size > 0, "model.patch_size", "must be positive")
     _check(m.depth is None or m.depth > 0, "model.depth", "must be positive")
     _check(m.embed_dim is None or m.embed_dim > 0, "model.embed_dim", "must be positive")
     _check(m.num_heads is None or m.num_heads > 0, "model.num_heads", "must be positive")
     _check(m.stem in ("patch", "conv"), "model.stem", f"must be 'patch' or 'conv', got {m.stem!r}")
-    if m.stem == "conv":
-        from ibot_ray.conv_stem import conv_stem_widths
-
-        try:
-            conv_stem_widths(cfg.patch_size, 1)
-        except ValueError as e:
-            raise ConfigError(f"model.stem: conv: {e}") from None
     _check(not (m.embed_dim and m.num_heads) or m.embed_dim % m.num_heads == 0, "model.embed_dim",
            f"{m.embed_dim} is not divisible by model.num_heads {m.num_heads}")
     _check(0 <= m.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
@@ -459,13 +451,8 @@ def validate(cfg: IBOTConfig) -> None:
         _check(getattr(h, n) > 0, f"head.{n}", "must be positive")
     _check(h.nlayers >= 1, "head.nlayers", "must be at least 1")
 
-    p = cfg.patch_size
     _check(c.global_crops_number >= 2, "crops.global_crops_number", "iBOT needs at least 2 global crops")
     _check(c.local_crops_number >= 0, "crops.local_crops_number", "must be >= 0")
-    _check(c.global_crops_size >= p, "crops.global_crops_size", f"must be at least the patch size {p}")
-    _check(c.global_crops_size % p == 0, "crops.global_crops_size", f"must be a multiple of the patch size {p}")
-    _check(c.local_crops_size % p == 0 and c.local_crops_size >= p, "crops.local_crops_size",
-           f"must be a positive multiple of the patch size {p}")
     _check(c.local_crops_size <= c.global_crops_size, "crops.local_crops_size",
            f"local crop ({c.local_crops_size}) larger than global crop ({c.global_crops_size})")
     for n in ("global_crops_scale", "local_crops_scale"):
@@ -568,6 +555,24 @@ def validate(cfg: IBOTConfig) -> None:
     e = cfg.eval
     _check(e.knn_k >= 1, "eval.knn_k", "must be >= 1")
     _check(e.knn_temperature > 0, "eval.knn_temperature", "temperature must be positive")
+
+    # last: the model's own checks import timm (about 4 s), so that a wrong value anywhere else is reported without
+    # waiting for it; the patch size (read from timm for an arch without "patchN" in its name), then what it divides
+    import timm
+
+    _check(bool(timm.list_models(m.arch)), "model.arch", f"{m.arch!r} is not a timm model")
+    p = cfg.patch_size
+    if m.stem == "conv":
+        from ibot_ray.conv_stem import conv_stem_widths
+
+        try:
+            conv_stem_widths(p, 1)
+        except ValueError as err:
+            raise ConfigError(f"model.stem: conv: {err}") from None
+    _check(c.global_crops_size >= p, "crops.global_crops_size", f"must be at least the patch size {p}")
+    _check(c.global_crops_size % p == 0, "crops.global_crops_size", f"must be a multiple of the patch size {p}")
+    _check(c.local_crops_size % p == 0 and c.local_crops_size >= p, "crops.local_crops_size",
+           f"must be a positive multiple of the patch size {p}")
     _check(e.image_size >= p and e.image_size % p == 0, "eval.image_size", f"must be a multiple of the patch size {p}")
 
 
