@@ -5,7 +5,8 @@ still retried (pipelines/failures.py).
 The classification and the controller-side budget are checked on Ray Train's own exception types; the end-to-end
 checks use the session's local Ray: the ``ibot-ray pretrain`` command line (a run, its resume with another epoch
 length, its resume with an absurd learning rate) and a Tune sweep whose one trial diverges. The retry of a lost
-worker (a SIGKILLed rank 0) is ``tests/test_pretrain.py::test_sigkilled_worker_restarts_from_checkpoint_and_completes``.
+worker (a SIGKILLed rank 0) is
+``tests/test_pretrain.py::test_a_killed_worker_restarts_and_a_failed_run_resumes_by_name``.
 """
 
 from __future__ import annotations

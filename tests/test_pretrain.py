@@ -69,80 +69,65 @@ KILL_EPOCHS = 6
 KILL_STEPS = 6 * KILL_EPOCHS
 
 
-def test_sigkilled_worker_restarts_from_checkpoint_and_completes(ray_cluster, tmp_path, folder_data, monkeypatch):
-    """A worker killed mid-epoch: the restart resumes from the last committed checkpoint, continues that data epoch
-    where the checkpoint left it (not at its start), and every image is trained exactly once per data epoch in the
-    steps the run kept."""
+def test_a_killed_worker_restarts_and_a_failed_run_resumes_by_name(ray_cluster, tmp_path, folder_data, monkeypatch):
+    """Rank 0's worker SIGKILLed twice mid-run with ``train.max_failures=1``, then the same command again.
+
+    The first kill: Ray Train restarts the group from the last committed checkpoint, which continues that data epoch
+    where the checkpoint left it (not at its start). The second kill, once the restarted group has committed a
+    checkpoint of its own, exceeds the budget: the invocation fails. The same command again (a driver re-run)
+    continues the run: its steps, its schedules, each data epoch at the checkpoint's stream position. Across the three
+    worker groups every image is trained exactly once per data epoch in the steps the run kept."""
     from test_ingest import check_exactly_once, trained_rows
 
+    from ibot_ray.schedules import Schedules
+    from pipelines.ingest import latest_checkpoint_metrics
     from pipelines.pretrain import pretrain
     from pipelines.train_worker import TRAINED_KEYS_ENV
 
     monkeypatch.setenv(TRAINED_KEYS_ENV, str(tmp_path / "keys"))
-    cfg = load_config("demo", TINY + [f"data.source={folder_data}", f"optim.epochs={KILL_EPOCHS}"])  # 6 steps/epoch
+    cfg = load_config("demo", TINY + [f"data.source={folder_data}", f"optim.epochs={KILL_EPOCHS}",  # 6 steps/epoch
+                                      "train.max_failures=1"])
     storage = tmp_path / "runs"
-    metrics = storage / "killed" / "logs" / "metrics.jsonl"
+    run_path = storage / "killed"
+    metrics = run_path / "logs" / "metrics.jsonl"
     run = InThread(lambda: pretrain(cfg, storage=str(storage), name="killed", knn=False, export=False))
     rows = run.wait(metrics, lambda r: any(s >= 3 for s in _steps(r)))
-    wait_for_a_committed_checkpoint(storage / "killed")
-    pid = _starts(rows)[0]["pid"]
+    wait_for_a_committed_checkpoint(run_path)
     killed_after = max(_steps(read_metrics(metrics)))
-    os.kill(pid, signal.SIGKILL)  # rank 0's worker process, mid-run
-    result = run.result(timeout=400)
+    os.kill(_starts(rows)[0]["pid"], signal.SIGKILL)  # rank 0's worker process, mid-run: restarted (max_failures=1)
+
+    def restarted_and_committed(rows: list[dict]) -> bool:  # the new group committed a checkpoint after its resume
+        starts = _starts(rows)
+        return len(starts) == 2 and latest_checkpoint_metrics(str(run_path)).get("step", 0) > starts[1]["resumed_from"]
+
+    rows = run.wait(metrics, restarted_and_committed)
+    second = _starts(rows)[1]
+    os.kill(second["pid"], signal.SIGKILL)  # the second failure: past train.max_failures, the invocation fails
+    assert run.join(timeout=300) and run.error is not None, "the run should have failed past train.max_failures=1"
+    assert max(_steps(read_metrics(metrics))) < KILL_STEPS
+    resumed = second["resumed_from"]
+    assert resumed % 2 == 0 and 2 <= resumed <= killed_after  # the last committed checkpoint before the first kill
+
+    result = pretrain(cfg, storage=str(storage), name="killed", knn=False, export=True)  # the same command again
     assert result.steps == KILL_STEPS
     rows = read_metrics(metrics)
     starts = _starts(rows)
-    assert len(starts) == 2 and starts[0]["resumed_from"] == -1
-    resumed = starts[1]["resumed_from"]
-    assert resumed % 2 == 0 and 2 <= resumed <= killed_after  # the last committed checkpoint before the kill
-    after = [r["step"] for r in rows[rows.index(starts[1]):] if "loss" in r]
-    assert after[0] == resumed + 1 and after[-1] == KILL_STEPS and after == sorted(after)
-    ckpts = sorted(p.name for p in (storage / "killed").glob("step_*"))
+    assert len(starts) == 3 and starts[0]["resumed_from"] == -1 and starts[1]["resumed_from"] == resumed
+    assert starts[2]["resumed_from"] > resumed, starts  # the restarted group's own checkpoint, never from scratch
+    for start, end in zip(starts, [*starts[1:], None]):  # each group continues where its checkpoint left off
+        steps = [r["step"] for r in rows[rows.index(start):rows.index(end) if end else None] if "loss" in r]
+        assert steps == list(range(max(start["resumed_from"], 0) + 1, steps[-1] + 1)), (start, steps[:3], steps[-3:])
+    assert _steps(rows)[-1] == KILL_STEPS
+    ckpts = sorted(p.name for p in run_path.glob("step_*"))
     assert ckpts[-1] == f"step_{KILL_STEPS:08d}" and len(ckpts) <= 2  # keep_checkpoints
+    assert result.export_path and Path(result.export_path).exists()
     epochs = check_exactly_once(trained_rows(tmp_path / "keys"), sorted(str(p) for p in folder_data.iterdir()),
-                                storage / "killed")
+                                run_path)
     # KILL_STEPS x 16 = KILL_EPOCHS data epochs of 96; the local shuffle mixes the rows near an epoch's end with the
     # next's, so a few rows of the last epochs may still wait in a buffer when the run ends
     assert len(epochs["done"]) >= 1 and len(epochs["done"]) * 96 + sum(epochs["partial"].values()) == KILL_STEPS * 16, \
         epochs
-
-
-def test_second_invocation_with_the_same_name_resumes(ray_cluster, tmp_path, folder_data, monkeypatch):
-    """A driver re-run continues the run: its steps, its schedules, and each data epoch at the checkpoint's stream
-    position (every image exactly once per data epoch across both invocations)."""
-    from test_ingest import check_exactly_once, trained_rows
-
-    from pipelines.pretrain import pretrain
-    from pipelines.train_worker import TRAINED_KEYS_ENV
-
-    monkeypatch.setenv(TRAINED_KEYS_ENV, str(tmp_path / "keys"))
-    storage = tmp_path / "runs"
-    metrics = storage / "again" / "logs" / "metrics.jsonl"
-    cfg = load_config("demo", TINY + [f"data.source={folder_data}", f"optim.epochs={KILL_EPOCHS}",
-                                      "train.max_failures=0"])
-    run = InThread(lambda: pretrain(cfg, storage=str(storage), name="again", knn=False, export=False))
-    rows = run.wait(metrics, lambda r: any(s >= 3 for s in _steps(r)))
-    wait_for_a_committed_checkpoint(storage / "again")
-    os.kill(_starts(rows)[0]["pid"], signal.SIGKILL)  # no retries allowed: the first invocation fails
-    assert run.join(timeout=300) and run.error is not None, "the run should have failed with max_failures=0"
-    first_steps = _steps(read_metrics(metrics))
-    assert max(first_steps) < KILL_STEPS
-
-    result = pretrain(cfg, storage=str(storage), name="again", knn=False, export=True)  # same command again
-    rows = read_metrics(metrics)
-    starts = _starts(rows)
-    assert len(starts) == 2 and starts[1]["resumed_from"] >= 2, starts
-    assert result.steps == KILL_STEPS
-    after = [r["step"] for r in rows[rows.index(starts[1]):] if "loss" in r]
-    assert after[0] == starts[1]["resumed_from"] + 1  # continues, never from scratch
-    assert result.export_path and Path(result.export_path).exists()
-    epochs = check_exactly_once(trained_rows(tmp_path / "keys"), sorted(str(p) for p in folder_data.iterdir()),
-                                storage / "again")
-    assert len(epochs["done"]) >= 1 and len(epochs["done"]) * 96 + sum(epochs["partial"].values()) == KILL_STEPS * 16, \
-        epochs
     # the schedules continue too: the lr at a resumed step equals the uninterrupted schedule's value
-    from ibot_ray.schedules import Schedules
-
     sched = Schedules(cfg, steps_per_epoch=6)
     for r in rows:
         if "lr" in r:
