@@ -28,6 +28,9 @@ Every (re)start of the worker group, whether first start, failure, resize or dri
   often blocks in ``ray.train.report`` until the next poll: reporting every 10 steps cost the demo 19 % of its
   training thread's time, and would cap a GPU run at 10 steps per 2 s. While a node is drained, each checkpoint is
   followed by one more report, which returns once the controller has taken the checkpoint (not lost with the node).
+* The data stream starts first: a rank asks for its shard and for its first batch (in the background,
+  :meth:`RowCarry.start`) before it imports the model (timm, ~2 s), builds it and restores the checkpoint, so the
+  Data pipeline's coordinator and augmenting actors start while the rank gets ready instead of after it.
 * Randomness: every rank builds the same initial weights from ``train.seed``; each step then runs on its own stream,
   seeded from ``(train.seed, rank, step)``, so ranks differ (drop-path masks) and a resumed step draws exactly what it
   would have drawn without the restart. A checkpoint therefore needs no RNG state restored.
@@ -44,8 +47,10 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 import ray.train
@@ -56,8 +61,6 @@ import torch.distributed as dist
 from ibot_ray.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, seed_stream, training_state
 from ibot_ray.config import IBOTConfig
 from ibot_ray.health import CollapseDetector, grace_steps
-from ibot_ray.model import build_student_teacher
-from ibot_ray.step import IBOTStep, unwrap
 from pipelines.collate import iter_train_batches
 from pipelines.console import ConsoleClient, quiet_train_reports
 from pipelines.failures import FatalTrainingError, fatal_error
@@ -73,6 +76,9 @@ from pipelines.metrics import SYNCED_FOLDERS, MetricsWriter
 from pipelines.resize import RESIZE_METRIC, ResizeNoticeClient
 from pipelines.storage import copy_to, local_checkpoint, upload_checkpoint
 from pipelines.stream_position import STREAM_POSITION_FILE, StreamPosition, TrainedPositions
+
+if TYPE_CHECKING:  # imported by the loop once its data stream is requested (the module doc)
+    from ibot_ray.step import IBOTStep
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +111,38 @@ class RowCarry:
     def __init__(self, batches) -> None:
         self._it = iter(batches)
         self._rows: dict | None = None
+        self._first: threading.Thread | None = None
+        self._first_out: list = []  # the first batch, or the exception that fetching it raised
+
+    def start(self) -> RowCarry:
+        """Fetch the first batch in a background thread: the request starts the Data execution (its coordinator and
+        augmenting actors), which then proceeds while this rank builds its model and restores its checkpoint. The
+        first :meth:`take` waits for that batch, or raises what fetching it raised."""
+        def first():
+            try:
+                self._first_out.append(next(self._it))
+            except BaseException as e:  # noqa: BLE001 - re-raised by take(), in the loop's thread
+                self._first_out.append(e)
+
+        self._first = threading.Thread(target=first, name="first-batch", daemon=True)
+        self._first.start()
+        return self
+
+    def _next(self) -> dict:
+        if self._first is not None:
+            self._first.join()
+            self._first = None
+            out = self._first_out.pop()
+            if isinstance(out, BaseException):
+                raise out
+            return out
+        return next(self._it)
 
     def take(self, n: int) -> dict | None:
         """The next ``n`` rows, or None when the stream ends first."""
         while self._rows is None or len(self._rows["label"]) < n:
             try:
-                b = next(self._it)
+                b = self._next()
             except StopIteration:
                 return None
             self._rows = b if self._rows is None else {k: torch.cat([self._rows[k], b[k]]) for k in b}
@@ -244,6 +276,8 @@ def _report_checkpoint(metrics: dict, *, step_runner: IBOTStep, cfg: IBOTConfig,
     Returns the seconds the call blocked the loop."""
     from ray.train import CheckpointUploadMode
 
+    from ibot_ray.step import unwrap
+
     t0 = time.perf_counter()
     checkpoint = None
     if rank == 0:
@@ -371,7 +405,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
 
 def _train_loop(config: dict) -> dict:
-    cfg = IBOTConfig.from_dict(config["cfg"])
+    cfg = IBOTConfig.from_dict(config["cfg"], validate=False)  # validated below, once the stream is requested
     steps_per_epoch: int = config["steps_per_epoch"]
     monitor_name: str | None = config.get("monitor_name")
     ctx = ray.train.get_context()
@@ -384,6 +418,18 @@ def _train_loop(config: dict) -> dict:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    read, share, weight = rank_batch(cfg.optim.batch_size, world, rank)
+    # One pass over the shard for the whole life of this worker group: the stream holds every data epoch. Its first
+    # batch is requested now, so the Data pipeline's actors start while this rank gets ready (the module doc).
+    # the local shuffle mixes rows near epoch boundaries only: at most a quarter of this rank's rows of an epoch
+    shuffle_rows = min(cfg.data.local_shuffle_buffer_size, steps_per_epoch * cfg.optim.batch_size // world // 4)
+    # host batches (pinned by Ray Data's collate threads on a GPU): the step finds the masked tokens on the host and
+    # copies the batch on a side stream (IBOTStep.stage), and nothing here reads a value back from the device
+    rows = RowCarry(iter_train_batches(ray.train.get_dataset_shard("train"), cfg, read, "cpu",
+                                       shuffle_rows=shuffle_rows, pin_memory=device.type == "cuda")).start()
+    cfg.validate()  # the model's checks import timm, as do the model and the step
+    from ibot_ray.model import build_student_teacher
+    from ibot_ray.step import IBOTStep, unwrap
 
     student, teacher = build_student_teacher(cfg)
     student.to(device)
@@ -423,7 +469,6 @@ def _train_loop(config: dict) -> dict:
     resize_notice = ResizeNoticeClient(config["resize_notice"]) if config.get("resize_notice") else None
 
     total = runner.total_steps
-    read, share, weight = rank_batch(cfg.optim.batch_size, world, rank)
     writer = MetricsWriter(_local_log_dir(), cfg=cfg, run_name=ctx.get_experiment_name(),
                            run_path=ctx.get_storage().experiment_fs_path) if rank == 0 else None
     if writer is not None:
@@ -453,18 +498,10 @@ def _train_loop(config: dict) -> dict:
     # Every rank sees the same all-reduced health metrics, so every rank takes the same decisions.
     health = CollapseDetector(cfg, grace_steps=grace_steps(cfg, steps_per_epoch))
     stop_on_collapse = False
-    shard = ray.train.get_dataset_shard("train")
     images_seen, wait_s, busy_s = 0, 0.0, 0.0
     t_window = time.perf_counter()
     notices = PreemptionNotices()
     last: dict = {}
-    # One pass over the shard for the whole life of this worker group: the stream holds every data epoch.
-    # the local shuffle mixes rows near epoch boundaries only: at most a quarter of this rank's rows of an epoch
-    shuffle_rows = min(cfg.data.local_shuffle_buffer_size, steps_per_epoch * cfg.optim.batch_size // world // 4)
-    # host batches (pinned by Ray Data's collate threads on a GPU): the step finds the masked tokens on the host and
-    # copies the batch on a side stream (IBOTStep.stage), and nothing here reads a value back from the device
-    rows = RowCarry(iter_train_batches(shard, cfg, read, "cpu", shuffle_rows=shuffle_rows,
-                                       pin_memory=device.type == "cuda"))
     keys_log = _trained_keys_log(rank, config.get("trained_keys_dir"))
     trained_epoch = data_epoch  # the highest data epoch this rank has trained on
     last_checkpoint_t = time.monotonic()  # a (re)started group counts the interval from its start

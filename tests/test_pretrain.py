@@ -47,6 +47,52 @@ def test_rank_batch_keeps_the_global_batch_exact():
             assert sum(weight for _, _, weight in parts) / w == pytest.approx(1.0)
 
 
+def test_the_rows_stream_asks_for_its_first_batch_before_the_loop_takes_it():
+    """``RowCarry.start()`` requests the first batch in a background thread (it starts the Data execution while the
+    rank builds its model); ``take`` then cuts exact row counts from the batches, none lost or repeated, and raises
+    what fetching the first batch raised, in the caller's thread."""
+    import threading
+
+    import torch
+
+    from pipelines.train_worker import RowCarry
+
+    asked, release, fetched_by = threading.Event(), threading.Event(), []
+
+    def batches():
+        fetched_by.append(threading.current_thread())
+        asked.set()
+        assert release.wait(30)
+        for lo in (0, 4):
+            yield {"label": torch.arange(lo, lo + 4)}
+
+    rows = RowCarry(batches()).start()
+    assert asked.wait(30), "start() did not ask the stream for its first batch"
+    assert fetched_by[0] is not threading.main_thread()
+    release.set()
+    taken = [rows.take(3), rows.take(3), rows.take(2)]
+    assert [t["label"].tolist() for t in taken] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert rows.take(1) is None
+
+    def broken():
+        raise OSError("the stream could not start")
+        yield  # a generator
+
+    failing = RowCarry(broken()).start()
+    with pytest.raises(OSError, match="could not start"):
+        failing.take(1)
+    assert RowCarry(iter(())).start().take(1) is None
+
+
+def test_the_worker_module_leaves_timm_to_the_loop():
+    """Importing the loop's module (what a Train worker does before the loop runs) does not import timm or the step:
+    the loop imports them after it has asked for its data, so the Data pipeline starts while they load."""
+    probe = "import sys, pipelines.train_worker; print(sorted({'timm', 'ibot_ray.step'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def _steps(rows):
     return [r["step"] for r in rows if "loss" in r]
 
