@@ -185,7 +185,8 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
     if per_trial and cfg.train.checkpoint_min_interval_s:
         cfg.train.checkpoint_min_interval_s = 0.0  # Tune sees only the checkpoints' reports: ASHA judges epoch ends
         derived.append("train.checkpoint_min_interval_s = 0: a sweep trial reports at every epoch end (ASHA's rungs)")
-    steps_per_epoch = epoch_length(cfg, info.num_items)["steps_per_epoch"]
+    length = epoch_length(cfg, info.num_items)
+    steps_per_epoch = length["steps_per_epoch"]
     derived += derive_settings(cfg, steps_per_epoch)  # ... and those that need the run's length
     cfg.validate()
     t = cfg.train
@@ -223,8 +224,8 @@ def build_trainer(cfg: IBOTConfig, *, storage: str | None, name: str, callbacks:
     trainer = ResizeAwareTorchTrainer(
         train_loop_per_worker,
         resize_notice=notice,
-        train_loop_config={"cfg": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "monitor_name": monitor_name,
-                           "console_name": console_name, "verbose": verbose, "num_items": info.num_items,
+        train_loop_config={"cfg": cfg.to_dict(), "epoch_length": length, "monitor_name": monitor_name,
+                           "console_name": console_name, "verbose": verbose,
                            "positions_per_epoch": listing.positions_per_epoch, "resize_notice": notice,
                            "trained_keys_dir": os.environ.get(TRAINED_KEYS_ENV), "knn_splits": knn_splits,
                            "knn_label": plan.label},

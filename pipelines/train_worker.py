@@ -406,7 +406,8 @@ def train_loop_per_worker(config: dict) -> dict:
 
 def _train_loop(config: dict) -> dict:
     cfg = IBOTConfig.from_dict(config["cfg"], validate=False)  # validated below, once the stream is requested
-    steps_per_epoch: int = config["steps_per_epoch"]
+    epoch_length: dict = config["epoch_length"]  # pipelines.pretrain.epoch_length: checked against a checkpoint's
+    steps_per_epoch: int = epoch_length["steps_per_epoch"]
     monitor_name: str | None = config.get("monitor_name")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -441,8 +442,6 @@ def _train_loop(config: dict) -> dict:
 
     data_epoch = 0
     resumed_from = None
-    epoch_length = {"steps_per_epoch": steps_per_epoch, "num_items": config.get("num_items"),
-                    "batch_size": cfg.optim.batch_size}
     saved_position = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -513,7 +512,7 @@ def _train_loop(config: dict) -> dict:
             bad = get_bad_input_stats(monitor_name) if monitor_name else {"count": "?"}
             raise RuntimeError(
                 f"the data stream of rank {rank} ended at step {runner.step} of {total} (data epoch {trained_epoch}):"
-                f" {bad['count']} of the {config.get('num_items')} listed files are unreadable, more than its data "
+                f" {bad['count']} of the {epoch_length['num_items']} listed files are unreadable, more than its data "
                 "epochs allowed for (data.expected_bad_fraction); the restart from the latest checkpoint streams "
                 "enough epochs for the fraction measured so far")
         row_epochs, row_ids, row_positions = batch.pop("epoch"), batch.pop("key_id"), batch.pop("position")
